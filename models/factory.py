@@ -1,0 +1,80 @@
+"""Model construction: a timm model by name, input normalisation inside, optional dual BN.
+
+Models take images in [0, 1] (so attack ε is in [0, 1] units) and normalise inside: ImageNet
+statistics for torchvision-style weights, mean = std = 0.5 for the TF EfficientNet/AdvProp family.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from models.dual_bn import convert_dual_bn
+
+NORMALIZATION = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+class Normalized(nn.Module):
+    """[0, 1] images → (x - mean) / std → net. `net` is the plain timm model (export target)."""
+
+    def __init__(self, net: nn.Module, normalization: str = "imagenet"):
+        super().__init__()
+        mean, std = NORMALIZATION[normalization]
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def create_net(name: str, num_classes: int, *, pretrained_path: str = "", drop_rate: float = 0.0,
+               bn_momentum: float | None = None, bn_eps: float | None = None) -> nn.Module:
+    """timm.create_model with random init, or weights from a local file (never a download)."""
+    try:
+        net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    except RuntimeError as error:  # timm: "Unknown model (...)"
+        raise ValueError(f"model={name!r}: {error}") from None
+    if pretrained_path:
+        load_local_weights(net, Path(pretrained_path))
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if bn_momentum is not None:
+                module.momentum = bn_momentum
+            if bn_eps is not None:
+                module.eps = bn_eps
+    return net
+
+
+def load_local_weights(net: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained_path {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    head = set(map(id, net.get_classifier().parameters()))
+    head_keys = {name for name, param in net.named_parameters() if id(param) in head}
+    own = net.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    for key in mismatched:  # a new number of classes: keep the fresh head, load the rest
+        del state[key]
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - set(mismatched) - head_keys:
+        raise ValueError(f"{path} does not fit {type(net).__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def create_model(cfg, num_classes: int, *, dual_bn: bool) -> Normalized:
+    net = create_net(cfg.model, num_classes, pretrained_path=cfg.pretrained_path,
+                     drop_rate=cfg.drop_rate, bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps)
+    if dual_bn:
+        convert_dual_bn(net)
+    return Normalized(net, cfg.normalization)

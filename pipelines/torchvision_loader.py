@@ -1,0 +1,101 @@
+"""Baseline backend: torchvision ImageFolder + DataLoader, PIL decode on CPU workers, uint8 out."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from torchvision import datasets, transforms
+
+from pipelines.loader import find_classes, split_folder, to_device_batch
+
+
+class ShardSampler(Sampler[int]):
+    """Indices of one process's shard for one epoch.
+
+    train: a permutation seeded by (seed, epoch), cut to a multiple of world_size and striped;
+    val:   range(rank, n, world_size) — every image once across processes, nothing padded.
+    start_index skips the first indices of the shard (mid-epoch resume).
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int, world_size: int):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_index = 0, 0
+
+    def indices(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.rank, self.n, self.world_size))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        usable = self.n - self.n % self.world_size
+        return order[self.rank:usable:self.world_size]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start_index:])
+
+    def __len__(self) -> int:
+        return len(self.indices()) - self.start_index
+
+
+def image_transform(cfg, split: str) -> transforms.Compose:
+    data = cfg.data
+    if split == "train":
+        steps = [transforms.RandomResizedCrop(data.image_size, scale=(data.min_scale, 1.0))]
+        if data.hflip:
+            steps.append(transforms.RandomHorizontalFlip())
+    else:
+        size = data.val_image_size or data.image_size
+        steps = [transforms.Resize(round(size / data.crop_ratio)), transforms.CenterCrop(size)]
+    return transforms.Compose([*steps, transforms.PILToTensor()])
+
+
+class SeededImageFolder(datasets.ImageFolder):
+    """ImageFolder whose random augmentation is a function of (seed, epoch, index).
+
+    So an epoch's images are the same whatever the worker count, and a resumed run skipping the
+    consumed batches sees exactly the images the uninterrupted run saw.
+    """
+
+    seed: int = 0
+    epoch: int = 0
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone (workers=0)
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return super().__getitem__(index)
+
+
+class TorchvisionLoader:
+    def __init__(self, cfg, split: str, *, rank: int, world_size: int, device: torch.device):
+        folder = split_folder(cfg, split)
+        self.classes = find_classes(folder)
+        self.dataset = SeededImageFolder(folder, transform=image_transform(cfg, split))
+        self.dataset.seed = cfg.seed
+        self.train = split == "train"
+        self.batch_size, self.device = cfg.batch_size, device
+        self.sampler = ShardSampler(len(self.dataset), shuffle=self.train, seed=cfg.seed,
+                                    rank=rank, world_size=world_size)
+        workers = cfg.data.workers
+        self.loader = DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=self.train,
+            num_workers=workers, pin_memory=device.type == "cuda",
+            # Workers are re-made each epoch so they see the dataset's new epoch (see SeededImageFolder).
+            persistent_workers=False)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self) * self.batch_size if self.train else len(self.sampler)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.epoch = self.dataset.epoch = epoch
+        self.sampler.start_index = start_batch * self.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield to_device_batch(images, labels, self.device)
+
+
+def make_loader(cfg, split, *, rank, world_size, device):
+    return TorchvisionLoader(cfg, split, rank=rank, world_size=world_size, device=device)
