@@ -1,0 +1,48 @@
+"""Shared fixtures: the digits demo set and one trained demo run, built once per test session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines.demo_data import build_digits_imagefolder  # noqa: E402
+from train.config import load_config  # noqa: E402
+
+
+def run_train(*args: str, launcher: list[str] | None = None, check: bool = True, timeout: int = 900):
+    """Run train/run.py in a subprocess (as a user would); returns the CompletedProcess."""
+    command = (launcher or [sys.executable]) + [str(REPO / "train" / "run.py"), *args]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    return build_digits_imagefolder(tmp_path_factory.mktemp("data") / "digits")
+
+
+@pytest.fixture
+def demo_cfg(digits_root, tmp_path):
+    """A config factory: the demo recipe on the session's digits set, plus overrides."""
+    def make(*overrides: str):
+        return load_config([f"data.root={digits_root}", f"output_dir={tmp_path / 'run'}", "tracker=none",
+                            *overrides])
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_demo_run(digits_root, tmp_path_factory) -> Path:
+    """The default AdvProp demo, trained once: a run directory with checkpoints and exports."""
+    run_dir = tmp_path_factory.mktemp("runs") / "demo"
+    run_train(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none")
+    return run_dir
