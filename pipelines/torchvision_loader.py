@@ -6,6 +6,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision import datasets, transforms
 
 from pipelines.loader import find_classes, split_folder, to_device_batch
+from train.faults import ignore_interrupts
 
 
 class ShardSampler(Sampler[int]):
@@ -79,7 +80,7 @@ class TorchvisionLoader:
             self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=self.train,
             num_workers=workers, pin_memory=device.type == "cuda",
             # Workers are re-made each epoch so they see the dataset's new epoch (see SeededImageFolder).
-            persistent_workers=False)
+            persistent_workers=False, worker_init_fn=ignore_interrupts)
 
     @property
     def num_samples(self) -> int:

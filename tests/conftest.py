@@ -46,3 +46,26 @@ def trained_demo_run(digits_root, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "demo"
     run_train(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none")
     return run_dir
+
+
+def load_exported(path: Path):
+    """A plain timm model (in our [0, 1]-input wrapper) from an exported main-BN safetensors file."""
+    import timm
+    from safetensors.torch import load_file
+
+    from models.export import read_metadata
+    from models.factory import Normalized
+
+    meta = read_metadata(path)
+    net = timm.create_model(meta["model"], num_classes=int(meta["num_classes"]))
+    net.load_state_dict(load_file(str(path)), strict=True)
+    return Normalized(net, meta["normalization"]).eval()
+
+
+def digits_val_batch(digits_root: Path, n: int = 64):
+    """n val digits as float [0, 1] NCHW with labels, spread over all classes."""
+    import torch
+    from torchvision import datasets, transforms
+    data = datasets.ImageFolder(digits_root / "val", transform=transforms.ToTensor())
+    picks = [data[i] for i in range(0, len(data), max(1, len(data) // n))][:n]
+    return torch.stack([p[0] for p in picks]), torch.tensor([p[1] for p in picks])

@@ -40,7 +40,7 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(accelerator, run_dir: Path, name: str, state: TrainState, cfg, *,
+def save_checkpoint(accelerator, run_dir: Path, name: str, state: TrainState, cfg, classes: list[str], *,
                     is_best: bool, keep: int) -> Path:
     """Every process must call this (each writes its RNG state)."""
     root = checkpoint_dir(run_dir)
@@ -53,6 +53,7 @@ def save_checkpoint(accelerator, run_dir: Path, name: str, state: TrainState, cf
     if accelerator.is_main_process:
         (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         (staging / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (staging / "classes.json").write_text(json.dumps(classes))
         _replace_dir(staging, final)
         _point(root / "last", name)
         if is_best:
@@ -98,22 +99,15 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint folders under root, oldest first (by training progress)."""
     if not root.is_dir():
         return []
-    folders = [p for p in root.iterdir()
-               if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and (p / STATE_FILE).is_file()]
-    return sorted(folders, key=lambda p: (read_state(p).step, read_state(p).batch, p.name))
-
-
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """resume=none → None; auto → newest checkpoint of this run (None if there is none); else a path."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        found = list_checkpoints(checkpoint_dir(run_dir))
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"resume={resume}: no checkpoint folder there")
-    return path
+    progress = {}
+    for folder in root.iterdir():
+        if folder.is_dir() and not folder.is_symlink() and not folder.name.startswith("."):
+            try:
+                state = read_state(folder)
+            except CheckpointError:
+                state = TrainState(step=-1)  # unreadable: oldest, tried last
+            progress[folder] = (state.step, state.batch, folder.name)
+    return sorted(progress, key=progress.get)
 
 
 def load_checkpoint(accelerator, folder: Path) -> TrainState:
@@ -123,3 +117,21 @@ def load_checkpoint(accelerator, folder: Path) -> TrainState:
     except Exception as error:  # safetensors/pickle/shape errors all mean the same thing here
         raise CheckpointError(f"checkpoint {folder} cannot be loaded: {type(error).__name__}: {error}") from None
     return state
+
+
+def restore(accelerator, resume: str, run_dir: Path) -> tuple[TrainState, Path | None]:
+    """resume=none: fresh state. auto: the newest loadable checkpoint of this run (older ones are
+    tried when the newest is damaged), fresh if there is none. PATH: that checkpoint or an error."""
+    if resume == "none":
+        return TrainState(), None
+    if resume != "auto":
+        folder = Path(resume)
+        if not folder.is_dir():
+            raise CheckpointError(f"resume={resume}: no checkpoint folder there")
+        return load_checkpoint(accelerator, folder), folder
+    for folder in reversed(list_checkpoints(checkpoint_dir(run_dir))):
+        try:
+            return load_checkpoint(accelerator, folder), folder
+        except CheckpointError as error:
+            accelerator.print(f"warning: skipping damaged checkpoint: {error}")
+    return TrainState(), None

@@ -116,6 +116,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     channels_last: bool = True
+    on_nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 3, weights untouched) | skip the batch
     # evaluation
     eval_aux_bn: bool = False  # also validate through the auxiliary BNs each epoch
     eval_robust: bool = True  # robust top-1 under the training attack (untargeted) at the end
@@ -125,7 +126,8 @@ class Config:
     log_every: int = 10  # steps between metric lines
     image_log_every: int = 100  # steps between clean | adversarial | perturbation panels; 0 → off
     resume: str = "auto"  # auto: newest valid checkpoint in output_dir, if any | none | PATH
-    keep_checkpoints: int = 2  # newest epoch checkpoints kept besides best
+    keep_checkpoints: int = 2  # newest checkpoints kept besides best
+    checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N optimizer steps; 0 → off
 
 
 def load_config(args: list[str] | None = None) -> DictConfig:
@@ -173,6 +175,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.data.image_size >= 8, "data.image_size", "must be ≥ 8"),
         (0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
         (cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be ≥ 1"),
+        (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be ≥ 0"),
+        (cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip"),
     ]
     for ok, key, problem in checks:
         if not ok:

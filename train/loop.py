@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from models.dual_bn import use_bn
 from train.attacks import pgd
+from train.faults import NonFiniteLoss, loss_is_finite
 from train.methods import METHODS, StepContext, attack_kwargs
 
 
@@ -18,10 +19,14 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
 
 
-def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler, state, log) -> None:
-    """Trains from state.batch to the end of epoch state.epoch, advancing state as it goes."""
+def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler, state, log,
+                    stop=None, save_mid_epoch=None) -> bool:
+    """Trains from state.batch to the end of epoch state.epoch, advancing state as it goes.
+
+    Returns False when `stop` (a StopRequest) ended the epoch early, after a finished optimizer
+    step; save_mid_epoch() is called every cfg.checkpoint_every_steps optimizer steps.
+    """
     cfg, model = ctx.cfg, ctx.model
-    method = METHODS[cfg.method]
     accum = cfg.grad_accum_steps
     model.train()
     loader.set_epoch(state.epoch, start_batch=state.batch)
@@ -33,15 +38,10 @@ def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler,
     for images, labels in bar:
         x = to_float(images)
         sync = (state.batch + 1) % accum == 0
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            out = method(ctx, x, labels)
-            accelerator.backward(out.loss / accum)
-        if sync:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            scheduler.step_update(state.step)
+        out = train_step(ctx, accelerator, optimizer, scheduler, state, x, labels, sync)
         state.batch += 1
+        if out is None:
+            continue
         window.add(out.metrics, len(x) * accelerator.num_processes)
         if state.batch % cfg.log_every == 0 or state.batch == end:
             report = window.flush(accelerator, state)
@@ -50,7 +50,36 @@ def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler,
             bar.set_postfix({k: f"{v:.3g}" for k, v in report.items() if k.startswith("train/loss")})
         if sync and cfg.image_log_every and out.adversarial is not None and state.step % cfg.image_log_every == 0:
             log.log_panel(x, out.adversarial, state.step)
+        if sync and state.batch < end:
+            if stop is not None and stop.agreed(accelerator):
+                window.flush(accelerator, state)
+                return False
+            if save_mid_epoch and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+                save_mid_epoch()
+    window.flush(accelerator, state)
     state.epoch, state.batch = state.epoch + 1, 0
+    return True
+
+
+def train_step(ctx, accelerator, optimizer, scheduler, state, x, labels, sync: bool):
+    """Forward (the method), backward, and on sync an optimizer step. None: a skipped batch."""
+    with contextlib.nullcontext() if sync else accelerator.no_sync(ctx.model):
+        out = METHODS[ctx.cfg.method](ctx, x, labels)
+        if not loss_is_finite(out.loss, accelerator):
+            where = f"step {state.step + 1} (epoch {state.epoch + 1}, batch {state.batch + 1})"
+            if ctx.cfg.on_nonfinite == "stop":
+                raise NonFiniteLoss(f"loss is {out.loss.item()} at {where}; the weights are still those "
+                                    f"of the step before. Lower the LR or set on_nonfinite=skip.")
+            accelerator.print(f"warning: skipping batch with loss {out.loss.item()} at {where}")
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        accelerator.backward(out.loss / ctx.cfg.grad_accum_steps)
+    if sync:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        scheduler.step_update(state.step)
+    return out
 
 
 class MetricWindow:
@@ -67,6 +96,8 @@ class MetricWindow:
     def flush(self, accelerator, state) -> dict:
         """Report and reset; counts the window's images and time into state."""
         seconds = time.perf_counter() - self.start
+        if not self.steps:
+            return {}
         report = {f"train/{k}": accelerator.reduce(v / self.steps, "mean").item() for k, v in self.sums.items()}
         report["train/img_per_s"] = self.images / seconds
         state.train_images += self.images

@@ -11,6 +11,7 @@ final_main_bn.safetensors (plain timm weights), panels/*.png, summary.json, wand
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -25,9 +26,10 @@ from omegaconf import OmegaConf
 from models.export import save_main_bn
 from models.factory import create_model
 from pipelines.loader import build_loader, prepare_dataset
-from train.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
+from train.checkpoint import TrainState, restore, save_checkpoint
 from train.config import load_config, save_config
 from train.errors import UserInputError
+from train.faults import NonFiniteLoss, StopRequest
 from train.loop import evaluate, robust_attack, train_one_epoch
 from train.methods import USES_DUAL_BN, StepContext
 from train.optim import create_optimizer, create_schedule
@@ -86,7 +88,10 @@ def print_table(cfg, report: dict) -> None:
 
 def main(argv: list[str]) -> None:
     cfg = load_config(argv)
-    accelerator = Accelerator(log_with="wandb" if cfg.tracker == "wandb" else None)
+    # cpu=True without CUDA: under torchrun (`accelerate launch --multi_gpu`) that gives real
+    # multi-process CPU training over gloo; Accelerate would otherwise run each process alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              log_with="wandb" if cfg.tracker == "wandb" else None)
     set_seed(cfg.seed)  # same initial weights on every process
     train_loader, val_loader = build_loaders(cfg, accelerator)
     classes = train_loader.classes
@@ -98,8 +103,7 @@ def main(argv: list[str]) -> None:
     scheduler = create_schedule(cfg, optimizer, len(train_loader) // cfg.grad_accum_steps)
 
     run_dir = Path(cfg.output_dir)
-    resume_from = resolve_resume(cfg.resume, run_dir)
-    state = load_checkpoint(accelerator, resume_from) if resume_from else TrainState()
+    state, resume_from = restore(accelerator, cfg.resume, run_dir)
     if resume_from is None:
         set_seed(cfg.seed, device_specific=True)  # distinct attack noise per process
     scheduler.step_update(state.step)
@@ -113,17 +117,28 @@ def main(argv: list[str]) -> None:
     log = RunLog(accelerator, cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
     ctx = StepContext(model, accelerator.unwrap_model(model), cfg, len(classes))
 
+    stop = StopRequest().install()
+    def save(name, is_best=False):
+        save_checkpoint(accelerator, run_dir, name, state, cfg, classes, is_best=is_best, keep=cfg.keep_checkpoints)
     while state.epoch < cfg.epochs:
         epoch_start = time.perf_counter()
-        train_one_epoch(ctx, accelerator, train_loader, optimizer, scheduler, state, log)
+        finished = train_one_epoch(ctx, accelerator, train_loader, optimizer, scheduler, state, log,
+                                   stop=stop, save_mid_epoch=lambda: save(f"step_{state.step:08d}"))
+        if not finished:
+            save(f"step_{state.step:08d}")
+            accelerator.print(f"stopped at step {state.step} (epoch {state.epoch + 1}, batch {state.batch}); "
+                              f"checkpoint saved, the same command continues (resume=auto)")
+            log.close()
+            return
         metrics = validate_epoch(ctx, accelerator, val_loader)
-        is_best = metrics["val/top1"] > state.best_top1
-        state.best_top1 = max(state.best_top1, metrics["val/top1"])
+        # a NaN loss or accuracy never makes a checkpoint "best"
+        is_best = math.isfinite(metrics["val/loss"]) and metrics["val/top1"] > state.best_top1
+        if is_best:
+            state.best_top1 = metrics["val/top1"]
         log.log({"epoch": state.epoch, **metrics, "epoch_seconds": time.perf_counter() - epoch_start}, state.step)
         accelerator.print(f"epoch {state.epoch}/{cfg.epochs}: val top-1 {metrics['val/top1']:.2f} % "
                           f"top-5 {metrics['val/top5']:.2f} % loss {metrics['val/loss']:.4f}")
-        save_checkpoint(accelerator, run_dir, f"epoch_{state.epoch:04d}", state, cfg,
-                        is_best=is_best, keep=cfg.keep_checkpoints)
+        save(f"epoch_{state.epoch:04d}", is_best)
 
     report = final_report(ctx, accelerator, val_loader, state)
     log.log({f"final/{k}": v for k, v in report.items() if not isinstance(v, str)}, state.step)
@@ -131,8 +146,9 @@ def main(argv: list[str]) -> None:
         save_main_bn(ctx.attack_model.net, run_dir / "final_main_bn.safetensors", model_name=cfg.model,
                      normalization=cfg.normalization, classes=classes)
         (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
-        print_table(cfg, report)
     log.close()
+    if accelerator.is_main_process:
+        print_table(cfg, report)
 
 
 if __name__ == "__main__":
@@ -141,3 +157,6 @@ if __name__ == "__main__":
     except (UserInputError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(3)

@@ -40,6 +40,7 @@ class RunLog:
         self.use_wandb = cfg.tracker == "wandb"
         self.metrics_file = open(run_dir / "metrics.jsonl", "a") if self.main else None
         if self.use_wandb:
+            os.environ.setdefault("WANDB_SILENT", "true")  # our own lines say where the run is
             accelerator.init_trackers(cfg.wandb_project, config=config_dict, init_kwargs={"wandb": {
                 "id": self._wandb_id(), "resume": "allow", "mode": wandb_mode(), "name": cfg.name,
                 "dir": str(run_dir)}})
@@ -74,4 +75,9 @@ class RunLog:
         if self.metrics_file:
             self.metrics_file.close()
         if self.use_wandb:
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            where = getattr(run, "dir", self.run_dir)
             self.accelerator.end_training()
+            if self.main:
+                print(f"W&B run ({wandb_mode()}): {where}" + ("  — upload later with `wandb sync "
+                      f"{Path(where).parent}`" if wandb_mode() == "offline" else ""))
