@@ -1,6 +1,8 @@
 """Baseline backend: torchvision ImageFolder + DataLoader, PIL decode on CPU workers, uint8 out."""
 from __future__ import annotations
 
+import random
+
 import torch
 from torch.utils.data import DataLoader, Sampler
 from torchvision import datasets, transforms
@@ -37,12 +39,23 @@ class ShardSampler(Sampler[int]):
         return len(self.indices()) - self.start_index
 
 
+def augment_policy(name: str, image_size: int):
+    """timm's AutoAugment ("v0", "original", ...) or RandAugment ("rand-m9-mstd0.5") on PIL images."""
+    from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
+    hparams = dict(translate_const=int(image_size * 0.45), img_mean=(124, 116, 104))
+    if name.startswith("rand"):
+        return rand_augment_transform(name, hparams)
+    return auto_augment_transform(name, hparams)
+
+
 def image_transform(cfg, split: str) -> transforms.Compose:
     data = cfg.data
     if split == "train":
         steps = [transforms.RandomResizedCrop(data.image_size, scale=(data.min_scale, 1.0))]
         if data.hflip:
             steps.append(transforms.RandomHorizontalFlip())
+        if data.auto_augment:
+            steps.append(augment_policy(data.auto_augment, data.image_size))
     else:
         size = data.val_image_size or data.image_size
         steps = [transforms.Resize(round(size / data.crop_ratio)), transforms.CenterCrop(size)]
@@ -60,9 +73,15 @@ class SeededImageFolder(datasets.ImageFolder):
     epoch: int = 0
 
     def __getitem__(self, index: int):
+        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        python_state = random.getstate()  # timm's AutoAugment draws from python's random
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone (workers=0)
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            return super().__getitem__(index)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return super().__getitem__(index)
+            finally:
+                random.setstate(python_state)
 
 
 class TorchvisionLoader:
@@ -80,7 +99,10 @@ class TorchvisionLoader:
             self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=self.train,
             num_workers=workers, pin_memory=device.type == "cuda",
             # Workers are re-made each epoch so they see the dataset's new epoch (see SeededImageFolder).
-            persistent_workers=False, worker_init_fn=ignore_interrupts)
+            persistent_workers=False, worker_init_fn=ignore_interrupts,
+            # Its own generator: making an iterator draws a seed, which must not come from the
+            # global RNG (a resumed run makes one more iterator mid-epoch than the original did).
+            generator=torch.Generator().manual_seed(cfg.seed))
 
     @property
     def num_samples(self) -> int:

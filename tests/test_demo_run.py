@@ -64,3 +64,14 @@ def test_vanilla_method_learns(digits_root, tmp_path):
     assert summary["clean_top1"] >= 90
     state = load_file(str(tmp_path / "checkpoints" / "last" / "model.safetensors"))
     assert not any(".aux." in key for key in state)  # vanilla trains a plain model
+
+
+def test_wandb_offline_run_resumes_into_the_same_run(digits_root, tmp_path):
+    common = [f"data.root={digits_root}", f"output_dir={tmp_path}", "tracker=wandb", "method=vanilla",
+              "eval_robust=false"]
+    run_train(*common, "epochs=1")
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    run_train(*common, "epochs=2")  # resume=auto: the second epoch
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    assert all(list(r.glob("*.wandb")) for r in runs)

@@ -5,39 +5,87 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from safetensors.torch import load_file
 
 from conftest import REPO, run_train
 
-SHORT = ["tracker=none", "epochs=3", "attack.steps=1", "eval_robust=false", "log_every=2"]
+SHORT = ["tracker=none", "epochs=3", "attack.steps=1", "eval_robust=false", "log_every=1", "ema_decay=0.9"]
 
 
 def last_weights(run_dir):
     return load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
 
 
-def test_resume_after_kill_equals_uninterrupted_run(digits_root, tmp_path):
-    args = [f"data.root={digits_root}", *SHORT]
-    run_train(*args, f"output_dir={tmp_path / 'straight'}")
+def train_losses(run_dir):
+    """step → (clean loss, adversarial loss) as logged; a resumed run's lines overwrite nothing."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: (line["train/loss/clean"], line["train/loss/adv"]) for line in lines
+            if "train/loss/clean" in line}
 
-    interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, str(REPO / "train" / "run.py"), *args, f"output_dir={interrupted}"],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def start_run(args, run_dir):
+    return subprocess.Popen([sys.executable, str(REPO / "train" / "run.py"), *args, f"output_dir={run_dir}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process, what):
     deadline = time.time() + 600
-    while not (interrupted / "checkpoints" / "epoch_0001").exists():
-        assert process.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.1)
+    while not condition():
+        assert process.poll() is None, f"run ended before {what}: {process.stderr.read()[-2000:]}"
+        assert time.time() < deadline, f"no {what} in 10 minutes"
+        time.sleep(0.05)
+
+
+def assert_same_run(a, b):
+    wa, wb = last_weights(a), last_weights(b)
+    assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+    ema_a, ema_b = (load_file(str(d / "checkpoints" / "last" / "ema.safetensors")) for d in (a, b))
+    assert all(ema_a[k].equal(ema_b[k]) for k in ema_a)
+    assert train_losses(a) == train_losses(b)  # the loss of every step, bit for bit
+    finals = [json.loads((d / "summary.json").read_text())["clean_top1"] for d in (a, b)]
+    assert finals[0] == finals[1]
+
+
+@pytest.fixture(scope="module")
+def straight_run(digits_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    run_train(f"data.root={digits_root}", *SHORT, f"output_dir={run_dir}")
+    return run_dir
+
+
+def test_resume_after_kill_equals_uninterrupted_run(digits_root, straight_run, tmp_path):
+    args = [f"data.root={digits_root}", *SHORT]
+    run_dir = tmp_path / "killed"
+    process = start_run(args, run_dir)
+    wait_for(lambda: (run_dir / "checkpoints" / "epoch_0001").exists(), process, "the first checkpoint")
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (interrupted / "checkpoints" / "epoch_0003").exists()
-
-    resumed = run_train(*args, f"output_dir={interrupted}")
+    assert not (run_dir / "checkpoints" / "epoch_0003").exists()
+    resumed = run_train(*args, f"output_dir={run_dir}")
     assert "resuming from" in resumed.stdout
-    straight, again = last_weights(tmp_path / "straight"), last_weights(interrupted)
-    assert straight.keys() == again.keys()
-    assert all(straight[k].equal(again[k]) for k in straight)
-    finals = [json.loads((d / "summary.json").read_text())["clean_top1"] for d in (tmp_path / "straight", interrupted)]
-    assert finals[0] == finals[1]
+    assert_same_run(straight_run, run_dir)
+
+
+def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(digits_root, straight_run, tmp_path):
+    args = [f"data.root={digits_root}", *SHORT]
+    run_dir = tmp_path / "preempted"
+    process = start_run(args, run_dir)
+    wait_for(lambda: len(train_losses(run_dir)) >= 27 if (run_dir / "metrics.jsonl").exists() else False,
+             process, "step 27")  # epoch 2 has begun (22 steps an epoch)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-2000:]
+    assert "stopped at step" in out and "SIGTERM" in err
+    saved = [p for p in (run_dir / "checkpoints").glob("step_*")]
+    assert len(saved) == 1
+    state = json.loads((saved[0] / "train_state.json").read_text())
+    assert state["epoch"] == 1 and 0 < state["batch"] < 22  # mid-epoch
+    assert not (run_dir / "summary.json").exists()
+    resumed = run_train(*args, f"output_dir={run_dir}")
+    assert f"batch {state['batch']}" in resumed.stdout
+    assert_same_run(straight_run, run_dir)
 
 
 def test_two_cpu_processes_shard_and_log_once(digits_root, tmp_path):

@@ -55,3 +55,17 @@ def test_skipping_batches_resumes_the_same_epoch(demo_cfg):
     rest = [batch for batch in loader]
     assert len(rest) == len(whole) - 5
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole[5:], rest))
+
+
+def test_autoaugment_is_a_function_of_seed_epoch_and_index(demo_cfg):
+    """timm's AutoAugment draws from python's random: seeded per image like the crops."""
+    cfg = demo_cfg("batch_size=64", "data.auto_augment=v0", "data.workers=2")
+    loader = build_loader(cfg, "train")
+    first = []
+    for epoch in (0, 0, 1):
+        loader.set_epoch(epoch)
+        first.append(next(iter(loader))[0])
+    assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
+    plain = build_loader(demo_cfg("batch_size=64"), "train")
+    plain.set_epoch(0)
+    assert not torch.equal(next(iter(plain))[0], first[0])  # the policy did something

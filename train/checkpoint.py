@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from train.ema import load_ema, save_ema
 from train.errors import UserInputError
 
 STATE_FILE = "train_state.json"
@@ -41,7 +42,7 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def save_checkpoint(accelerator, run_dir: Path, name: str, state: TrainState, cfg, classes: list[str], *,
-                    is_best: bool, keep: int) -> Path:
+                    is_best: bool, keep: int, ema=None) -> Path:
     """Every process must call this (each writes its RNG state)."""
     root = checkpoint_dir(run_dir)
     final, staging = root / name, root / f".tmp-{name}"
@@ -54,6 +55,8 @@ def save_checkpoint(accelerator, run_dir: Path, name: str, state: TrainState, cf
         (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         (staging / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (staging / "classes.json").write_text(json.dumps(classes))
+        if ema is not None:
+            save_ema(ema, staging)
         _replace_dir(staging, final)
         _point(root / "last", name)
         if is_best:
@@ -110,16 +113,19 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(progress, key=progress.get)
 
 
-def load_checkpoint(accelerator, folder: Path) -> TrainState:
+def load_checkpoint(accelerator, folder: Path, ema=None) -> TrainState:
     state = read_state(folder)
     try:
         accelerator.load_state(str(folder))
+        if ema is not None and not load_ema(ema, folder):
+            ema.module.load_state_dict(accelerator.unwrap_model(accelerator._models[0]).state_dict())
+            accelerator.print(f"note: {folder} has no EMA weights; the EMA starts from its weights")
     except Exception as error:  # safetensors/pickle/shape errors all mean the same thing here
         raise CheckpointError(f"checkpoint {folder} cannot be loaded: {type(error).__name__}: {error}") from None
     return state
 
 
-def restore(accelerator, resume: str, run_dir: Path) -> tuple[TrainState, Path | None]:
+def restore(accelerator, resume: str, run_dir: Path, ema=None) -> tuple[TrainState, Path | None]:
     """resume=none: fresh state. auto: the newest loadable checkpoint of this run (older ones are
     tried when the newest is damaged), fresh if there is none. PATH: that checkpoint or an error."""
     if resume == "none":
@@ -128,10 +134,10 @@ def restore(accelerator, resume: str, run_dir: Path) -> tuple[TrainState, Path |
         folder = Path(resume)
         if not folder.is_dir():
             raise CheckpointError(f"resume={resume}: no checkpoint folder there")
-        return load_checkpoint(accelerator, folder), folder
+        return load_checkpoint(accelerator, folder, ema), folder
     for folder in reversed(list_checkpoints(checkpoint_dir(run_dir))):
         try:
-            return load_checkpoint(accelerator, folder), folder
+            return load_checkpoint(accelerator, folder, ema), folder
         except CheckpointError as error:
             accelerator.print(f"warning: skipping damaged checkpoint: {error}")
     return TrainState(), None

@@ -66,6 +66,7 @@ class DataConfig:
     crop_ratio: float = 0.875  # val: resize shorter side to size/crop_ratio, center crop (224/256)
     min_scale: float = 0.08  # RandomResizedCrop area scale lower bound
     hflip: bool = True
+    auto_augment: str = ""  # timm policy, torchvision loader: v0 (TF EfficientNet), original, rand-m9-mstd0.5
     workers: int = 2  # decode workers (torchvision, ffcv) per process
     ffcv: FfcvConfig = field(default_factory=FfcvConfig)
     dali: DaliConfig = field(default_factory=DaliConfig)
@@ -116,6 +117,9 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     channels_last: bool = True
+    ema_decay: float = 0.0  # EMA of the weights, evaluated and checkpointed (TF recipe 0.9999); 0 → off
+    compile: bool = False  # torch.compile the training forward (Accelerate's inductor backend)
+    sync_bn: bool = False  # multi-GPU: BN statistics over all GPUs (main and aux routes separately)
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 3, weights untouched) | skip the batch
     # evaluation
     eval_aux_bn: bool = False  # also validate through the auxiliary BNs each epoch
@@ -128,6 +132,18 @@ class Config:
     resume: str = "auto"  # auto: newest valid checkpoint in output_dir, if any | none | PATH
     keep_checkpoints: int = 2  # newest checkpoints kept besides best
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N optimizer steps; 0 → off
+
+
+def read_recipe(path: Path) -> DictConfig:
+    """A YAML recipe; `base: other.yaml` (relative to it) is read first and overridden by the rest."""
+    recipe = OmegaConf.load(path)
+    base = recipe.pop("base", None)
+    if base is None:
+        return recipe
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base recipe {base_path} does not exist")
+    return OmegaConf.merge(read_recipe(base_path), recipe)
 
 
 def load_config(args: list[str] | None = None) -> DictConfig:
@@ -146,7 +162,7 @@ def load_config(args: list[str] | None = None) -> DictConfig:
     if not recipe.is_file():
         raise ConfigError(f"config file {recipe} does not exist")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(recipe),
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), read_recipe(recipe),
                               OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as error:
         raise ConfigError(f"bad config ({recipe}): {error}".replace("\n", "; ")) from None
@@ -177,6 +193,9 @@ def validate(cfg: DictConfig) -> None:
         (cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be ≥ 1"),
         (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be ≥ 0"),
         (cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip"),
+        (0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1)"),
+        (not cfg.data.auto_augment or cfg.loader == "torchvision", "data.auto_augment",
+         "is applied by loader=torchvision only"),
     ]
     for ok, key, problem in checks:
         if not ok:

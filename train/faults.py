@@ -53,3 +53,17 @@ def ignore_interrupts(worker_id: int) -> None:
     """DataLoader worker_init_fn: Ctrl-C is the main process's to handle; a worker that died of it
     would break the step the main process is finishing."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class BufferSnapshot:
+    """The model's buffers (BN running statistics) as they were before a step: a non-finite
+    forward has already written NaN into them by the time the loss can be checked."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.buffers = list(model.buffers())
+        self.saved = [b.clone() for b in self.buffers]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buffer, saved in zip(self.buffers, self.saved):
+                buffer.copy_(saved)

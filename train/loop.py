@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from models.dual_bn import use_bn
 from train.attacks import pgd
-from train.faults import NonFiniteLoss, loss_is_finite
+from train.faults import BufferSnapshot, NonFiniteLoss, loss_is_finite
 from train.methods import METHODS, StepContext, attack_kwargs
 
 
@@ -19,8 +19,8 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
 
 
-def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler, state, log,
-                    stop=None, save_mid_epoch=None) -> bool:
+def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler, state, log, *,
+                    ema=None, stop=None, save_mid_epoch=None) -> bool:
     """Trains from state.batch to the end of epoch state.epoch, advancing state as it goes.
 
     Returns False when `stop` (a StopRequest) ended the epoch early, after a finished optimizer
@@ -38,7 +38,7 @@ def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler,
     for images, labels in bar:
         x = to_float(images)
         sync = (state.batch + 1) % accum == 0
-        out = train_step(ctx, accelerator, optimizer, scheduler, state, x, labels, sync)
+        out = train_step(ctx, accelerator, optimizer, scheduler, state, x, labels, sync, ema)
         state.batch += 1
         if out is None:
             continue
@@ -61,11 +61,13 @@ def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler,
     return True
 
 
-def train_step(ctx, accelerator, optimizer, scheduler, state, x, labels, sync: bool):
+def train_step(ctx, accelerator, optimizer, scheduler, state, x, labels, sync: bool, ema=None):
     """Forward (the method), backward, and on sync an optimizer step. None: a skipped batch."""
+    before = BufferSnapshot(ctx.attack_model)
     with contextlib.nullcontext() if sync else accelerator.no_sync(ctx.model):
         out = METHODS[ctx.cfg.method](ctx, x, labels)
         if not loss_is_finite(out.loss, accelerator):
+            before.restore()
             where = f"step {state.step + 1} (epoch {state.epoch + 1}, batch {state.batch + 1})"
             if ctx.cfg.on_nonfinite == "stop":
                 raise NonFiniteLoss(f"loss is {out.loss.item()} at {where}; the weights are still those "
@@ -79,6 +81,8 @@ def train_step(ctx, accelerator, optimizer, scheduler, state, x, labels, sync: b
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         scheduler.step_update(state.step)
+        if ema is not None:
+            ema.update(ctx.attack_model, step=state.step)
     return out
 
 

@@ -25,9 +25,11 @@ from omegaconf import OmegaConf
 
 from models.export import save_main_bn
 from models.factory import create_model
+from timm.layers import convert_sync_batchnorm
 from pipelines.loader import build_loader, prepare_dataset
 from train.checkpoint import TrainState, restore, save_checkpoint
 from train.config import load_config, save_config
+from train.ema import create_ema
 from train.errors import UserInputError
 from train.faults import NonFiniteLoss, StopRequest
 from train.loop import evaluate, robust_attack, train_one_epoch
@@ -50,9 +52,12 @@ def build_loaders(cfg, accelerator):
     return train_loader, val_loader
 
 
-def validate_epoch(ctx, accelerator, val_loader) -> dict:
+def validate_epoch(ctx, accelerator, val_loader, ema=None) -> dict:
     val = evaluate(ctx.attack_model, val_loader, accelerator)
     metrics = {f"val/{k}": v for k, v in val.items() if k != "images"}
+    if ema is not None:
+        averaged = evaluate(ema.module, val_loader, accelerator, desc="val (EMA)")
+        metrics.update({f"val_ema/{k}": v for k, v in averaged.items() if k != "images"})
     if ctx.cfg.eval_aux_bn and ctx.cfg.method in USES_DUAL_BN:
         aux = evaluate(ctx.attack_model, val_loader, accelerator, route="aux", desc="val (aux BN)")
         metrics.update({f"val_aux/{k}": v for k, v in aux.items() if k != "images"})
@@ -86,24 +91,35 @@ def print_table(cfg, report: dict) -> None:
                     + [f"{name:<{width}}  {value}" for name, value in rows]))
 
 
+def build_model(cfg, accelerator, num_classes: int):
+    """The model (dual BN for methods that need it), its optimizer, both prepared by Accelerate."""
+    model = create_model(cfg, num_classes, dual_bn=cfg.method in USES_DUAL_BN)
+    if cfg.sync_bn and accelerator.num_processes > 1:
+        if accelerator.device.type != "cuda":
+            raise UserInputError("sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
+        model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer(cfg, model, accelerator.num_processes)
+    return accelerator.prepare(model, optimizer)
+
+
 def main(argv: list[str]) -> None:
     cfg = load_config(argv)
     # cpu=True without CUDA: under torchrun (`accelerate launch --multi_gpu`) that gives real
     # multi-process CPU training over gloo; Accelerate would otherwise run each process alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), dynamo_backend="inductor" if cfg.compile else None,
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     set_seed(cfg.seed)  # same initial weights on every process
     train_loader, val_loader = build_loaders(cfg, accelerator)
     classes = train_loader.classes
-    model = create_model(cfg, len(classes), dual_bn=cfg.method in USES_DUAL_BN)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer(cfg, model, accelerator.num_processes)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = build_model(cfg, accelerator, len(classes))
     scheduler = create_schedule(cfg, optimizer, len(train_loader) // cfg.grad_accum_steps)
+    ctx = StepContext(model, accelerator.unwrap_model(model), cfg, len(classes))
+    ema = create_ema(ctx.attack_model, cfg.ema_decay, accelerator.device)
 
     run_dir = Path(cfg.output_dir)
-    state, resume_from = restore(accelerator, cfg.resume, run_dir)
+    state, resume_from = restore(accelerator, cfg.resume, run_dir, ema)
     if resume_from is None:
         set_seed(cfg.seed, device_specific=True)  # distinct attack noise per process
     scheduler.step_update(state.step)
@@ -112,26 +128,27 @@ def main(argv: list[str]) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         print(OmegaConf.to_yaml(cfg) if resume_from is None else f"resuming from {resume_from} "
-              f"(epoch {state.epoch + 1}, step {state.step})")
+              f"(epoch {state.epoch + 1}, batch {state.batch}, step {state.step})")
     accelerator.wait_for_everyone()
     log = RunLog(accelerator, cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
-    ctx = StepContext(model, accelerator.unwrap_model(model), cfg, len(classes))
+
+    def save(name: str, is_best: bool = False) -> None:
+        save_checkpoint(accelerator, run_dir, name, state, cfg, classes, ema=ema, is_best=is_best,
+                        keep=cfg.keep_checkpoints)
 
     stop = StopRequest().install()
-    def save(name, is_best=False):
-        save_checkpoint(accelerator, run_dir, name, state, cfg, classes, is_best=is_best, keep=cfg.keep_checkpoints)
     while state.epoch < cfg.epochs:
         epoch_start = time.perf_counter()
-        finished = train_one_epoch(ctx, accelerator, train_loader, optimizer, scheduler, state, log,
+        finished = train_one_epoch(ctx, accelerator, train_loader, optimizer, scheduler, state, log, ema=ema,
                                    stop=stop, save_mid_epoch=lambda: save(f"step_{state.step:08d}"))
         if not finished:
             save(f"step_{state.step:08d}")
             accelerator.print(f"stopped at step {state.step} (epoch {state.epoch + 1}, batch {state.batch}); "
-                              f"checkpoint saved, the same command continues (resume=auto)")
+                              "checkpoint saved: the same command continues from here (resume=auto)")
             log.close()
             return
-        metrics = validate_epoch(ctx, accelerator, val_loader)
-        # a NaN loss or accuracy never makes a checkpoint "best"
+        metrics = validate_epoch(ctx, accelerator, val_loader, ema)
+        # a NaN loss never makes a checkpoint "best"
         is_best = math.isfinite(metrics["val/loss"]) and metrics["val/top1"] > state.best_top1
         if is_best:
             state.best_top1 = metrics["val/top1"]
@@ -139,12 +156,19 @@ def main(argv: list[str]) -> None:
         accelerator.print(f"epoch {state.epoch}/{cfg.epochs}: val top-1 {metrics['val/top1']:.2f} % "
                           f"top-5 {metrics['val/top5']:.2f} % loss {metrics['val/loss']:.4f}")
         save(f"epoch_{state.epoch:04d}", is_best)
+    finish(ctx, accelerator, val_loader, state, log, run_dir, classes, ema)
 
+
+def finish(ctx, accelerator, val_loader, state, log, run_dir: Path, classes: list[str], ema) -> None:
+    """Final evaluation, plain-timm exports, summary.json and the table."""
+    cfg = ctx.cfg
     report = final_report(ctx, accelerator, val_loader, state)
     log.log({f"final/{k}": v for k, v in report.items() if not isinstance(v, str)}, state.step)
     if accelerator.is_main_process:
-        save_main_bn(ctx.attack_model.net, run_dir / "final_main_bn.safetensors", model_name=cfg.model,
-                     normalization=cfg.normalization, classes=classes)
+        export = dict(model_name=cfg.model, normalization=cfg.normalization, classes=classes)
+        save_main_bn(ctx.attack_model.net, run_dir / "final_main_bn.safetensors", **export)
+        if ema is not None:
+            save_main_bn(ema.module.net, run_dir / "final_ema_main_bn.safetensors", **export)
         (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
     log.close()
     if accelerator.is_main_process:

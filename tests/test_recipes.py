@@ -1,0 +1,60 @@
+"""Every recipe in configs/ loads onto the schema and says what the paper's recipe says."""
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from timm.layers import BatchNormAct2d, convert_sync_batchnorm
+
+from conftest import REPO
+from models.dual_bn import DualBatchNorm, convert_dual_bn
+from train.config import ConfigError, load_config
+from train.optim import create_optimizer
+
+RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.stem.endswith("_base"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_loads(recipe):
+    cfg = load_config([f"config={recipe}"])
+    assert timm.is_model(cfg.model), cfg.model
+    assert cfg.name == recipe.stem
+
+
+def test_effnet_recipes_follow_the_tf_recipe():
+    configs = [load_config([f"config={REPO / 'configs' / f'effnet_b{i}_advprop.yaml'}"]) for i in range(9)]
+    sizes = [c.data.image_size for c in configs]
+    assert sizes == sorted(sizes) and sizes[0] == 224 and sizes[-1] == 672
+    for c in configs:
+        assert (c.optimizer.name, c.optimizer.eps, c.optimizer.lr_per_256) == ("rmsproptf", 1e-3, 0.016)
+        assert (c.schedule.name, c.schedule.decay_epochs, c.schedule.decay_rate) == ("step", 2.4, 0.97)
+        assert (c.label_smoothing, c.bn_momentum, c.bn_eps, c.ema_decay) == (0.1, 0.01, 1e-3, 0.9999)
+        assert c.normalization == "inception" and c.data.auto_augment and c.method == "advprop"
+    assert (configs[0].attack.steps, configs[0].attack.eps) == (1, 1)  # PGD1 for the small model
+    assert (configs[-1].attack.steps, configs[-1].attack.eps) == (5, 4)  # PGD5 for the big one
+
+
+def test_lr_scales_with_the_global_batch():
+    cfg = load_config([f"config={REPO / 'configs' / 'effnet_b0_advprop.yaml'}"])
+    model = torch.nn.Linear(4, 2)
+    for processes in (1, 8):
+        lr = create_optimizer(cfg, model, processes).param_groups[0]["lr"]
+        assert lr == pytest.approx(0.016 * cfg.batch_size * processes / 256)
+
+
+def test_base_must_exist(tmp_path):
+    recipe = tmp_path / "x.yaml"
+    recipe.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config([f"config={recipe}"])
+
+
+def test_sync_bn_keeps_dual_routes_and_activations():
+    model = convert_sync_batchnorm(convert_dual_bn(timm.create_model("efficientnet_b0", num_classes=10)))
+    duals = [m for m in model.modules() if isinstance(m, DualBatchNorm)]
+    assert duals and all(isinstance(d.main, torch.nn.SyncBatchNorm) or "Sync" in type(d.main).__name__
+                         for d in duals)
+    acts = [type(d.aux.act).__name__ for d in duals if hasattr(d.aux, "act")]
+    assert acts and any(a != "Identity" for a in acts)  # not silently dropped
+    assert not any(isinstance(m, BatchNormAct2d) and not isinstance(m, torch.nn.SyncBatchNorm)
+                   and "Sync" not in type(m).__name__ for m in model.modules())
