@@ -110,14 +110,23 @@ def goodfellow_mix(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor)
 
 # ----------------------------------------------------------------------------- dual BN
 
+# Clean and adversarial images take two forwards (main, then aux BNs) and one backward rather than
+# one concatenated forward with a split route: splitting and re-joining the batch at every BN layer
+# costs ~20% of a step on CPU, for no fewer FLOPs.
+
+def main_and_aux_forward(ctx: StepContext, clean: torch.Tensor, adversarial: torch.Tensor):
+    clean_logits = ctx.model(clean)
+    with use_bn(ctx.attack_model, AUX):
+        adv_logits = ctx.model(adversarial)
+    return clean_logits, adv_logits
+
+
 def advprop(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
     adversarial = make_adversarial(ctx, images, labels, route=AUX)
-    n = len(images)
-    with use_bn(ctx.attack_model, split=n):  # one forward of 2B: rows [:n] main BNs, [n:] aux BNs
-        logits = ctx.model(torch.cat([images, adversarial]))
-    clean_loss = cross_entropy(ctx, logits[:n], labels)
-    adv_loss = cross_entropy(ctx, logits[n:], labels)
-    metrics = two_part_metrics(clean_loss, adv_loss, logits[:n], logits[n:], labels, labels)
+    clean_logits, adv_logits = main_and_aux_forward(ctx, images, adversarial)
+    clean_loss = cross_entropy(ctx, clean_logits, labels)
+    adv_loss = cross_entropy(ctx, adv_logits, labels)
+    metrics = two_part_metrics(clean_loss, adv_loss, clean_logits, adv_logits, labels, labels)
     return StepOutput(clean_loss + ctx.cfg.advprop.adv_weight * adv_loss, metrics, adversarial)
 
 
@@ -132,10 +141,10 @@ def fast_advprop(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -
     start = random_start_point(source, attack["eps"], attack["random_start"]) if attack["random_start"] \
         else source.clone()
     start.requires_grad_(True)
-    with ctx.no_sync(), use_bn(ctx.attack_model, split=n):  # DDP syncs at the loop's backward
-        logits = ctx.model(torch.cat([images[:n], start]))
-        clean_loss = cross_entropy(ctx, logits[:n], clean_labels)
-        attack_loss = cross_entropy(ctx, logits[n:], adv_labels)
+    with ctx.no_sync():  # DDP: this backward only accumulates; the loop's backward all-reduces
+        clean_logits, attack_logits = main_and_aux_forward(ctx, images[:n], start)
+        clean_loss = cross_entropy(ctx, clean_logits, clean_labels)
+        attack_loss = cross_entropy(ctx, attack_logits, adv_labels)
         ctx.backward(clean_loss + options.attack_weight * attack_loss)
     adversarial = pgd_step(start, source, start.grad, eps=attack["eps"], step_size=attack["step_size"],
                            targeted=False)
@@ -145,7 +154,7 @@ def fast_advprop(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -
                               step_size=attack["step_size"], steps=attack["steps"] - 1, start=adversarial)
         adv_logits = ctx.model(adversarial)
     adv_loss = cross_entropy(ctx, adv_logits, adv_labels)
-    metrics = two_part_metrics(clean_loss, adv_loss, logits[:n], adv_logits, clean_labels, adv_labels)
+    metrics = two_part_metrics(clean_loss, adv_loss, clean_logits, adv_logits, clean_labels, adv_labels)
     metrics["loss/attack"] = attack_loss.detach()
     return StepOutput(options.adv_weight * adv_loss, metrics, adversarial)
 
