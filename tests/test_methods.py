@@ -61,7 +61,7 @@ def grads(model):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_learns_digits(method, demo_cfg, digits):
-    cfg = demo_cfg(f"method={method}", "batch_size=32", *ATTACK,
+    cfg = demo_cfg(f"method={method}", "batch_size=32", "attack=pgd1",
                    *(["attack.targeted=false"] if method == "fast_advprop" else []))
     model = build(cfg)
     optimizer = create_optimizer(cfg, model, 1)
