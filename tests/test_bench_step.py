@@ -8,7 +8,7 @@ from conftest import REPO
 
 def test_bench_step_prints_ratios_as_json():
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_step.py"), "--batch", "4", "--size", "32", "--warmup", "1",
+        [sys.executable, str(REPO / "tools" / "bench_step.py"), "--batch", "10", "--size", "32", "--warmup", "1",
          "--rounds", "1", "--steps", "1", "--methods", "advprop_pgd1,fast_advprop", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
