@@ -11,7 +11,8 @@ channels-last, through the same Accelerator (so AMP is Accelerate's autocast + G
 Methods are timed round-robin after warm-up, so load from other processes hits all of them alike;
 the ratio is the best (minimum) step time over the best vanilla step time (as timeit does: other
 processes only ever add time), and the spread column is the lowest–highest ratio of per-round
-medians. On a shared CPU, --threads 1 gives steadier numbers. Targets (issue "all training methods"): advprop PGD-k ≤ 2 + k/2,
+medians. On a shared CPU, `--threads 1 --clock process` (CPU time of this process) gives steadier
+numbers than wall time. Targets (issue "all training methods"): advprop PGD-k ≤ 2 + k/2,
 fast_advprop ≤ 1.25.
 """
 from __future__ import annotations
@@ -74,14 +75,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, batch, steps: int, device) -> list[float]:
+def time_steps(step, batch, steps: int, device, clock=time.perf_counter) -> list[float]:
     times = []
     for _ in range(steps):
         synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         step(*batch)
         synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method and round")
     parser.add_argument("--methods", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "process"],
+                        help="process: this process's CPU time (CPU only; with --threads 1 it ignores other load)")
     parser.add_argument("--json", action="store_true", help="print the ratios as JSON on the last line")
     args = parser.parse_args()
     names = ["vanilla"] + [n for n in args.methods.split(",") if n and n != "vanilla"]
@@ -119,7 +122,10 @@ def main() -> None:
 
     for name in names:
         time_steps(steps[name], batch, args.warmup, device)
-    rounds = [{name: time_steps(steps[name], batch, args.steps, device) for name in names}
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    if args.clock == "process" and device.type != "cpu":
+        parser.error("--clock process measures CPU time: use it with --device cpu")
+    rounds = [{name: time_steps(steps[name], batch, args.steps, device, clock) for name in names}
               for _ in range(args.rounds)]
 
     best = {name: min(t for r in rounds for t in r[name]) for name in names}
@@ -128,7 +134,8 @@ def main() -> None:
                  for name in names}
     amp = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + GradScaler"}[args.amp]
     print(f"{args.model}, batch {args.batch}, {args.size} px, {device} ({torch.get_num_threads()} threads), {amp}, "
-          f"{'NCHW' if args.no_channels_last else 'channels-last'}; {args.rounds}×{args.steps} timed steps each")
+          f"{'NCHW' if args.no_channels_last else 'channels-last'}; {args.rounds}×{args.steps} timed steps each, "
+          f"{args.clock} clock")
     print(f"{'method':<22}{'best ms':>9}{'× vanilla':>11}{'spread':>14}{'target':>9}")
     for name in names:
         spread = f"{min(per_round[name]):.2f}–{max(per_round[name]):.2f}"
