@@ -37,7 +37,7 @@ def train(name: str, args: list[str], out: Path) -> dict:
         command = [sys.executable, str(REPO / "train" / "run.py"), *args, f"name={name}",
                    f"output_dir={run_dir}", "tracker=none"]
         print(f"[{name}] {' '.join(command[1:])}", flush=True)
-        env = {**os.environ, "WANDB_MODE": "offline"}
+        env = {**os.environ, "WANDB_MODE": "offline", "TQDM_DISABLE": "1"}  # errors still reach stderr
         subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads(summary.read_text())
 
