@@ -17,11 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from train.errors import UserInputError
+from train.methods import METHODS as METHOD_FUNCTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "demo.yaml"
 
-METHODS = ("vanilla", "advprop")  # train/methods.py registers the functions under these names
+METHODS = tuple(METHOD_FUNCTIONS)  # the names are train/methods.py's registry keys
 LOADERS = ("torchvision", "ffcv", "dali")
 
 
@@ -36,6 +37,36 @@ class AttackConfig:
     steps: int = 5
     targeted: bool = True  # Xie et al.: a random wrong class as target
     random_start: bool = True
+    clean_start_fraction: float = 0.0  # with random_start: share of images starting at the clean image (Xie: 0.2)
+    bn_mode: str = "train"  # BN statistics the attack sees: train (batch statistics) | eval (running)
+
+
+# `attack=NAME` (command line or recipe): the paper's attacker strengths (DESIGN.md), in pixel units;
+# keys given after it override. FGSM is one full-ε step from the clean image (Goodfellow et al.).
+ATTACK_PRESETS = {
+    "pgd1": dict(eps=1.0, step_size=1.0, steps=1),
+    "pgd3": dict(eps=2.0, step_size=1.0, steps=3),
+    "pgd4": dict(eps=3.0, step_size=1.0, steps=4),
+    "pgd5": dict(eps=4.0, step_size=1.0, steps=5),
+    "fgsm": dict(eps=1.0, step_size="${.eps}", steps=1, random_start=False, targeted=False),
+}
+
+
+@dataclass
+class AdvPropConfig:
+    adv_weight: float = 1.0  # weight of the adversarial loss term (Xie: 1)
+
+
+@dataclass
+class GoodfellowMixConfig:
+    alpha: float = 0.5  # loss = α·J(x) + (1 − α)·J(x_adv)
+
+
+@dataclass
+class FastAdvPropConfig:
+    adv_fraction: float = 0.2  # share of the batch that is attacked (Mei et al.: 4:1 clean:adv)
+    attack_weight: float = 0.5  # weight of the attack step's loss, whose gradient is reused
+    adv_weight: float = 0.5  # weight of the adversarial examples' loss
 
 
 @dataclass
@@ -105,7 +136,10 @@ class Config:
     bn_eps: Optional[float] = None
     # method
     method: str = "advprop"  # one of METHODS
-    attack: AttackConfig = field(default_factory=AttackConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)  # or a preset: attack=pgd5
+    advprop: AdvPropConfig = field(default_factory=AdvPropConfig)
+    goodfellow_mix: GoodfellowMixConfig = field(default_factory=GoodfellowMixConfig)
+    fast_advprop: FastAdvPropConfig = field(default_factory=FastAdvPropConfig)
     # data
     loader: str = "torchvision"  # one of LOADERS
     data: DataConfig = field(default_factory=DataConfig)
@@ -123,7 +157,8 @@ class Config:
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 3, weights untouched) | skip the batch
     # evaluation
     eval_aux_bn: bool = False  # also validate through the auxiliary BNs each epoch
-    eval_robust: bool = True  # robust top-1 under the training attack (untargeted) at the end
+    eval_robust: bool = True  # robust top-1 under eval_attack (untargeted) at the end
+    eval_attack: Optional[AttackConfig] = None  # e.g. eval_attack=pgd5 (one attack for all methods); None → attack
     # logging and checkpoints
     tracker: str = "wandb"  # wandb (offline without a login) | none
     wandb_project: str = "advprop"
@@ -147,23 +182,32 @@ def read_recipe(path: Path) -> DictConfig:
 
 
 def load_config(args: list[str] | None = None) -> DictConfig:
-    """Schema ← recipe (config=PATH, default configs/demo.yaml) ← key=value overrides, validated."""
+    """Schema ← recipe (config=PATH, default configs/demo.yaml) ← key=value overrides, validated.
+
+    `attack=pgd5` (or `eval_attack=…`, or `attack: pgd5` in a recipe) sets that node to a preset of
+    ATTACK_PRESETS; overrides apply in order, so `attack=pgd5 attack.eps=2` changes only ε.
+    """
     args = list(args or [])
     recipe = DEFAULT_RECIPE
-    overrides = []
+    overrides = []  # in command-line order: presets and dotted keys may interleave
     for arg in args:
         if "=" not in arg:
             raise ConfigError(f"argument {arg!r} is not of the form key=value")
         key, value = arg.split("=", 1)
         if key == "config":
             recipe = Path(value)
+        elif key in ATTACK_NODES:
+            overrides.append(OmegaConf.create({key: attack_preset(key, value)}))
         else:
-            overrides.append(arg)
+            overrides.append(OmegaConf.from_dotlist([arg]))
     if not recipe.is_file():
         raise ConfigError(f"config file {recipe} does not exist")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), read_recipe(recipe),
-                              OmegaConf.from_dotlist(overrides))
+        recipe_cfg = read_recipe(recipe)
+        for key in ATTACK_NODES:
+            if isinstance(recipe_cfg.get(key), str):
+                recipe_cfg[key] = attack_preset(key, recipe_cfg[key])
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), recipe_cfg, *overrides)
     except OmegaConfBaseException as error:
         raise ConfigError(f"bad config ({recipe}): {error}".replace("\n", "; ")) from None
     validate(cfg)
@@ -172,7 +216,19 @@ def load_config(args: list[str] | None = None) -> DictConfig:
     return cfg
 
 
+ATTACK_NODES = ("attack", "eval_attack")  # config nodes that accept a preset name
+
+
+def attack_preset(key: str, name: str) -> dict:
+    if name not in ATTACK_PRESETS:
+        raise ConfigError(f"bad value for {key}: {name!r} is not a preset; use one of {tuple(ATTACK_PRESETS)} "
+                          f"or set its keys ({key}.eps=…)")
+    return dict(ATTACK_PRESETS[name])
+
+
 def validate(cfg: DictConfig) -> None:
+    attack, fast = cfg.attack, cfg.fast_advprop
+    fast_advprop = cfg.method == "fast_advprop"
     checks = [
         (cfg.method in METHODS, "method", f"must be one of {METHODS}"),
         (cfg.loader in LOADERS, "loader", f"must be one of {LOADERS}"),
@@ -183,9 +239,6 @@ def validate(cfg: DictConfig) -> None:
         (cfg.epochs >= 1, "epochs", "must be ≥ 1"),
         (cfg.batch_size >= 1, "batch_size", "must be ≥ 1"),
         (cfg.grad_accum_steps >= 1, "grad_accum_steps", "must be ≥ 1"),
-        (cfg.attack.eps >= 0, "attack.eps", "must be ≥ 0 (pixel units)"),
-        (cfg.attack.steps >= 0, "attack.steps", "must be ≥ 0"),
-        (cfg.attack.step_size >= 0, "attack.step_size", "must be ≥ 0 (pixel units)"),
         (0 < cfg.data.min_scale <= 1, "data.min_scale", "must be in (0, 1]"),
         (0 < cfg.data.crop_ratio <= 1, "data.crop_ratio", "must be in (0, 1]"),
         (cfg.data.image_size >= 8, "data.image_size", "must be ≥ 8"),
@@ -196,7 +249,29 @@ def validate(cfg: DictConfig) -> None:
         (0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1)"),
         (not cfg.data.auto_augment or cfg.loader == "torchvision", "data.auto_augment",
          "is applied by loader=torchvision only"),
+        (cfg.advprop.adv_weight >= 0, "advprop.adv_weight", "must be ≥ 0"),
+        (0 <= cfg.goodfellow_mix.alpha <= 1, "goodfellow_mix.alpha", "must be in [0, 1]"),
+        (0 < fast.adv_fraction < 1, "fast_advprop.adv_fraction", "must be in (0, 1)"),
+        (fast.attack_weight > 0, "fast_advprop.attack_weight", "must be > 0 (its gradient is the attack's direction)"),
+        (fast.adv_weight >= 0, "fast_advprop.adv_weight", "must be ≥ 0"),
+        # fast_advprop trains on the attack step's gradient: it must be the true labels' loss in train mode
+        (not (fast_advprop and attack.targeted), "attack.targeted",
+         "must be false with method=fast_advprop (the attack's gradient is reused as the training "
+         "gradient, so the attack maximises the true labels' loss): add attack.targeted=false"),
+        (not (fast_advprop and attack.bn_mode != "train"), "attack.bn_mode",
+         "must be train with method=fast_advprop (the attack's forward is a training forward)"),
+        (not (fast_advprop and attack.steps < 1), "attack.steps", "must be ≥ 1 with method=fast_advprop"),
     ]
+    for key in ATTACK_NODES:
+        node = cfg.get(key)
+        if node is not None:
+            checks += [
+                (node.eps >= 0, f"{key}.eps", "must be ≥ 0 (pixel units)"),
+                (node.steps >= 0, f"{key}.steps", "must be ≥ 0"),
+                (node.step_size >= 0, f"{key}.step_size", "must be ≥ 0 (pixel units)"),
+                (0 <= node.clean_start_fraction <= 1, f"{key}.clean_start_fraction", "must be in [0, 1]"),
+                (node.bn_mode in ("train", "eval"), f"{key}.bn_mode", "must be train or eval"),
+            ]
     for ok, key, problem in checks:
         if not ok:
             raise ConfigError(f"bad value for {key}: {OmegaConf.select(cfg, key)!r} {problem}")

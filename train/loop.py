@@ -137,5 +137,5 @@ def evaluate(model, loader, accelerator, *, route: str = "main", attack=None, de
 
 
 def robust_attack(cfg) -> dict:
-    """The training attack's strength, untargeted, for robust accuracy."""
-    return attack_kwargs(cfg.attack)
+    """eval_attack (default: the training attack's strength), untargeted, for robust accuracy."""
+    return attack_kwargs(cfg.eval_attack or cfg.attack)

@@ -68,10 +68,11 @@ def final_report(ctx, accelerator, val_loader, state: TrainState) -> dict:
     cfg = ctx.cfg
     clean = evaluate(ctx.attack_model, val_loader, accelerator, desc="final val")
     report = {"clean_top1": clean["top1"], "clean_top5": clean["top5"], "val_images": clean["images"]}
-    if cfg.eval_robust and cfg.attack.steps > 0:
+    attack = cfg.eval_attack or cfg.attack
+    if cfg.eval_robust and attack.steps > 0:
         robust = evaluate(ctx.attack_model, val_loader, accelerator, attack=robust_attack(cfg), desc="robust val")
         report["robust_top1"] = robust["top1"]
-        report["robust_attack"] = f"PGD-{cfg.attack.steps} eps={cfg.attack.eps:g}/255 untargeted"
+        report["robust_attack"] = f"PGD-{attack.steps} eps={attack.eps:g}/255 untargeted"
     report.update(train_seconds=state.train_seconds,
                   train_img_per_s=state.train_images / max(state.train_seconds, 1e-9))
     return report
@@ -115,7 +116,9 @@ def main(argv: list[str]) -> None:
     classes = train_loader.classes
     model, optimizer = build_model(cfg, accelerator, len(classes))
     scheduler = create_schedule(cfg, optimizer, len(train_loader) // cfg.grad_accum_steps)
-    ctx = StepContext(model, accelerator.unwrap_model(model), cfg, len(classes))
+    ctx = StepContext(model, accelerator.unwrap_model(model), cfg, len(classes),
+                      backward=lambda loss: accelerator.backward(loss / cfg.grad_accum_steps),
+                      no_sync=lambda: accelerator.no_sync(model))
     ema = create_ema(ctx.attack_model, cfg.ema_decay, accelerator.device)
 
     run_dir = Path(cfg.output_dir)

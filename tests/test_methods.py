@@ -1,0 +1,204 @@
+"""Training methods on the digits demo set: each learns, BNs are routed as the paper says, and the
+fast paths (frozen-weight attack, one concatenated forward, fast_advprop's reused attack gradient)
+give the same gradients as straightforward implementations of the same losses."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.datasets import ImageFolder
+from torchvision.transforms.functional import pil_to_tensor
+
+from models.dual_bn import AUX, MAIN, DualBatchNorm, convert_dual_bn, use_bn
+from models.factory import create_model
+from train.attacks import random_wrong_class
+from train.methods import METHODS, USES_DUAL_BN, StepContext
+from train.optim import create_optimizer
+
+CLASSES = 10
+ATTACK = ["attack.eps=4", "attack.step_size=1", "attack.steps=2"]
+FAST = ["method=fast_advprop", "attack.targeted=false"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models on a shared 2-core machine: with other processes busy, two OpenMP threads
+    stall each other (a 75 ms step takes 1–2 s); one thread keeps these tests fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_split(root, split):
+    folder = ImageFolder(str(root / split))
+    images = torch.stack([pil_to_tensor(image) for image, _ in folder]).float().div(255)
+    labels = torch.tensor(folder.targets)
+    return images.contiguous(memory_format=torch.channels_last), labels
+
+
+@pytest.fixture(scope="module")
+def digits(digits_root):
+    torch.manual_seed(0)
+    train_images, train_labels = load_split(digits_root, "train")
+    order = torch.randperm(len(train_labels))
+    return (train_images[order], train_labels[order]), load_split(digits_root, "val")
+
+
+def build(cfg):
+    torch.manual_seed(0)
+    model = create_model(cfg, CLASSES, dual_bn=cfg.method in USES_DUAL_BN)
+    return model.to(memory_format=torch.channels_last).train()
+
+
+def step(model, cfg, images, labels):
+    """One method step as the loop does it (without Accelerate); returns the StepOutput."""
+    out = METHODS[cfg.method](StepContext(model, model, cfg, CLASSES), images, labels)
+    out.loss.backward()
+    return out
+
+
+def bn_buffers(model, route):
+    return {name: buffer.clone() for name, buffer in model.named_buffers()
+            if f".{route}.running_" in name}
+
+
+def grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------- learning
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_learns_digits(method, demo_cfg, digits):
+    cfg = demo_cfg(f"method={method}", "batch_size=32", "attack=pgd1",
+                   *(["attack.targeted=false"] if method == "fast_advprop" else []))
+    model = build(cfg)
+    optimizer = create_optimizer(cfg, model, 1)
+    (images, labels), (val_images, val_labels) = digits
+    losses = []
+    for i in range(40):
+        batch = slice(32 * i, 32 * (i + 1))
+        out = step(model, cfg, images[batch], labels[batch])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out.metrics.get("loss/clean", out.metrics.get("loss/adv")).item())
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
+    with torch.no_grad():
+        accuracy = (model.eval()(val_images).argmax(1) == val_labels).float().mean().item()
+    assert accuracy > 0.3, f"{method}: val accuracy {accuracy:.2f} (chance 0.10)"
+
+
+# ----------------------------------------------------------------------------- BN routing
+
+def test_advprop_routes_clean_to_main_and_adversarial_to_aux(demo_cfg, digits):
+    cfg = demo_cfg("method=advprop", *ATTACK)
+    model = build(cfg)
+    reference = copy.deepcopy(model)
+    images, labels = digits[0][0][:32], digits[0][1][:32]
+    out = step(model, cfg, images, labels)
+    with torch.no_grad(), use_bn(reference, MAIN):
+        reference(images)  # main BNs: the clean batch and nothing else
+    with torch.no_grad(), use_bn(reference, AUX):
+        reference(out.adversarial)  # aux BNs: the adversarial batch and nothing else
+    for route in (MAIN, AUX):
+        ours, expected = bn_buffers(model, route), bn_buffers(reference, route)
+        assert ours.keys() == expected.keys() and ours
+        for name in ours:
+            torch.testing.assert_close(ours[name], expected[name], msg=name)
+    assert not torch.equal(bn_buffers(model, MAIN)["net.bn1.main.running_mean"],
+                           bn_buffers(model, AUX)["net.bn1.aux.running_mean"])
+
+
+def test_fast_advprop_keeps_adversarial_rows_out_of_main_bns(demo_cfg, digits):
+    cfg = demo_cfg(*FAST, *ATTACK)
+    model = build(cfg)
+    reference = copy.deepcopy(model)
+    images, labels = digits[0][0][:30], digits[0][1][:30]
+    step(model, cfg, images, labels)
+    with torch.no_grad(), use_bn(reference, MAIN):
+        reference(images[:24])  # 4:1 split: the first 24 rows are the clean part
+    ours, expected = bn_buffers(model, MAIN), bn_buffers(reference, MAIN)
+    for name in ours:
+        torch.testing.assert_close(ours[name], expected[name], msg=name)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "adv_train", "goodfellow_mix"])
+def test_single_bn_methods_use_one_bn_set(method, demo_cfg, digits):
+    """Not converted by the factory, and even on a dual-BN model they touch only the main BNs."""
+    cfg = demo_cfg(f"method={method}", *ATTACK)
+    assert not any(isinstance(m, DualBatchNorm) for m in build(cfg).modules())
+    model = build(cfg)
+    convert_dual_bn(model.net)
+    aux_before, main_before = bn_buffers(model, AUX), bn_buffers(model, MAIN)
+    step(model, cfg, digits[0][0][:32], digits[0][1][:32])
+    aux_after, main_after = bn_buffers(model, AUX), bn_buffers(model, MAIN)
+    assert all(torch.equal(aux_before[k], aux_after[k]) for k in aux_before)
+    assert not all(torch.equal(main_before[k], main_after[k]) for k in main_before)
+    assert all(p.grad is None for name, p in model.named_parameters() if ".aux." in name)
+
+
+# ----------------------------------------------------------------------------- same gradients as a plain reference
+
+def naive_pgd(model, images, labels, *, eps, step_size, steps, targeted, start=None):
+    """Textbook PGD: mean loss, weights not frozen (their .grad is left alone by autograd.grad)."""
+    adv = images.clone() if start is None else start.clone()
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        loss = F.cross_entropy(model(adv), labels)
+        (grad,) = torch.autograd.grad(loss, adv)
+        adv = adv.detach() + (-1 if targeted else 1) * step_size * grad.sign()
+        adv = (images + (adv - images).clamp(-eps, eps)).clamp(0, 1)
+    return adv
+
+
+def assert_same_grads(model, reference):
+    ours, expected = grads(model), grads(reference)
+    assert ours.keys() == expected.keys() and ours
+    for name in ours:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_advprop_gradient_equals_reference(demo_cfg, digits):
+    cfg = demo_cfg("method=advprop", *ATTACK, "attack.random_start=false", "advprop.adv_weight=0.7")
+    model = build(cfg)
+    reference = copy.deepcopy(model)
+    images, labels = digits[0][0][:32], digits[0][1][:32]
+    torch.manual_seed(1)
+    out = step(model, cfg, images, labels)
+
+    torch.manual_seed(1)
+    targets = random_wrong_class(labels, CLASSES)
+    with use_bn(reference, AUX):
+        adversarial = naive_pgd(reference, images, targets, eps=4 / 255, step_size=1 / 255, steps=2, targeted=True)
+    torch.testing.assert_close(out.adversarial, adversarial, rtol=0, atol=1e-6)
+    clean_loss = F.cross_entropy(reference(images), labels)
+    with use_bn(reference, AUX):
+        adv_loss = F.cross_entropy(reference(adversarial), labels)
+    (clean_loss + 0.7 * adv_loss).backward()
+    assert_same_grads(model, reference)
+
+
+def test_fast_advprop_gradient_equals_reference(demo_cfg, digits):
+    cfg = demo_cfg(*FAST, *ATTACK)  # two attack steps: the reused one and one plain PGD step
+    model = build(cfg)
+    reference = copy.deepcopy(model)
+    images, labels = digits[0][0][:40], digits[0][1][:40]
+    torch.manual_seed(1)
+    out = step(model, cfg, images, labels)
+
+    eps, step_size = 4 / 255, 1 / 255
+    clean, source, clean_labels, adv_labels = images[:32], images[32:], labels[:32], labels[32:]
+    torch.manual_seed(1)
+    start = (source + torch.empty_like(source).uniform_(-eps, eps)).clamp(0, 1).requires_grad_(True)
+    with use_bn(reference, AUX):
+        attack_loss = F.cross_entropy(reference(start), adv_labels)
+        (grad,) = torch.autograd.grad(attack_loss, start, retain_graph=True)
+        first = (source + (start + step_size * grad.sign() - source).clamp(-eps, eps)).clamp(0, 1).detach()
+        adversarial = naive_pgd(reference, source, adv_labels, eps=eps, step_size=step_size, steps=1,
+                                targeted=False, start=first)
+        adv_loss = F.cross_entropy(reference(adversarial), adv_labels)
+    clean_loss = F.cross_entropy(reference(clean), clean_labels)
+    (clean_loss + 0.5 * attack_loss + 0.5 * adv_loss).backward()
+    torch.testing.assert_close(out.adversarial, adversarial, rtol=0, atol=1e-6)
+    assert_same_grads(model, reference)

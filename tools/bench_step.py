@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Cost of one training step of each method, as a ratio to a vanilla step, measured in one run.
+
+    python tools/bench_step.py                                   # resnet18, batch 64, 96 px, CPU fp32
+    python tools/bench_step.py --amp bf16 --json                 # last line: {"vanilla": 1.0, ...}
+    python tools/bench_step.py --device cuda --amp fp16 --batch 256 --size 224
+
+A step is what train/loop.py does: the method (attack included), Accelerate's backward, the
+optimizer step. Every method runs on the same timm model (random init), batch and device,
+channels-last, through the same Accelerator (so AMP is Accelerate's autocast + GradScaler).
+Methods are timed round-robin after warm-up, so load from other processes hits all of them alike;
+the ratio is the best (minimum) step time over the best vanilla step time (as timeit does: other
+processes only ever add time), and the spread column is the lowest–highest ratio of per-round
+medians. On a shared CPU, `--threads 1 --clock process` (CPU time of this process) gives steadier
+numbers than wall time. Targets (issue "all training methods"): advprop PGD-k ≤ 2 + k/2,
+fast_advprop ≤ 1.25.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+import torch
+from accelerate import Accelerator
+
+from models.factory import create_model
+from train.config import load_config
+from train.methods import METHODS, USES_DUAL_BN, StepContext
+from train.optim import create_optimizer
+
+# name → config overrides; the attack presets are the paper's (train/config.py ATTACK_PRESETS)
+CASES = {
+    "vanilla": ["method=vanilla"],
+    "adv_train_pgd1": ["method=adv_train", "attack=pgd1"],
+    "goodfellow_mix_pgd1": ["method=goodfellow_mix", "attack=pgd1"],
+    "advprop_pgd1": ["method=advprop", "attack=pgd1"],
+    "advprop_pgd3": ["method=advprop", "attack=pgd3"],
+    "advprop_pgd5": ["method=advprop", "attack=pgd5"],
+    "fast_advprop": ["method=fast_advprop", "attack=pgd1", "attack.targeted=false"],
+}
+TARGETS = {"advprop_pgd1": 2.5, "advprop_pgd3": 3.5, "advprop_pgd5": 4.5, "fast_advprop": 1.25}
+NUM_CLASSES = 10
+
+
+def build_case(overrides: list[str], args, accelerator: Accelerator):
+    cfg = load_config([f"model={args.model}", f"batch_size={args.batch}", "tracker=none",
+                       f"channels_last={not args.no_channels_last}", *overrides])
+    torch.manual_seed(0)  # the same initial weights for every method
+    model = create_model(cfg, NUM_CLASSES, dual_bn=cfg.method in USES_DUAL_BN)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer(cfg, model, 1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    ctx = StepContext(model, accelerator.unwrap_model(model), cfg, NUM_CLASSES,
+                      backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
+    method = METHODS[cfg.method]
+
+    def step(images, labels):
+        out = method(ctx, images, labels)
+        accelerator.backward(out.loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, batch, steps: int, device, clock=time.perf_counter) -> list[float]:
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = clock()
+        step(*batch)
+        synchronize(device)
+        times.append(clock() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--amp", default="no", choices=["no", "bf16", "fp16"], help="no = fp32")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the methods")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method and round")
+    parser.add_argument("--methods", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "process"],
+                        help="process: this process's CPU time (CPU only; with --threads 1 it ignores other load)")
+    parser.add_argument("--json", action="store_true", help="print the ratios as JSON on the last line")
+    args = parser.parse_args()
+    names = ["vanilla"] + [n for n in args.methods.split(",") if n and n != "vanilla"]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(CASES)}")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.amp)
+    device = accelerator.device
+    steps = {name: build_case(CASES[name], args, accelerator) for name in names}
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(args.batch, 3, args.size, args.size, generator=generator).to(device)
+    if not args.no_channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=generator).to(device)
+    batch = (images, labels)
+
+    for name in names:
+        time_steps(steps[name], batch, args.warmup, device)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    if args.clock == "process" and device.type != "cpu":
+        parser.error("--clock process measures CPU time: use it with --device cpu")
+    rounds = [{name: time_steps(steps[name], batch, args.steps, device, clock) for name in names}
+              for _ in range(args.rounds)]
+
+    best = {name: min(t for r in rounds for t in r[name]) for name in names}
+    ratios = {name: best[name] / best["vanilla"] for name in names}
+    per_round = {name: [statistics.median(r[name]) / statistics.median(r["vanilla"]) for r in rounds]
+                 for name in names}
+    amp = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + GradScaler"}[args.amp]
+    print(f"{args.model}, batch {args.batch}, {args.size} px, {device} ({torch.get_num_threads()} threads), {amp}, "
+          f"{'NCHW' if args.no_channels_last else 'channels-last'}; {args.rounds}×{args.steps} timed steps each, "
+          f"{args.clock} clock")
+    print(f"{'method':<22}{'best ms':>9}{'× vanilla':>11}{'spread':>14}{'target':>9}")
+    for name in names:
+        spread = f"{min(per_round[name]):.2f}–{max(per_round[name]):.2f}"
+        target = TARGETS.get(name)
+        verdict = "" if target is None else f"≤{target:g} {'ok' if ratios[name] <= target else 'MISSED'}"
+        print(f"{name:<22}{1000 * best[name]:>9.0f}{ratios[name]:>11.2f}{spread:>14}  {verdict}")
+    if args.json:
+        print(json.dumps({name: round(ratio, 3) for name, ratio in ratios.items()}))
+
+
+if __name__ == "__main__":
+    main()
