@@ -26,6 +26,17 @@ def run_train(*args: str, launcher: list[str] | None = None, check: bool = True,
     return result
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models on a shared 2-core machine: with other processes busy, two OpenMP threads
+    stall each other (a 75 ms step takes 1–2 s); one thread keeps these tests fast."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     return build_digits_imagefolder(tmp_path_factory.mktemp("data") / "digits")

@@ -20,14 +20,7 @@ ATTACK = ["attack.eps=4", "attack.step_size=1", "attack.steps=2"]
 FAST = ["method=fast_advprop", "attack.targeted=false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared 2-core machine: with other processes busy, two OpenMP threads
-    stall each other (a 75 ms step takes 1–2 s); one thread keeps these tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_split(root, split):

@@ -16,14 +16,7 @@ from train.methods import METHODS, StepContext, attack_kwargs, make_adversarial
 EPS, STEP = 4 / 255, 1 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared 2-core machine: with other processes busy, two OpenMP threads
-    stall each other (a 75 ms step takes 1–2 s); one thread keeps these tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
