@@ -124,8 +124,10 @@ class DaliLoader:
         self.iterator_clean = True  # finished and reset: the same list can run again (val, each epoch)
 
     def iterator_for(self, indices: list[int]) -> DALIGenericIterator:
-        """A DALI iterator over these files, reusing the last one for an unchanged, finished list."""
-        if self.iterator is not None and self.iterator_clean and indices == self.iterator_list:
+        """A DALI iterator over these files. Val reuses its finished one (same list, no randomness);
+        train builds afresh so its augmentation restarts from the (seed, epoch, ...) seed."""
+        reusable = not self.train and self.iterator_clean and indices == self.iterator_list
+        if self.iterator is not None and reusable:
             return self.iterator
         self.iterator = None  # free the old pipeline's threads and buffers before building anew
         pipe = self.build_pipeline([self.files[i] for i in indices], [self.labels[i] for i in indices])
