@@ -13,9 +13,9 @@ exactly this process's shard, in the order of ShardSampler (the torchvision back
   - mid-epoch resume drops the consumed files from the list instead of decoding them;
   - val counts every image once (LastBatchPolicy.PARTIAL: DALI pads the last batch by repeating
     an image, the iterator cuts the padding off; its default, FILL, would count duplicates).
-The train pipeline is rebuilt for each epoch's list (~0.1 s on CPU). Augmentation is seeded by
-(seed, epoch, rank, start_batch): a resumed epoch sees the right images in the right order, with
-freshly drawn crops.
+The train pipeline is rebuilt for each pass (~0.1 s on CPU) and seeded by (seed, epoch, rank,
+start_batch): a pass over the same epoch gives the same crops; a resumed epoch sees the right images
+in the right order, with freshly drawn crops (DALI's RNG cannot skip the consumed samples).
 """
 from __future__ import annotations
 
