@@ -64,12 +64,17 @@ def build_loader(cfg, split: str, *, rank: int = 0, world_size: int = 1,
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if cfg.loader not in BACKENDS:
         raise ValueError(f"loader={cfg.loader!r} is unknown; choose one of {sorted(BACKENDS)}")
-    try:
-        backend = importlib.import_module(BACKENDS[cfg.loader])
-    except ImportError as error:
-        raise RuntimeError(f"loader={cfg.loader} is not available here ({error}). "
-                           f"{INSTALL_HINTS.get(cfg.loader, '')}") from error
+    backend = import_backend(cfg.loader)
     return backend.make_loader(cfg, split, rank=rank, world_size=world_size, device=torch.device(device))
+
+
+def import_backend(name: str):
+    """The backend module; a missing optional package (DALI, FFCV) is one clear error."""
+    try:
+        return importlib.import_module(BACKENDS[name])
+    except ImportError as error:
+        raise RuntimeError(f"loader={name} is not available here ({error}). "
+                           f"{INSTALL_HINTS.get(name, '')}") from error
 
 
 def split_folder(cfg, split: str) -> Path:
@@ -90,6 +95,6 @@ def prepare_dataset(cfg) -> None:
         build_digits_imagefolder(cfg.data.root)
     for split in ("train", "val"):
         find_classes(split_folder(cfg, split))  # a clear error for a missing or empty folder
-    backend = importlib.import_module(BACKENDS[cfg.loader]) if cfg.loader in BACKENDS else None
+    backend = import_backend(cfg.loader) if cfg.loader in BACKENDS else None
     if backend is not None and hasattr(backend, "prepare"):
         backend.prepare(cfg)

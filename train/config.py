@@ -82,8 +82,8 @@ class FfcvConfig:
 
 @dataclass
 class DaliConfig:
-    threads: int = 4  # CPU threads per process
-    prefetch: int = 2  # batches queued ahead
+    threads: int = 4  # CPU threads per process (on CUDA they only read files and feed nvJPEG)
+    prefetch: int = 2  # batches DALI prepares ahead of the one being trained on
 
 
 @dataclass
@@ -242,6 +242,8 @@ def validate(cfg: DictConfig) -> None:
         (0 < cfg.data.min_scale <= 1, "data.min_scale", "must be in (0, 1]"),
         (0 < cfg.data.crop_ratio <= 1, "data.crop_ratio", "must be in (0, 1]"),
         (cfg.data.image_size >= 8, "data.image_size", "must be ≥ 8"),
+        (cfg.data.dali.threads >= 1, "data.dali.threads", "must be ≥ 1"),
+        (cfg.data.dali.prefetch >= 1, "data.dali.prefetch", "must be ≥ 1"),
         (0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
         (cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be ≥ 1"),
         (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be ≥ 0"),
