@@ -20,6 +20,8 @@ from typing import Iterator, Protocol
 
 import torch
 
+from train.errors import UserInputError
+
 BACKENDS = {
     "torchvision": "pipelines.torchvision_loader",
     "ffcv": "pipelines.ffcv_loader",
@@ -73,8 +75,8 @@ def import_backend(name: str):
     try:
         return importlib.import_module(BACKENDS[name])
     except ImportError as error:
-        raise RuntimeError(f"loader={name} is not available here ({error}). "
-                           f"{INSTALL_HINTS.get(name, '')}") from error
+        raise UserInputError(f"loader={name} is not available here ({error}). "
+                             f"{INSTALL_HINTS.get(name, '')}") from error
 
 
 def split_folder(cfg, split: str) -> Path:

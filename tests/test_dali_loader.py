@@ -14,6 +14,7 @@ import torch
 
 from pipelines.loader import build_loader, prepare_dataset
 from conftest import run_train  # the module pytest loaded (tests/ is on sys.path)
+from train.errors import UserInputError
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -167,7 +168,7 @@ def test_missing_dali_is_one_clear_error(demo_cfg, monkeypatch):
     monkeypatch.delitem(sys.modules, "pipelines.dali_loader", raising=False)
     cfg = demo_cfg("loader=dali")
     for action in (lambda: prepare_dataset(cfg), lambda: build_loader(cfg, "train")):
-        with pytest.raises(RuntimeError, match="loader=dali is not available.*pip install nvidia-dali-cuda130"):
+        with pytest.raises(UserInputError, match="loader=dali is not available.*pip install nvidia-dali-cuda130"):
             action()
 
 
