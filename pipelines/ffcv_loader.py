@@ -168,10 +168,9 @@ class FfcvLoader:
         return -(-self.num_samples // self.batch_size)
 
     def __iter__(self):
+        # A batch lives in ffcv's ring of buffers: valid until the next one is asked for (the
+        # loop uses each batch before that; clone one to keep it longer).
         for images, labels in self.loader:
-            if self.device.type != "cuda":
-                # ffcv reuses its batch buffers a few batches later: hand out our own copy
-                images, labels = images.clone(memory_format=torch.channels_last), labels.clone()
             yield to_device_batch(images, labels.reshape(-1), self.device)
 
 
