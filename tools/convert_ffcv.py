@@ -11,6 +11,7 @@ classes (sorted folder names, as torchvision) go to OUT.json. Exit 0 when the .b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -18,7 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 from pipelines.ffcv_writer import WRITE_MODES, ConversionError, StorageSettings, convert_imagefolder  # noqa: E402
-from pipelines.loader import INSTALL_HINTS  # noqa: E402
 
 DEFAULTS = StorageSettings()
 
@@ -56,10 +56,9 @@ def main(argv) -> int:
     settings = StorageSettings(max_resolution=args.max_resolution, write_mode=args.write_mode,
                                compress_probability=args.compress_probability, jpeg_quality=args.jpeg_quality,
                                smart_threshold=args.smart_threshold, min_side=args.min_side)
-    try:
-        import ffcv  # noqa: F401
-    except ImportError as error:
-        print(f"error: FFCV is not installed here ({error}). {INSTALL_HINTS['ffcv']}", file=sys.stderr)
+    if importlib.util.find_spec("ffcv") is None:  # checked without importing it (torch, numba: seconds)
+        from pipelines.loader import INSTALL_HINTS
+        print(f"error: FFCV is not installed here. {INSTALL_HINTS['ffcv']}", file=sys.stderr)
         return 2
     try:
         summary = convert_imagefolder(args.src, args.out, settings, workers=args.workers,
