@@ -23,6 +23,7 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader
+from ffcv.reader import Reader
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
@@ -144,7 +145,6 @@ class FfcvLoader:
         self.classes = beton_classes(cfg, split, beton)
         self.train, self.batch_size, self.device = split == "train", cfg.batch_size, device
         self.cfg = cfg
-        from ffcv.reader import Reader
         self.order = ShardOrder(Reader(str(beton)).num_samples, train=self.train, seed=cfg.seed,
                                 rank=rank, world_size=world_size, batch_size=cfg.batch_size)
         pipeline = image_pipeline(cfg, split, device)

@@ -204,3 +204,19 @@ def test_demo_trains_with_ffcv(digits_root, tmp_path):
     assert summary["val_images"] == 360  # the digits val split, each image once
     assert summary["clean_top1"] > 80, summary  # chance is 10 %: labels and images line up
     assert (digits_root / "ffcv" / "train.beton").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_equal_cpu_batches(colors):
+    """On CUDA ffcv copies on its own stream (ToDevice): same val images, on the device, channels-last."""
+    root, palette, _ = colors
+    cfg = colors_cfg(root)
+    cpu_images = read_epoch(build_loader(cfg, "val"), palette)[2]
+    loader = build_loader(cfg, "val", device="cuda")
+    loader.set_epoch(0)
+    batches = []
+    for images, labels in loader:
+        assert images.is_cuda and labels.is_cuda and images.is_contiguous(memory_format=torch.channels_last)
+        batches.append(images.cpu())
+    assert torch.equal(torch.cat(batches), cpu_images)
