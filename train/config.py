@@ -70,14 +70,25 @@ class FastAdvPropConfig:
 
 
 @dataclass
+class ProgressiveConfig:
+    """FFCV progressive resizing (ffcv-imagenet): train crops grow from min_res to max_res."""
+    min_res: int = 0  # train resolution up to start_epoch; 0 → off (data.image_size throughout)
+    max_res: int = 0  # from end_epoch on; 0 → data.image_size (linear in between, multiples of 8)
+    start_epoch: int = 0
+    end_epoch: int = 0
+
+
+@dataclass
 class FfcvConfig:
-    train_beton: str = ""  # "" → <data.root>/ffcv/train.beton, converted on first use
+    train_beton: str = ""  # "" → <data.root>/ffcv/train.beton, converted on first use; a path: used as is
     val_beton: str = ""
-    max_resolution: int = 256
-    write_mode: str = "proportion"
-    compress_probability: float = 0.5
+    # storage of the converted .beton (tools/convert_ffcv.py --help explains them; same defaults)
+    max_resolution: int = 500  # longer side cap, px
+    write_mode: str = "proportion"  # raw | jpg | smart | proportion
+    compress_probability: float = 0.5  # proportion: share stored as JPEG, the rest raw pixels
     jpeg_quality: int = 90
-    os_cache: bool = True  # True: data set fits in RAM (page cache); False: ffcv's quasi-random order
+    os_cache: bool = True  # True: the .beton fits in RAM (page cache); False: ffcv's process cache
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 
 @dataclass
@@ -263,6 +274,12 @@ def validate(cfg: DictConfig) -> None:
         (not (fast_advprop and attack.bn_mode != "train"), "attack.bn_mode",
          "must be train with method=fast_advprop (the attack's forward is a training forward)"),
         (not (fast_advprop and attack.steps < 1), "attack.steps", "must be ≥ 1 with method=fast_advprop"),
+        (cfg.data.ffcv.write_mode in ("raw", "jpg", "smart", "proportion"), "data.ffcv.write_mode",
+         "must be raw, jpg, smart or proportion"),
+        (cfg.data.ffcv.progressive.min_res <= (cfg.data.ffcv.progressive.max_res or cfg.data.image_size),
+         "data.ffcv.progressive.min_res", "must be ≤ max_res (or data.image_size)"),
+        (cfg.data.ffcv.progressive.start_epoch <= cfg.data.ffcv.progressive.end_epoch,
+         "data.ffcv.progressive.start_epoch", "must be ≤ end_epoch"),
     ]
     for key in ATTACK_NODES:
         node = cfg.get(key)

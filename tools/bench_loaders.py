@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""Loader throughput, every backend through pipelines.loader.build_loader, in one run.
+
+    python tools/bench_loaders.py                          # builds data/bench/photos (1,800 real photo JPEGs)
+    python tools/bench_loaders.py --data ~/imagenet/train --workers 1 2 --json
+    python tools/bench_loaders.py --backends ffcv --ffcv-max-resolution 500 --ffcv-write-mode jpg
+
+Train pipeline (random-resized-crop 224 + flip, uint8 out, on the device), batch 64. Each backend
+runs --epochs epochs; the first is excluded (numba compiles, caches warm); img/s is the mean over
+the rest (± std). Ratios are to torchvision at the same worker count, measured in the same run.
+A backend that cannot be imported here is skipped with the reason. --json prints one JSON
+object on the last line: {"torchvision": img_s, "ffcv": img_s, "ffcv_ratio": x, ...} for the last
+worker count, with every measurement under "runs".
+
+On this project's 2-core CPU machine, see DESIGN.md for our figures (FFCV ≈ 3× torchvision with
+proportion 0.5 / max resolution 256).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+import torch  # noqa: E402
+
+from pipelines.loader import BACKENDS, build_loader  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.errors import UserInputError  # noqa: E402
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="ImageFolder to read (default: build --cache-dir/photos)")
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="decode workers/threads per backend")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per measurement, the first not timed")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cache-dir", type=Path, default=Path("data/bench"),
+                        help="where the photo set and the .beton files are kept between runs")
+    parser.add_argument("--ffcv-max-resolution", type=int, default=256)
+    parser.add_argument("--ffcv-write-mode", default="proportion", choices=("raw", "jpg", "smart", "proportion"))
+    parser.add_argument("--ffcv-compress-probability", type=float, default=0.5)
+    parser.add_argument("--ffcv-jpeg-quality", type=int, default=90)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+    args = parser.parse_args(argv)
+    if args.epochs < 2:
+        parser.error("--epochs must be ≥ 2 (the first is not timed)")
+    return args
+
+
+def bench_config(args, folder: Path, backend: str, workers: int):
+    """The demo recipe pointed at `folder` (as the train split), with an ImageNet-style train crop."""
+    overrides = [
+        f"loader={backend}", "data.dataset=imagefolder", f"data.root={folder.parent}",
+        f"data.train_dir={folder.name}", f"data.val_dir={folder.name}", f"data.image_size={args.image_size}",
+        "data.min_scale=0.08", "data.hflip=true", f"data.workers={workers}", f"data.dali.threads={workers}",
+        f"batch_size={args.batch_size}", "tracker=none",
+        f"data.ffcv.max_resolution={args.ffcv_max_resolution}", f"data.ffcv.write_mode={args.ffcv_write_mode}",
+        f"data.ffcv.compress_probability={args.ffcv_compress_probability}",
+        f"data.ffcv.jpeg_quality={args.ffcv_jpeg_quality}",
+    ]
+    if backend == "ffcv":
+        beton = ffcv_beton(args, folder)
+        overrides += [f"data.ffcv.train_beton={beton}", f"data.ffcv.val_beton={beton}"]
+    return load_config(overrides)
+
+
+def ffcv_beton(args, folder: Path) -> Path:
+    """The folder converted with the benchmark's storage settings (reused while current)."""
+    from pipelines.ffcv_loader import is_current
+    from pipelines.ffcv_writer import StorageSettings, convert_imagefolder
+
+    settings = StorageSettings(max_resolution=args.ffcv_max_resolution, write_mode=args.ffcv_write_mode,
+                               compress_probability=args.ffcv_compress_probability,
+                               jpeg_quality=args.ffcv_jpeg_quality)
+    name = (f"{folder.name}-r{settings.max_resolution}-{settings.write_mode}"
+            f"-p{settings.compress_probability:g}-q{settings.jpeg_quality}.beton")
+    beton = args.cache_dir / name
+    if not is_current(beton, folder, settings):
+        convert_imagefolder(folder, beton, settings)
+    return beton
+
+
+def time_epochs(loader, epochs: int, device: str) -> list[float]:
+    """img/s of each epoch after the first."""
+    speeds = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        start, images = time.perf_counter(), 0
+        for batch, _ in loader:
+            images += len(batch)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if epoch > 0:
+            speeds.append(images / (time.perf_counter() - start))
+    return speeds
+
+
+KEEP_ALIVE = []  # freeing an ffcv Loader makes numba print a harmless KeyError from a finalizer
+
+
+def measure(args, folder: Path, backend: str, workers: int) -> dict:
+    cfg = bench_config(args, folder, backend, workers)
+    loader = build_loader(cfg, "train", device=args.device)
+    KEEP_ALIVE.append(loader)
+    speeds = time_epochs(loader, args.epochs, args.device)
+    return {"backend": backend, "workers": workers, "img_s": statistics.mean(speeds),
+            "std": statistics.stdev(speeds) if len(speeds) > 1 else 0.0, "images_per_epoch": loader.num_samples}
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    if args.data is None:
+        from pipelines.photo_data import build_photo_imagefolder
+        args.data = build_photo_imagefolder(args.cache_dir / "photos")
+    folder = args.data.resolve()
+    if not folder.is_dir():
+        print(f"error: --data {folder} is not a folder", file=sys.stderr)
+        return 2
+    runs, skipped = [], {}
+    for backend in args.backends:
+        for workers in args.workers:
+            if backend in skipped:
+                continue
+            try:
+                run = measure(args, folder, backend, workers)
+            except UserInputError as error:  # build_loader: backend not importable here
+                skipped[backend] = str(error).splitlines()[0]
+                print(f"{backend:12s} skipped: {skipped[backend]}")
+                continue
+            runs.append(run)
+            print(f"{backend:12s} {workers} workers: {run['img_s']:8.0f} ± {run['std']:.0f} img/s", flush=True)
+
+    baseline = {r["workers"]: r["img_s"] for r in runs if r["backend"] == "torchvision"}
+    print(f"\n{'backend':12s} {'workers':>7s} {'img/s':>8s} {'× torchvision':>14s}")
+    for run in runs:
+        if run["workers"] in baseline:
+            run["ratio"] = run["img_s"] / baseline[run["workers"]]
+        print(f"{run['backend']:12s} {run['workers']:7d} {run['img_s']:8.0f} {run.get('ratio', float('nan')):14.2f}")
+    if args.json:
+        last = [r for r in runs if r["workers"] == args.workers[-1]]
+        summary = {"workers": args.workers[-1], "data": str(folder), "image_size": args.image_size,
+                   "ffcv_storage": {"max_resolution": args.ffcv_max_resolution, "write_mode": args.ffcv_write_mode,
+                                    "compress_probability": args.ffcv_compress_probability,
+                                    "jpeg_quality": args.ffcv_jpeg_quality},
+                   **{r["backend"]: r["img_s"] for r in last},
+                   **{f"{r['backend']}_ratio": r["ratio"] for r in last if r["backend"] != "torchvision" and "ratio" in r},
+                   "runs": runs, "skipped": skipped}
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Convert an ImageFolder to an FFCV .beton (what `loader=ffcv` reads).
+
+    python tools/convert_ffcv.py data/imagenet/train data/ffcv/train.beton
+    python tools/convert_ffcv.py data/imagenet/val data/ffcv/val.beton --limit 5000 --json
+
+Bad files (truncated, empty, not images, too small) are skipped and listed in OUT.skipped.txt;
+classes (sorted folder names, as torchvision) go to OUT.json. Exit 0 when the .beton is written,
+2 with a one-line error (and no OUT) when the source or settings cannot give one.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from pipelines.ffcv_writer import WRITE_MODES, ConversionError, StorageSettings, convert_imagefolder  # noqa: E402
+
+DEFAULTS = StorageSettings()
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path, help="ImageFolder: SRC/<class>/<image>")
+    parser.add_argument("out", type=Path, help="output .beton (written to a temporary name, then renamed)")
+    parser.add_argument("--max-resolution", type=int, default=DEFAULTS.max_resolution,
+                        help="cap on the longer side in px, 0 = keep (default %(default)s; the loader's "
+                             "crops come from this, so keep it above the train/val resolution)")
+    parser.add_argument("--write-mode", choices=WRITE_MODES, default=DEFAULTS.write_mode,
+                        help="raw: pixels (fastest to load, largest); jpg: all JPEG (smallest, slowest); "
+                             "smart: JPEG above --smart-threshold bytes; proportion: JPEG with "
+                             "--compress-probability, raw otherwise (default %(default)s)")
+    parser.add_argument("--compress-probability", type=float, default=DEFAULTS.compress_probability,
+                        help="proportion mode: share stored as JPEG (default %(default)s)")
+    parser.add_argument("--jpeg-quality", type=int, default=DEFAULTS.jpeg_quality,
+                        help="JPEG quality of re-encoded images (default %(default)s)")
+    parser.add_argument("--smart-threshold", type=int, default=DEFAULTS.smart_threshold,
+                        help="smart mode: raw size in bytes above which an image is stored as JPEG "
+                             "(default %(default)s = 256×256×3)")
+    parser.add_argument("--min-side", type=int, default=DEFAULTS.min_side,
+                        help="skip images whose stored shorter side is below this (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    parser.add_argument("--chunk-size", type=int, default=100, help="images per work item (default %(default)s)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="convert only N files, evenly spaced over the sorted list (a quick subset)")
+    parser.add_argument("--json", action="store_true", help="also print the summary as JSON on the last line")
+    return parser.parse_args(argv)
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    settings = StorageSettings(max_resolution=args.max_resolution, write_mode=args.write_mode,
+                               compress_probability=args.compress_probability, jpeg_quality=args.jpeg_quality,
+                               smart_threshold=args.smart_threshold, min_side=args.min_side)
+    if importlib.util.find_spec("ffcv") is None:  # checked without importing it (torch, numba: seconds)
+        from pipelines.loader import INSTALL_HINTS
+        print(f"error: FFCV is not installed here. {INSTALL_HINTS['ffcv']}", file=sys.stderr)
+        return 2
+    try:
+        summary = convert_imagefolder(args.src, args.out, settings, workers=args.workers,
+                                      chunk_size=args.chunk_size, limit=args.limit)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"found {summary['found']}, written {summary['written']}, skipped {summary['skipped']}"
+          f"{f' (listed in {args.out}.skipped.txt)' if summary['skipped'] else ''}, "
+          f"{summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s → {args.out}")
+    if summary["empty_classes"]:
+        print(f"warning: {len(summary['empty_classes'])} empty class folders (kept in the class list): "
+              f"{summary['empty_classes'][:10]}")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
