@@ -34,6 +34,15 @@ def test_effnet_recipes_follow_the_tf_recipe():
     assert (configs[-1].attack.steps, configs[-1].attack.eps) == (5, 4)  # PGD5 for the big one
 
 
+def test_resnet50_recipes_read_ffcv_betons_at_ffcv_imagenet_storage():
+    for method in ("vanilla", "advprop", "fast_advprop"):
+        c = load_config([f"config={REPO / 'configs' / f'resnet50_{method}.yaml'}"])
+        assert (c.loader, c.method, c.data.image_size, c.data.crop_ratio) == ("ffcv", method, 224, 0.875)
+        storage = c.data.ffcv
+        assert (storage.max_resolution, storage.write_mode, storage.compress_probability) == (500, "proportion", 0.5)
+        assert storage.progressive.min_res == 0  # the paper's fixed 224 px unless asked
+
+
 def test_lr_scales_with_the_global_batch():
     cfg = load_config([f"config={REPO / 'configs' / 'effnet_b0_advprop.yaml'}"])
     model = torch.nn.Linear(4, 2)

@@ -1,0 +1,36 @@
+"""tools/bench_loaders.py runs every installed backend on one folder and reports ratios (no timing asserts)."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_bench_loaders_measures_each_backend_on_the_same_images(digits_root, tmp_path):
+    backends = ["torchvision"] + [b for b, module in (("ffcv", "ffcv"), ("dali", "nvidia.dali"))
+                                  if importlib.util.find_spec(module) is not None]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_loaders.py"), "--data", str(digits_root / "val"),
+         "--backends", *backends, "--workers", "1", "--epochs", "2", "--batch-size", "32", "--image-size", "32",
+         "--cache-dir", str(tmp_path), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["skipped"] == {}
+    runs = {run["backend"]: run for run in summary["runs"]}
+    assert list(runs) == backends
+    for name, run in runs.items():
+        assert run["images_per_epoch"] == 360 // 32 * 32  # the digits val split, whole train batches
+        assert summary[name] == run["img_s"] > 0
+        if name != "torchvision":
+            assert summary[f"{name}_ratio"] == run["img_s"] / summary["torchvision"]
+    assert "× torchvision" in result.stdout
+    if "ffcv" in backends:  # the .beton is cached under --cache-dir with its storage settings in the name
+        assert list(tmp_path.glob("val-r500-proportion-p0.5-q90.beton"))
+
+
+def test_bench_loaders_rejects_a_missing_folder(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_loaders.py"), "--data", str(tmp_path / "x")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "is not a folder" in result.stderr
