@@ -71,3 +71,29 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(trained_demo_run, 
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert evals[-1]["final/clean_top1"] >= 90  # epoch 8 retrained from epoch 7's weights
     assert json.loads((run_dir / "checkpoints" / "last" / "train_state.json").read_text())["epoch"] == 8
+
+
+class RunsCode:
+    """A pickle that would run a shell command when unpickled without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("victim", ["optimizer.bin", "random_states_0.pkl"])
+def test_checkpoint_pickles_load_weights_only(trained_demo_run, digits_root, tmp_path, victim):
+    """A checkpoint is data: a tampered optimizer/RNG file is refused, never executed."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_demo_run, run_dir, symlinks=True)
+    folder = run_dir / "checkpoints" / "epoch_0008"
+    marker = tmp_path / "code-ran"
+    torch.save({"state": RunsCode(marker)}, folder / victim)
+    result = run_train(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "epochs=9",
+                       f"resume={folder}", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"checkpoint {folder} cannot be loaded" in result.stderr and "weights_only" in result.stderr
+    assert not marker.exists()

@@ -88,11 +88,54 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(digits_root, straight
     assert_same_run(straight_run, run_dir)
 
 
+# `--cpu --num_processes 2` runs ONE process in accelerate 1.15 (multi-CPU needs mpirun there);
+# torchrun through --multi_gpu on a machine without CUDA is real 2-process gloo training.
+TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def worker_of_rank(launcher: subprocess.Popen, rank: int):
+    import psutil
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                if "train/run.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+                    return child
+            except psutil.Error:  # a short-lived helper process
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no worker of rank {rank} under the launcher")
+
+
+def test_two_processes_preempted_on_one_rank_resume_exactly(digits_root, tmp_path):
+    """SIGTERM reaches only rank 1 (the one that does not log): both ranks stop after the same step,
+    checkpoint together, exit 0; the resumed 2-process run equals an uninterrupted one bit for bit."""
+    args = [f"data.root={digits_root}", *SHORT, "epochs=2"]
+    straight = tmp_path / "straight"
+    run_train(*args, f"output_dir={straight}", launcher=TWO_PROCESSES)
+    run_dir = tmp_path / "preempted"
+    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([*TWO_PROCESSES, str(REPO / "train" / "run.py"), *args, f"output_dir={run_dir}"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(lambda: len(train_losses(run_dir)) >= 14 if (run_dir / "metrics.jsonl").exists() else False,
+             process, "step 14")  # epoch 2 has begun (11 steps an epoch per process)
+    worker_of_rank(process, 1).terminate()
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    saved = list((run_dir / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and {p.name for p in saved[0].glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
+    state = json.loads((saved[0] / "train_state.json").read_text())
+    assert state["epoch"] == 1 and 0 < state["batch"] < 11
+    resumed = run_train(*args, f"output_dir={run_dir}", launcher=TWO_PROCESSES)
+    assert f"batch {state['batch']}" in resumed.stdout
+    assert_same_run(straight, run_dir)
+
+
 def test_two_cpu_processes_shard_and_log_once(digits_root, tmp_path):
-    # `--cpu --num_processes 2` runs ONE process in accelerate 1.15 (multi-CPU needs mpirun there);
-    # torchrun through --multi_gpu on a machine without CUDA is real 2-process gloo training.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = TWO_PROCESSES
     run_train(f"data.root={digits_root}", f"output_dir={tmp_path}", "tracker=none", "epochs=1",
               "attack.steps=1", "log_every=1", launcher=launcher)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

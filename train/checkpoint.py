@@ -113,9 +113,23 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(progress, key=progress.get)
 
 
+def check_rng_file(accelerator, folder: Path) -> None:
+    """Accelerate skips an unreadable RNG file with a log line and resumes with other random
+    streams; an exact resume needs it, so a damaged one fails the checkpoint here."""
+    from accelerate.utils import load  # torch.load(weights_only=True) plus numpy's RNG types
+
+    rng_file = Path(folder) / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_file.exists():
+        accelerator.print(f"warning: {rng_file.name} is not in {folder} (saved with fewer processes?): "
+                          "random streams restart, so this resume is not bit-exact")
+        return
+    load(rng_file)
+
+
 def load_checkpoint(accelerator, folder: Path, ema=None) -> TrainState:
     state = read_state(folder)
     try:
+        check_rng_file(accelerator, folder)
         accelerator.load_state(str(folder))
         if ema is not None and not load_ema(ema, folder):
             ema.module.load_state_dict(accelerator.unwrap_model(accelerator._models[0]).state_dict())
