@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from models.export import load_checkpoint_model, read_metadata
-from models.factory import NORMALIZATION, Normalized, create_net
+from models.factory import NORMALIZATION, Normalized, create_net, read_weights
 from train.config import Config
 from train.errors import UserInputError
 
@@ -56,19 +57,20 @@ def checkpoint_folder(folder: Path) -> Path:
 def load_export(path: Path, metadata: dict):
     """tools/export.py's file; the val geometry comes from the run's config.yaml beside it, if any."""
     run_config = path.parent / "config.yaml"
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_config) if run_config.is_file() else {},
-                          {"model": metadata["model"], "normalization": metadata["normalization"]})
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_config) if run_config.is_file() else {},
+                              {"model": metadata["model"], "normalization": metadata["normalization"]})
+    except OmegaConfBaseException as error:
+        raise UserInputError(f"{run_config} (beside {path.name}) is not a run config: {error}") from None
     classes = json.loads(metadata["classes"])
     net = create_net(cfg.model, len(classes), bn_eps=cfg.bn_eps)
-    load_strict(net, read_state(path), path)
+    load_strict(net, read_weights(path), path)
     return Normalized(net, cfg.normalization).eval(), cfg, classes
 
 
 def load_timm_state(path: Path, name: str):
     """A plain timm state dict; normalisation and val geometry from timm's pretrained config of `name`."""
-    state = read_state(path)
-    state = state["state_dict"] if isinstance(state.get("state_dict"), dict) else state
-    state = {key.removeprefix("module."): value for key, value in state.items()}  # saved from DDP
+    state = read_weights(path)
     net = create_net(name, 1000)
     head = next(n for n, m in net.named_modules() if m is net.get_classifier())
     if f"{head}.weight" in state and state[f"{head}.weight"].shape[0] != 1000:
@@ -92,20 +94,6 @@ def imagenet_wnids() -> list[str]:
     """The ImageNet-1k WordNet ids in class-index order, from timm's offline copy."""
     from timm.data import ImageNetInfo
     return list(ImageNetInfo().label_names())
-
-
-def read_state(path: Path) -> dict:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code runs
-    except Exception as error:  # truncated file, not a tensor file, pickled objects
-        raise UserInputError(f"cannot read weights {path}: {type(error).__name__}: {error}") from None
-    if not isinstance(state, dict):
-        raise UserInputError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return state
 
 
 def load_strict(net: torch.nn.Module, state: dict, path: Path) -> None:

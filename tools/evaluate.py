@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.bn == "aux" and not dual_bn_layers(model):
             raise UserInputError(f"--bn aux: {args.checkpoint} has no auxiliary BNs (a dual-BN method's "
                                  f"checkpoint folder has them; exports keep the main BNs only)")
-    except (UserInputError, FileNotFoundError) as error:
+    except (UserInputError, FileNotFoundError, ValueError) as error:  # ValueError: an unknown --model
         print(f"error: {error}", file=sys.stderr)
         return 2
     overrides = {"image_size": args.image_size, "val_image_size": args.image_size, "crop_ratio": args.crop_ratio}

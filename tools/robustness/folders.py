@@ -50,12 +50,11 @@ def imagenet_subset_indices(folder_classes: list[str], model_classes: list[str],
     return class_indices(folder_classes, wnids, folder)
 
 
-class RelabeledLoader:
-    """Another loader's batches with labels translated to the model's class indices."""
+class LoaderWrapper:
+    """Another loader (pipelines/loader.py interface) whose batches a subclass's __iter__ changes."""
 
-    def __init__(self, loader, model_classes: list[str], folder: Path):
-        self.loader, self.classes = loader, model_classes
-        self.to_model = torch.tensor(class_indices(loader.classes, model_classes, folder))
+    def __init__(self, loader):
+        self.loader, self.classes = loader, loader.classes
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -63,25 +62,31 @@ class RelabeledLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.loader.set_epoch(epoch, start_batch)
 
+
+class RelabeledLoader(LoaderWrapper):
+    """Another loader's batches with labels translated to the model's class indices."""
+
+    def __init__(self, loader, model_classes: list[str], folder: Path):
+        super().__init__(loader)
+        self.classes = model_classes
+        self.to_model = torch.tensor(class_indices(loader.classes, model_classes, folder))
+
     def __iter__(self):
         for images, labels in self.loader:
             yield images, self.to_model.to(labels.device)[labels]
 
 
-class LimitedLoader:
+class LimitedLoader(LoaderWrapper):
     """About `limit` images of another loader: whole batches spread evenly over it (a quick look;
     the skipped batches are still decoded, but neither corrupted, attacked nor classified)."""
 
     def __init__(self, loader, limit: int, batch_size: int):
-        self.loader, self.classes = loader, loader.classes
+        super().__init__(loader)
         self.batches = min(len(loader), math.ceil(limit / batch_size))
         self.stride = max(1, len(loader) // self.batches)
 
     def __len__(self) -> int:
         return self.batches
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.loader.set_epoch(epoch, start_batch)
 
     def __iter__(self):
         kept = 0

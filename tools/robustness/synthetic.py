@@ -23,6 +23,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from tools.robustness.folders import LoaderWrapper
+
 
 @lru_cache(maxsize=None)
 def _imagecorruptions():
@@ -63,19 +65,13 @@ def corrupt_batch(images: torch.Tensor, corruption: str, severity: int) -> torch
     return result.contiguous(memory_format=torch.channels_last)
 
 
-class CorruptedLoader:
-    """A loader (pipelines/loader.py interface) yielding another loader's batches, corrupted."""
+class CorruptedLoader(LoaderWrapper):
+    """Another loader's batches, corrupted."""
 
     def __init__(self, loader, corruption: str, severity: int, *, seed: int = 0, rank: int = 0):
-        self.loader, self.corruption, self.severity = loader, corruption, severity
-        self.classes = loader.classes
+        super().__init__(loader)
+        self.corruption, self.severity = corruption, severity
         self.seed = zlib.crc32(f"{seed}/{corruption}/{severity}/{rank}".encode())
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.loader.set_epoch(epoch, start_batch)
 
     def __iter__(self):
         state = np.random.get_state()  # imagecorruptions draws from NumPy's global generator
