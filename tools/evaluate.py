@@ -11,8 +11,8 @@ main-BN .safetensors (tools/export.py), or a plain timm state dict (.safetensors
 --model NAME. Nothing is downloaded. Images go through the training run's val transform (resize
 the shorter side, center crop). Sizes of --attack are pixel units (/255) like the training config.
 A set that cannot be evaluated is reported as FAILED with the reason, the others still run and are
-reported and written, and the exit status is 1. Runs under `accelerate launch` too (each process
-evaluates its shard; numbers are summed).
+reported and written, and the exit status is 1 (2: the model or an option is unusable). Runs under
+`accelerate launch` too (each process evaluates its shard; numbers are summed).
 """
 from __future__ import annotations
 
