@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from models.dual_bn import convert_dual_bn
+from train.errors import UserInputError
 
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -51,15 +52,26 @@ def create_net(name: str, num_classes: int, *, pretrained_path: str = "", drop_r
     return net
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file (weights_only: no pickled code runs)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated file, not a tensor file, pickled objects
+        raise UserInputError(f"cannot read weights {path}: {type(error).__name__}: {error}") from None
+    state = state["state_dict"] if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) else state
+    if not isinstance(state, dict):
+        raise UserInputError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return {key.removeprefix("module."): value for key, value in state.items()}  # saved from DDP
+
+
 def load_local_weights(net: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained_path {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = read_weights(path)
     head = set(map(id, net.get_classifier().parameters()))
     head_keys = {name for name, param in net.named_parameters() if id(param) in head}
     own = net.state_dict()

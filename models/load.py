@@ -1,0 +1,104 @@
+"""A model for evaluation from any weights we know, loaded strictly, never downloaded.
+
+    model, cfg, classes = load_any("runs/demo")                                  # run → checkpoints/best
+    model, cfg, classes = load_any("runs/demo/checkpoints/epoch_0008")           # a checkpoint folder
+    model, cfg, classes = load_any("runs/demo/final_main_bn.safetensors")        # our main-BN export
+    model, cfg, classes = load_any("b0_ap.pth", model_name="tf_efficientnet_b0.ap_in1k")  # plain timm
+
+model: a `Normalized` (takes [0, 1] images) in eval mode. cfg: a run config (train/config.py)
+whose model, normalization and data.{image_size, val_image_size, crop_ratio} describe it, so its
+val loader resizes and crops as the training run's validation did. classes: the class name of each
+output, or None where the weights do not say.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from models.export import load_checkpoint_model, read_metadata
+from models.factory import NORMALIZATION, Normalized, create_net, read_weights
+from train.config import Config
+from train.errors import UserInputError
+
+
+def load_any(path: str | Path, *, model_name: str | None = None):
+    path = Path(path)
+    if path.is_dir():
+        return load_checkpoint_model(checkpoint_folder(path))
+    if not path.is_file():
+        raise UserInputError(f"{path} does not exist (expected a run or checkpoint folder, an exported "
+                             f".safetensors file, or a timm state dict with --model NAME)")
+    try:
+        metadata = read_metadata(path) if path.suffix == ".safetensors" else {}
+    except Exception as error:  # safetensors' own error type: not a safetensors file
+        raise UserInputError(f"cannot read weights {path}: {type(error).__name__}: {error}") from None
+    if metadata.get("format") == "advprop-main-bn":
+        return load_export(path, metadata)
+    if not model_name:
+        raise UserInputError(f"{path} is a plain state dict: name its timm architecture with --model NAME "
+                             f"(e.g. --model tf_efficientnet_b0.ap_in1k)")
+    return load_timm_state(path, model_name)
+
+
+def checkpoint_folder(folder: Path) -> Path:
+    """A checkpoint folder itself, or a run folder's (or its checkpoints/ folder's) best, else last."""
+    for candidate in (folder, folder / "best", folder / "last",
+                      folder / "checkpoints" / "best", folder / "checkpoints" / "last"):
+        if (candidate / "model.safetensors").is_file():
+            return candidate
+    raise UserInputError(f"{folder} is neither a checkpoint folder (no model.safetensors) nor a run folder "
+                         f"with checkpoints/best or checkpoints/last")
+
+
+def load_export(path: Path, metadata: dict):
+    """tools/export.py's file; the val geometry comes from the run's config.yaml beside it, if any."""
+    run_config = path.parent / "config.yaml"
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_config) if run_config.is_file() else {},
+                              {"model": metadata["model"], "normalization": metadata["normalization"]})
+    except OmegaConfBaseException as error:
+        raise UserInputError(f"{run_config} (beside {path.name}) is not a run config: {error}") from None
+    classes = json.loads(metadata["classes"])
+    net = create_net(cfg.model, len(classes), bn_eps=cfg.bn_eps)
+    load_strict(net, read_weights(path), path)
+    return Normalized(net, cfg.normalization).eval(), cfg, classes
+
+
+def load_timm_state(path: Path, name: str):
+    """A plain timm state dict; normalisation and val geometry from timm's pretrained config of `name`."""
+    state = read_weights(path)
+    net = create_net(name, 1000)
+    head = next(n for n, m in net.named_modules() if m is net.get_classifier())
+    if f"{head}.weight" in state and state[f"{head}.weight"].shape[0] != 1000:
+        net.reset_classifier(state[f"{head}.weight"].shape[0])
+    load_strict(net, state, path)
+    pretrained = net.pretrained_cfg or {}
+    normalization = next((key for key, (mean, _) in NORMALIZATION.items()
+                          if torch.allclose(torch.tensor(mean), torch.tensor(pretrained.get("mean", mean)))), None)
+    if normalization is None:
+        raise UserInputError(f"timm's mean for {name} is {pretrained['mean']}: not one we normalise with "
+                             f"({', '.join(NORMALIZATION)})")
+    size = pretrained.get("input_size", (3, 224, 224))[-1]
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), {
+        "model": name, "normalization": normalization,
+        "data": {"image_size": size, "val_image_size": size, "crop_ratio": pretrained.get("crop_pct", 0.875)}})
+    num_classes = net.get_classifier().weight.shape[0]
+    return Normalized(net, normalization).eval(), cfg, imagenet_wnids() if num_classes == 1000 else None
+
+
+def imagenet_wnids() -> list[str]:
+    """The ImageNet-1k WordNet ids in class-index order, from timm's offline copy."""
+    from timm.data import ImageNetInfo
+    return list(ImageNetInfo().label_names())
+
+
+def load_strict(net: torch.nn.Module, state: dict, path: Path) -> None:
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise UserInputError(f"{path} does not fit {type(net).__name__}: "
+                             f"{' '.join(str(error).splitlines()[:3])[:500]}") from None

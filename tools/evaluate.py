@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Robustness report for a trained model: clean, PGD, ImageNet-C, -A, -R and Stylized-ImageNet.
+
+    python tools/evaluate.py runs/demo --data data/digits/val --attack pgd eps=4 steps=5 \
+        --corrupt --json runs/demo/eval.json --wandb-run
+    python tools/evaluate.py b0_ap.pth --model tf_efficientnet_b0.ap_in1k --data imagenet/val \
+        --imagenet-c imagenet-c --imagenet-a imagenet-a --imagenet-r imagenet-r --stylized sin/val
+
+CHECKPOINT: a run folder (its checkpoints/best, else last), a checkpoint folder, an exported
+main-BN .safetensors (tools/export.py), or a plain timm state dict (.safetensors/.pth) with
+--model NAME. Nothing is downloaded. Images go through the training run's val transform (resize
+the shorter side, center crop). Sizes of --attack are pixel units (/255) like the training config.
+A set that cannot be evaluated is reported as FAILED with the reason, the others still run and are
+reported and written, and the exit status is 1 (2: the model or an option is unusable). Runs under
+`accelerate launch` too (each process evaluates its shard; numbers are summed).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: models/, train/, ...
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from models.dual_bn import dual_bn_layers  # noqa: E402
+from models.load import load_any  # noqa: E402
+from pipelines.loader import find_classes  # noqa: E402
+from tools.robustness import imagenet_c, report as reporting, sets  # noqa: E402
+from train.config import ATTACK_PRESETS, AttackConfig  # noqa: E402
+from train.errors import UserInputError  # noqa: E402
+from train.methods import attack_kwargs  # noqa: E402
+from train.tracking import wandb_mode  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="run/checkpoint folder, exported .safetensors, or timm state dict")
+    parser.add_argument("--data", required=True, type=Path, help="val ImageFolder (clean and robust accuracy)")
+    parser.add_argument("--model", help="timm architecture of a plain state dict (e.g. tf_efficientnet_b0.ap_in1k)")
+    parser.add_argument("--attack", nargs="+", action="append", metavar="pgd|pgd5 KEY=VALUE",
+                        help="robust top-1 under untargeted PGD, e.g. `--attack pgd eps=4 steps=5` (keys of the "
+                             "config's attack: eps, step_size, steps, random_start; pixel units); repeatable")
+    parser.add_argument("--imagenet-c", type=Path, help="ImageNet-C root: <corruption>/<1-5>/<wnid>/")
+    parser.add_argument("--corrupt", action="store_true", help="synthesise ImageNet-C corruptions from --data")
+    parser.add_argument("--corruptions", default=",".join(imagenet_c.CORRUPTIONS),
+                        help="with --corrupt: comma-separated names")
+    parser.add_argument("--severities", default="1,2,3,4,5", help="with --corrupt: comma-separated, 1-5")
+    parser.add_argument("--imagenet-a", type=Path, help="ImageNet-A root (<wnid>/ folders, 200 classes)")
+    parser.add_argument("--imagenet-r", type=Path, help="ImageNet-R root (<wnid>/ folders, 200 classes)")
+    parser.add_argument("--stylized", type=Path, help="Stylized-ImageNet val ImageFolder")
+    parser.add_argument("--bn", choices=("main", "aux"), default="main", help="BNs of a dual-BN checkpoint")
+    parser.add_argument("--image-size", type=int, help="val crop size (default: the run's or timm's)")
+    parser.add_argument("--crop-ratio", type=float, help="val crop ratio (default: the run's or timm's)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="decode workers per process")
+    parser.add_argument("--limit", type=int, default=0, help="about N images per set: a quick look only")
+    parser.add_argument("--seed", type=int, default=0, help="PGD random start and synthesised corruptions")
+    parser.add_argument("--json", type=Path, help="write every number to this JSON file (atomically)")
+    parser.add_argument("--wandb-run", nargs="?", const="", metavar="RUN_ID",
+                        help="log to W&B: into RUN_ID, by default the training run of the checkpoint "
+                             "(its wandb_id.txt), else a new run; offline without a login")
+    parser.add_argument("--wandb-project", default="advprop")
+    return parser.parse_args(argv)
+
+
+def parse_attack(tokens: list[str]) -> dict:
+    """`pgd KEY=VALUE…` or a preset (`pgd5 eps=2`) → {kwargs: pgd() kwargs, name, key: for the report}."""
+    name, *pairs = tokens
+    if name != "pgd" and name not in ATTACK_PRESETS:
+        raise UserInputError(f"--attack {name}: use pgd KEY=VALUE… or a preset {tuple(ATTACK_PRESETS)}")
+    try:
+        overrides = OmegaConf.from_dotlist(pairs)
+        attack = OmegaConf.merge(OmegaConf.structured(AttackConfig), ATTACK_PRESETS.get(name, {}), overrides)
+    except (OmegaConfBaseException, ValueError) as error:
+        raise UserInputError(f"--attack {' '.join(tokens)}: {error}".replace("\n", "; ")) from None
+    if overrides.get("targeted"):  # train/loop.evaluate attacks the true labels
+        raise UserInputError("--attack: robust accuracy is measured under untargeted PGD only")
+    if attack.steps < 1 or attack.eps < 0 or attack.step_size <= 0:
+        raise UserInputError(f"--attack {' '.join(tokens)}: needs steps ≥ 1, eps ≥ 0, step_size > 0")
+    return {"kwargs": attack_kwargs(attack), "key": f"pgd{attack.steps}_eps{attack.eps:g}",
+            "name": f"PGD-{attack.steps} eps={attack.eps:g}/255 step={attack.step_size:g}/255 untargeted"}
+
+
+def model_classes(classes: list[str] | None, model, data: Path) -> list[str]:
+    """The class name of each output: from the weights, else the val folder's when the count fits."""
+    outputs = model.net.get_classifier().weight.shape[0]
+    source = "its weights" if classes else f"the class folders of {data}"
+    classes = classes or find_classes(data)
+    if len(classes) != outputs:
+        raise UserInputError(f"the model has {outputs} outputs but {source} name {len(classes)} classes")
+    return classes
+
+
+def evaluate_all(args, ctx: sets.EvalContext, attacks: list, report: dict) -> None:
+    """Every requested set in turn; a failing set is recorded in report["errors"] and the rest go on."""
+    def attempt(name: str, evaluation):
+        try:
+            report[name] = evaluation()
+        except (UserInputError, OSError) as error:  # OSError: a missing folder or an unreadable image
+            report["errors"][name] = str(error) if isinstance(error, UserInputError) else f"{type(error).__name__}: {error}"
+            ctx.accelerator.print(f"error: {name}: {report['errors'][name]}", file=sys.stderr)
+
+    attempt("clean", lambda: sets.clean(ctx, args.data))
+    if attacks:
+        attempt("pgd", lambda: [sets.robust(ctx, args.data, attack) for attack in attacks])
+    if args.imagenet_c:
+        clean_error = 100 - report["clean"]["top1"] if "clean" in report else None
+        attempt("imagenet_c", lambda: sets.imagenet_c_folder(ctx, args.imagenet_c, clean_error))
+    if args.corrupt:
+        attempt("corrupted", lambda: sets.synthesized_corruptions(ctx, args.data, *corruption_grid(args)))
+    for name, folder in (("imagenet_a", args.imagenet_a), ("imagenet_r", args.imagenet_r)):
+        if folder:
+            attempt(name, lambda folder=folder: sets.imagenet_subset(ctx, folder))
+    if args.stylized:
+        attempt("stylized", lambda: sets.clean(ctx, args.stylized))
+
+
+def corruption_grid(args) -> tuple[list[str], list[int]]:
+    corruptions = [c for c in args.corruptions.split(",") if c]
+    unknown = set(corruptions) - set(imagenet_c.CORRUPTIONS + imagenet_c.EXTRA_CORRUPTIONS)
+    severities = [int(s) for s in args.severities.split(",") if s.strip().isdigit()]
+    if unknown or not corruptions or not set(severities) <= set(imagenet_c.SEVERITIES) or not severities:
+        raise UserInputError(f"--corruptions {args.corruptions} --severities {args.severities}: corruptions "
+                             f"are ImageNet-C names ({', '.join(imagenet_c.CORRUPTIONS)}), severities 1-5")
+    return corruptions, severities
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The training run folder of a checkpoint (it holds wandb_id.txt), if any."""
+    folder = checkpoint.resolve()
+    return next((f for f in (folder, *folder.parents[:3]) if (f / "wandb_id.txt").is_file()), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        attacks = [parse_attack(tokens) for tokens in args.attack or []]
+        model, cfg, classes = load_any(args.checkpoint, model_name=args.model)
+        classes = model_classes(classes, model, args.data)
+        if args.bn == "aux" and not dual_bn_layers(model):
+            raise UserInputError(f"--bn aux: {args.checkpoint} has no auxiliary BNs (a dual-BN method's "
+                                 f"checkpoint folder has them; exports keep the main BNs only)")
+    except (UserInputError, FileNotFoundError, ValueError) as error:  # ValueError: an unknown --model
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    overrides = {"image_size": args.image_size, "val_image_size": args.image_size, "crop_ratio": args.crop_ratio}
+    cfg = OmegaConf.merge(cfg, {"data": {k: v for k, v in overrides.items() if v is not None}})
+    accelerator = Accelerator()
+    set_seed(args.seed, device_specific=True)
+    ctx = sets.EvalContext(model.to(accelerator.device, memory_format=torch.channels_last), cfg, classes,
+                           accelerator, route=args.bn, batch_size=args.batch_size, workers=args.workers,
+                           limit=args.limit, seed=args.seed)
+    report = {"model": {"path": str(args.checkpoint), "name": cfg.model, "bn": args.bn, "classes": len(classes),
+                        "image_size": cfg.data.val_image_size or cfg.data.image_size,
+                        "crop_ratio": cfg.data.crop_ratio, "limit": args.limit}, "errors": {}}
+    evaluate_all(args, ctx, attacks, report)
+    if accelerator.is_main_process:
+        print("\n" + reporting.format_table(report))
+        if args.json:
+            reporting.write_json(report, args.json)
+            print(f"\nwrote {args.json}")
+        if args.wandb_run is not None:
+            run_dir = run_dir_of(args.checkpoint)
+            run_id = args.wandb_run or ((run_dir / "wandb_id.txt").read_text().strip() if run_dir else None)
+            logged = reporting.log_wandb(report, project=args.wandb_project, run_id=run_id,
+                                         run_dir=run_dir or Path("."), mode=wandb_mode())
+            print(f"logged to W&B run {logged} ({wandb_mode()})")
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pieces of tools/evaluate.py: ImageNet-C (read or synthesised), IN-A/IN-R subsets, folders, report."""

@@ -1,0 +1,108 @@
+"""Evaluation folders through our val loader, with labels in the model's class space.
+
+A loader numbers an ImageFolder's classes by its own sorted sub-folders; the model numbers them by
+the classes it was trained on. Two ways to line them up, as the data sets' authors do:
+  - RelabeledLoader (val, ImageNet-C, Stylized-ImageNet): labels → the model's indices, all logits;
+  - SubsetLogits (ImageNet-A, ImageNet-R: 200 WordNet ids of the 1000): the model's logits restricted
+    to the folder's classes, in the folder's order, so the prediction is the argmax among those.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from models.load import imagenet_wnids
+from pipelines.loader import build_loader, find_classes
+from train.errors import UserInputError
+
+
+def folder_loader(folder: Path, cfg, accelerator, *, batch_size: int, workers: int):
+    """The torchvision val loader of `cfg` (the model's resize + center crop) over any ImageFolder."""
+    folder = Path(folder).resolve()
+    find_classes(folder)  # a clear error for a missing folder or one without class sub-folders
+    cfg = OmegaConf.merge(cfg, {"loader": "torchvision", "batch_size": batch_size, "data": {
+        "root": str(folder.parent), "val_dir": folder.name, "workers": workers}})
+    return build_loader(cfg, "val", rank=accelerator.process_index, world_size=accelerator.num_processes,
+                        device=accelerator.device)
+
+
+def class_indices(folder_classes: list[str], model_classes: list[str], folder: Path) -> list[int]:
+    """The model's output index of each of the folder's classes (matched by name)."""
+    position = {name: i for i, name in enumerate(model_classes)}
+    unknown = [name for name in folder_classes if name not in position]
+    if unknown:
+        raise UserInputError(f"{folder}: {len(unknown)} class folder(s) are not classes of the model, e.g. "
+                             f"{unknown[:5]} (the model's: {model_classes[:5]}…)")
+    return [position[name] for name in folder_classes]
+
+
+def imagenet_subset_indices(folder_classes: list[str], model_classes: list[str], folder: Path) -> list[int]:
+    """ImageNet-A/-R folder names (WordNet ids) → ImageNet-1k indices; the model must be a 1k model."""
+    wnids = imagenet_wnids()
+    if list(model_classes) != wnids:
+        raise UserInputError(f"{folder}: ImageNet-A/-R need a model whose outputs are the 1000 ImageNet-1k "
+                             f"classes (WordNet ids in timm's order); this one has {len(model_classes)} "
+                             f"classes ({list(model_classes)[:3]}…)")
+    return class_indices(folder_classes, wnids, folder)
+
+
+class LoaderWrapper:
+    """Another loader (pipelines/loader.py interface) whose batches a subclass's __iter__ changes."""
+
+    def __init__(self, loader):
+        self.loader, self.classes = loader, loader.classes
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.loader.set_epoch(epoch, start_batch)
+
+
+class RelabeledLoader(LoaderWrapper):
+    """Another loader's batches with labels translated to the model's class indices."""
+
+    def __init__(self, loader, model_classes: list[str], folder: Path):
+        super().__init__(loader)
+        self.classes = model_classes
+        self.to_model = torch.tensor(class_indices(loader.classes, model_classes, folder))
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield images, self.to_model.to(labels.device)[labels]
+
+
+class LimitedLoader(LoaderWrapper):
+    """About `limit` images of another loader: whole batches spread evenly over it (a quick look;
+    the skipped batches are still decoded, but neither corrupted, attacked nor classified)."""
+
+    def __init__(self, loader, limit: int, batch_size: int):
+        super().__init__(loader)
+        self.batches = min(len(loader), math.ceil(limit / batch_size))
+        self.stride = max(1, len(loader) // self.batches)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        kept = 0
+        for index, batch in enumerate(self.loader):
+            if kept < self.batches and index % self.stride == 0:
+                kept += 1
+                yield batch
+
+
+class SubsetLogits(nn.Module):
+    """model(x)[:, indices]: a 1000-class model evaluated on a class subset (ImageNet-A, -R)."""
+
+    def __init__(self, model: nn.Module, indices: list[int]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("indices", torch.tensor(indices), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[:, self.indices]
