@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 import torch
 from PIL import Image
 
@@ -119,6 +120,9 @@ def test_imagenet_c_folder_layout_and_mce(trained_demo_run, digits_root, acceler
                 for c, e in expected.items()}
     assert result["relative_mce"] == pytest.approx(sum(relative.values()) / 2)
     assert result["complete"] is False
+    zooming = OmegaConf.merge(cfg, {"data": {"crop_ratio": 0.5}})  # a val ratio that would crop away digits
+    again = sets.imagenet_c_folder(context((model, zooming, classes), accelerator, batch_size=4), root, 5.0)
+    assert again["errors"] == result["errors"]  # ImageNet-C images are evaluated whole (ratio 1)
 
     (root / "fog" / "6").mkdir()
     with pytest.raises(UserInputError, match="severity"):

@@ -6,8 +6,10 @@ what the training run's val numbers mean.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -54,8 +56,13 @@ def robust(ctx: EvalContext, folder: Path, attack: dict) -> dict:
 
 
 def imagenet_c_folder(ctx: EvalContext, root: Path, clean_error: float | None) -> dict:
-    """An ImageNet-C folder: per-severity errors, CE, mCE, relative mCE."""
+    """An ImageNet-C folder: per-severity errors, CE, mCE, relative mCE.
+
+    Its images are already 224 px center crops of ImageNet val, which the authors only center-crop:
+    crop ratio 1 (resize the shorter side to the model's size, center crop) does that, where the
+    val ratio (e.g. 224/256) would zoom into them."""
     layout = imagenet_c.read_layout(root)  # the whole layout is checked before any work
+    ctx = replace(ctx, cfg=OmegaConf.merge(ctx.cfg, {"data": {"crop_ratio": 1.0}}))
     errors = {}
     pairs = [(c, s) for c, severities in layout.items() for s in severities]
     for corruption, severity in tqdm(pairs, desc="ImageNet-C", disable=not ctx.accelerator.is_local_main_process):
