@@ -14,13 +14,22 @@ from safetensors.torch import save_file
 from models.dual_bn import export_main_bn
 
 
+def export_settings(cfg, classes: list[str]) -> dict:
+    """save_main_bn's keyword arguments for a model trained with run config `cfg`."""
+    return dict(model_name=cfg.model, normalization=cfg.normalization, classes=classes,
+                image_size=cfg.data.val_image_size or cfg.data.image_size, crop_ratio=cfg.data.crop_ratio)
+
+
 def save_main_bn(net: torch.nn.Module, path: Path, *, model_name: str, normalization: str,
-                 classes: list[str]) -> Path:
-    """Atomically write the main-BN state dict of `net` (the timm model, unwrapped) to path."""
+                 classes: list[str], image_size: int = 0, crop_ratio: float = 0.0) -> Path:
+    """Atomically write the main-BN state dict of `net` (the timm model, unwrapped) to path.
+    image_size/crop_ratio: the val geometry (0: unknown), so evaluation can match it without the run."""
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in export_main_bn(net).items()}
     metadata = {"model": model_name, "normalization": normalization, "num_classes": str(len(classes)),
                 "classes": json.dumps(classes), "format": "advprop-main-bn"}
+    if image_size:
+        metadata.update(image_size=str(image_size), crop_ratio=str(crop_ratio))
     temporary = path.with_name(f".{path.name}.tmp")
     save_file(state, str(temporary), metadata=metadata)
     temporary.chmod(0o644)

@@ -55,10 +55,14 @@ def checkpoint_folder(folder: Path) -> Path:
 
 
 def load_export(path: Path, metadata: dict):
-    """tools/export.py's file; the val geometry comes from the run's config.yaml beside it, if any."""
+    """tools/export.py's file; the val geometry from the run's config.yaml beside it, else from the
+    file's metadata (exports since image_size was recorded), else the defaults."""
     run_config = path.parent / "config.yaml"
+    geometry = {"data": {"image_size": int(metadata["image_size"]), "val_image_size": int(metadata["image_size"]),
+                         "crop_ratio": float(metadata["crop_ratio"])}} if "image_size" in metadata else {}
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_config) if run_config.is_file() else {},
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), geometry,
+                              OmegaConf.load(run_config) if run_config.is_file() else {},
                               {"model": metadata["model"], "normalization": metadata["normalization"]})
     except OmegaConfBaseException as error:
         raise UserInputError(f"{run_config} (beside {path.name}) is not a run config: {error}") from None

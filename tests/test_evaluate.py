@@ -50,6 +50,14 @@ def test_checkpoint_export_and_run_folder_agree(trained_demo_run, digits_root, a
     assert checkpoint_folder(trained_demo_run).resolve() == (trained_demo_run / "checkpoints" / "best").resolve()
 
 
+def test_export_away_from_its_run_keeps_the_val_geometry(trained_demo_run, tmp_path):
+    moved = tmp_path / "model.safetensors"  # no config.yaml beside it: the metadata says the geometry
+    shutil.copy(trained_demo_run / "final_main_bn.safetensors", moved)
+    _, cfg, classes = load_any(moved)
+    assert (cfg.data.val_image_size, cfg.data.crop_ratio, cfg.model) == (32, 1.0, "resnet18")  # the demo's
+    assert classes == [str(d) for d in range(10)]
+
+
 def test_plain_timm_state_dict_needs_model_and_fits_strictly(tmp_path):
     import timm
     from safetensors.torch import save_file

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.export import load_checkpoint_model, save_main_bn  # noqa: E402
+from models.export import export_settings, load_checkpoint_model, save_main_bn  # noqa: E402
 from train.errors import UserInputError  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="output .safetensors file")
     args = parser.parse_args()
     model, cfg, classes = load_checkpoint_model(args.checkpoint)
-    save_main_bn(model.net, args.out, model_name=cfg.model, normalization=cfg.normalization, classes=classes)
+    save_main_bn(model.net, args.out, **export_settings(cfg, classes))
     print(f"wrote {args.out}: {cfg.model}, {len(classes)} classes, normalization={cfg.normalization}")
 
 

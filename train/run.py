@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
-from models.export import save_main_bn
+from models.export import export_settings, save_main_bn
 from models.factory import create_model
 from timm.layers import convert_sync_batchnorm
 from pipelines.loader import build_loader, prepare_dataset
@@ -168,7 +168,7 @@ def finish(ctx, accelerator, val_loader, state, log, run_dir: Path, classes: lis
     report = final_report(ctx, accelerator, val_loader, state)
     log.log({f"final/{k}": v for k, v in report.items() if not isinstance(v, str)}, state.step)
     if accelerator.is_main_process:
-        export = dict(model_name=cfg.model, normalization=cfg.normalization, classes=classes)
+        export = export_settings(cfg, classes)
         save_main_bn(ctx.attack_model.net, run_dir / "final_main_bn.safetensors", **export)
         if ema is not None:
             save_main_bn(ema.module.net, run_dir / "final_ema_main_bn.safetensors", **export)
