@@ -13,6 +13,7 @@ output, or None where the weights do not say.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,6 +59,10 @@ def load_export(path: Path, metadata: dict):
     """tools/export.py's file; the val geometry from the run's config.yaml beside it, else from the
     file's metadata (exports since image_size was recorded), else the defaults."""
     run_config = path.parent / "config.yaml"
+    if "image_size" not in metadata and not run_config.is_file():
+        warnings.warn(f"{path.name} predates recorded val geometry and has no config.yaml beside it: "
+                      f"evaluating at the defaults (image size 224, crop ratio 0.875); put the run's "
+                      f"config.yaml beside it if it was trained otherwise")
     geometry = {"data": {"image_size": int(metadata["image_size"]), "val_image_size": int(metadata["image_size"]),
                          "crop_ratio": float(metadata["crop_ratio"])}} if "image_size" in metadata else {}
     try:

@@ -58,6 +58,18 @@ def test_export_away_from_its_run_keeps_the_val_geometry(trained_demo_run, tmp_p
     assert classes == [str(d) for d in range(10)]
 
 
+def test_export_without_geometry_or_config_warns_and_uses_the_defaults(trained_demo_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from models.export import read_metadata
+
+    source = trained_demo_run / "final_main_bn.safetensors"  # rewritten as an export from before the geometry
+    old = {k: v for k, v in read_metadata(source).items() if k not in ("image_size", "crop_ratio")}
+    save_file(load_file(str(source)), str(tmp_path / "old.safetensors"), metadata=old)
+    with pytest.warns(UserWarning, match="no config.yaml beside it"):
+        _, cfg, _ = load_any(tmp_path / "old.safetensors")
+    assert (cfg.data.image_size, cfg.data.crop_ratio) == (224, 0.875)
+
+
 def test_plain_timm_state_dict_needs_model_and_fits_strictly(tmp_path):
     import timm
     from safetensors.torch import save_file
