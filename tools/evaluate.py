@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Robustness report for a trained model: clean, PGD, ImageNet-C, -A, -R and Stylized-ImageNet.
+r"""Robustness report for a trained model: clean, PGD, ImageNet-C, -A, -R and Stylized-ImageNet.
 
     python tools/evaluate.py runs/demo --data data/digits/val --attack pgd eps=4 steps=5 \
         --corrupt --json runs/demo/eval.json --wandb-run
