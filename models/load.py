@@ -59,18 +59,19 @@ def load_export(path: Path, metadata: dict):
     """tools/export.py's file; the val geometry from the run's config.yaml beside it, else from the
     file's metadata (exports since image_size was recorded), else the defaults."""
     run_config = path.parent / "config.yaml"
-    if "image_size" not in metadata and not run_config.is_file():
-        warnings.warn(f"{path.name} predates recorded val geometry and has no config.yaml beside it: "
-                      f"evaluating at the defaults (image size 224, crop ratio 0.875); put the run's "
-                      f"config.yaml beside it if it was trained otherwise")
+    has_run_config = run_config.is_file()
     geometry = {"data": {"image_size": int(metadata["image_size"]), "val_image_size": int(metadata["image_size"]),
                          "crop_ratio": float(metadata["crop_ratio"])}} if "image_size" in metadata else {}
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), geometry,
-                              OmegaConf.load(run_config) if run_config.is_file() else {},
+        run_settings = OmegaConf.load(run_config) if has_run_config else {}
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), geometry, run_settings,
                               {"model": metadata["model"], "normalization": metadata["normalization"]})
     except OmegaConfBaseException as error:
         raise UserInputError(f"{run_config} (beside {path.name}) is not a run config: {error}") from None
+    if not geometry and not has_run_config:
+        warnings.warn(f"{path.name} predates recorded val geometry and has no config.yaml beside it: "
+                      f"evaluating at the defaults (image size {cfg.data.image_size}, crop ratio "
+                      f"{cfg.data.crop_ratio}); put the run's config.yaml beside it if it was trained otherwise")
     classes = json.loads(metadata["classes"])
     net = create_net(cfg.model, len(classes), bn_eps=cfg.bn_eps)
     load_strict(net, read_weights(path), path)

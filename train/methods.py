@@ -13,11 +13,11 @@ and steps the optimizer. A new method is a function here plus its entry in METHO
                     and backward also train the weights (aux BNs), loss 1·clean + ½·attack + ½·adv
 
 Cost in units of one vanilla step (forward + backward of B images = 1): a PGD step with frozen
-weights is a forward plus the input-gradient half of the backward, so advprop PGD-k ≈ 2 + s·k,
+weights (a forward and the input gradient, no weight gradients) costs s, so advprop PGD-k ≈ 2 + s·k,
 adv_train ≈ 1 + s·k, fast_advprop ≈ 1 + adv_fraction (its attack step is part of the training).
-s would be ½ if the input gradient cost what the weight gradient saves; measured on CPU (mkldnn,
-resnet18) s ≈ 0.75–0.8: every conv's input gradient costs about its forward, and the stem's
-(3 output channels) 2.5× its forward. tools/bench_step.py prints s.
+The cost targets assume s = ½; measured on CPU (mkldnn, resnet18) s ≈ 0.75–0.8: every conv's
+input gradient costs about its forward, the stem's (3 output channels) 2.5× its forward.
+tools/bench_step.py prints s.
 """
 from __future__ import annotations
 
