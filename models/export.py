@@ -31,9 +31,12 @@ def save_main_bn(net: torch.nn.Module, path: Path, *, model_name: str, normaliza
     if image_size:
         metadata.update(image_size=str(image_size), crop_ratio=str(crop_ratio))
     temporary = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(temporary), metadata=metadata)
-    temporary.chmod(0o644)
-    os.replace(temporary, path)
+    try:
+        save_file(state, str(temporary), metadata=metadata)
+        temporary.chmod(0o644)
+        os.replace(temporary, path)
+    finally:  # a full disk or a folder at `path`: no half-written temporary left behind
+        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -29,7 +29,9 @@ from train.errors import UserInputError
 def load_any(path: str | Path, *, model_name: str | None = None):
     path = Path(path)
     if path.is_dir():
-        return load_checkpoint_model(checkpoint_folder(path))
+        model, cfg, classes = load_checkpoint_model(checkpoint_folder(path))
+        check_model_name(model_name, cfg.model, path)
+        return model, cfg, classes
     if not path.is_file():
         raise UserInputError(f"{path} does not exist (expected a run or checkpoint folder, an exported "
                              f".safetensors file, or a timm state dict with --model NAME)")
@@ -38,11 +40,19 @@ def load_any(path: str | Path, *, model_name: str | None = None):
     except Exception as error:  # safetensors' own error type: not a safetensors file
         raise UserInputError(f"cannot read weights {path}: {type(error).__name__}: {error}") from None
     if metadata.get("format") == "advprop-main-bn":
+        check_model_name(model_name, metadata["model"], path)
         return load_export(path, metadata)
     if not model_name:
         raise UserInputError(f"{path} is a plain state dict: name its timm architecture with --model NAME "
                              f"(e.g. --model tf_efficientnet_b0.ap_in1k)")
     return load_timm_state(path, model_name)
+
+
+def check_model_name(given: str | None, recorded: str, path: Path) -> None:
+    """--model names the architecture of a plain state dict; our files record their own."""
+    if given and given != recorded:
+        raise UserInputError(f"--model {given} does not match {path}, which records model {recorded}: "
+                             f"leave --model out (it is only for plain timm state dicts)")
 
 
 def checkpoint_folder(folder: Path) -> Path:

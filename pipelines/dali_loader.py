@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from pipelines.loader import find_classes, split_folder, to_device_batch
+from pipelines.image_folder import list_image_folder
+from pipelines.loader import report_skipped, split_folder, to_device_batch
 from pipelines.torchvision_loader import ShardSampler
 
 READER = "reader"  # the name the iterator uses to ask the reader for the epoch size
@@ -71,9 +71,9 @@ def val_pipeline(files, labels, *, size, resize_to, decode_device):
 # ---------------------------------------------------------------------------------------------
 # The loader
 
-def image_files(folder, classes: list[str]) -> tuple[list[str], list[int]]:
-    """(paths, labels) exactly as torchvision's ImageFolder lists them (same files, same order)."""
-    samples = make_dataset(str(folder), {name: i for i, name in enumerate(classes)}, extensions=IMG_EXTENSIONS)
+def image_files(listing) -> tuple[list[str], list[int]]:
+    """(paths, labels) exactly as the torchvision backend lists them (same files, same order)."""
+    samples = listing.images()
     return [path for path, _ in samples], [label for _, label in samples]
 
 
@@ -83,9 +83,10 @@ def pipeline_seed(*parts: int) -> int:
 
 class DaliLoader:
     def __init__(self, cfg, split: str, *, rank: int, world_size: int, device: torch.device):
-        folder = split_folder(cfg, split)
-        self.classes = find_classes(folder)
-        self.files, self.labels = image_files(folder, self.classes)
+        listing = list_image_folder(split_folder(cfg, split))
+        report_skipped(listing, rank)
+        self.classes = listing.classes
+        self.files, self.labels = image_files(listing)
         self.cfg, self.train, self.device, self.rank = cfg, split == "train", device, rank
         self.batch_size = cfg.batch_size
         self.sampler = ShardSampler(len(self.files), shuffle=self.train, seed=cfg.seed,

@@ -11,7 +11,7 @@ Two passes, both parallel with a progress bar:
 The .beton is written under a temporary name and renamed when complete. Beside it:
   OUT.json          classes (sorted folder names, as torchvision), settings, counts — the loader
                     reads the classes from here so train and val agree
-  OUT.skipped.txt   one line per skipped file: path <TAB> reason
+  OUT.skipped.txt   one line per skipped file or duplicate path (symlink loop): path <TAB> reason
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipelines.image_folder import FolderListing, list_image_folder
 from train.errors import UserInputError
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
@@ -76,26 +77,25 @@ def read_metadata(beton: str | Path) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # Finding files
 
-def list_imagefolder(src: Path, limit: int = 0) -> tuple[list[str], list[tuple[str, int]]]:
-    """Classes (sorted sub-folder names) and (file, class index) for every file under them.
+def list_imagefolder(src: Path, limit: int = 0) -> FolderListing:
+    """The shared walk's listing of src (classes, files, duplicate and unreadable entries).
 
     Every regular file counts, not just image extensions: a stray file is reported, not hidden.
     limit > 0 keeps that many files, evenly spaced over the sorted list (so every class shows up).
     """
     if not src.is_dir():
-        raise ConversionError(f"source folder {src} does not exist")
-    classes = sorted(entry.name for entry in src.iterdir() if entry.is_dir())
-    if not classes:
-        raise ConversionError(f"source folder {src} has no class sub-folders (expected SRC/<class>/<image>)")
-    files = []
-    for index, name in enumerate(classes):
-        for folder, _, names in sorted(os.walk(src / name, followlinks=True)):
-            files += [(os.path.join(folder, file), index) for file in sorted(names)]
+        raise ConversionError(f"source {src} is a file, not a folder (expected SRC/<class>/<image>)"
+                              if src.exists() else f"source folder {src} does not exist")
+    try:
+        listing = list_image_folder(src)
+    except FileNotFoundError:
+        raise ConversionError(f"source folder {src} has no class sub-folders (expected SRC/<class>/<image>)") from None
+    files = listing.files
     if not files:
-        raise ConversionError(f"source folder {src} has {len(classes)} class folders but no files")
+        raise ConversionError(f"source folder {src} has {len(listing.classes)} class folders but no files")
     if 0 < limit < len(files):
-        files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
-    return classes, files
+        listing.files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
+    return listing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,21 +199,26 @@ def write_beton(path: Path, images: CheckedImages, workers: int, chunk_size: int
 
 def atomic_write_text(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:  # a full disk or a folder at `path`: no temporary file left behind
+        temporary.unlink(missing_ok=True)
 
 
 def convert_imagefolder(src: str | Path, out: str | Path, settings: StorageSettings, *,
                         workers: int = 0, chunk_size: int = 100, limit: int = 0) -> dict:
-    """Converts; returns the summary (found, written, skipped, empty_classes, bytes, seconds)."""
+    """Converts; returns the summary: found (real files, each once), written, skipped (unreadable),
+    duplicates (second paths to a file or folder, not converted), empty_classes, bytes, seconds."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     settings.check()
     workers = workers or os.cpu_count() or 1
-    classes, files = list_imagefolder(src, limit)
+    listing = list_imagefolder(src, limit)
+    classes, files = listing.classes, listing.files
     reasons = check_all(files, settings, workers, chunk_size)
     good = [file for file, reason in zip(files, reasons) if not reason]
-    skipped = [(path, reason) for (path, _), reason in zip(files, reasons) if reason]
+    skipped = listing.unreadable + [(path, reason) for (path, _), reason in zip(files, reasons) if reason]
     if not good:
         raise ConversionError(f"none of the {len(files)} files under {src} is a readable image "
                               f"(first: {skipped[0][0]}: {skipped[0][1]})")
@@ -227,13 +232,14 @@ def convert_imagefolder(src: str | Path, out: str | Path, settings: StorageSetti
             raise ConversionError(f"{images.failures.value} files failed while writing (changed since "
                                   f"they were checked?); nothing written, run again")
         summary = {
-            "found": len(files), "written": len(good), "skipped": len(skipped),
+            "found": len(files) + len(listing.unreadable), "written": len(good), "skipped": len(skipped),
+            "duplicates": len(listing.duplicates),
             "empty_classes": [classes[i] for i in sorted(set(range(len(classes))) - {label for _, label in files})],
             "bytes": temporary.stat().st_size, "seconds": round(time.perf_counter() - start, 2),
         }
         metadata = {"source": str(src.resolve()), "classes": classes, "settings": asdict(settings),
                     "limit": limit, **summary}
-        atomic_write_text(sidecar(out, ".skipped.txt"), "".join(f"{p}\t{r}\n" for p, r in skipped))
+        atomic_write_text(sidecar(out, ".skipped.txt"), "".join(f"{p}\t{r}\n" for p, r in skipped + listing.duplicates))
         atomic_write_text(sidecar(out, ".json"), json.dumps(metadata, indent=1))
         os.replace(temporary, out)  # last: a .beton that exists is complete
     finally:

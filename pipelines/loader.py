@@ -20,6 +20,7 @@ from typing import Iterator, Protocol
 
 import torch
 
+from pipelines.image_folder import find_classes  # noqa: F401  (re-exported: the loaders' class rule)
 from train.errors import UserInputError
 
 BACKENDS = {
@@ -48,17 +49,6 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-def find_classes(folder: str | Path) -> list[str]:
-    """Sorted class sub-folder names of an ImageFolder, with a clear error for a bad folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"image folder {folder} has no class sub-folders")
-    return classes
-
-
 def build_loader(cfg, split: str, *, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu") -> Loader:
     """The loader named by cfg.loader for split "train" or "val" of cfg.data.root."""
@@ -81,6 +71,12 @@ def import_backend(name: str):
 
 def split_folder(cfg, split: str) -> Path:
     return Path(cfg.data.root) / (cfg.data.train_dir if split == "train" else cfg.data.val_dir)
+
+
+def report_skipped(listing, rank: int) -> None:
+    """Say once (rank 0) what the folder walk left out, so no image is dropped silently."""
+    if listing.skipped and rank == 0:
+        print(f"warning: {listing.skipped_summary()}", flush=True)
 
 
 def to_device_batch(images: torch.Tensor, labels: torch.Tensor, device: torch.device):

@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torchvision import datasets, transforms
 
-from pipelines.loader import find_classes, split_folder, to_device_batch
+from pipelines.image_folder import list_image_folder
+from pipelines.loader import report_skipped, split_folder, to_device_batch
 from train.faults import ignore_interrupts
 
 
@@ -72,6 +73,17 @@ class SeededImageFolder(datasets.ImageFolder):
     seed: int = 0
     epoch: int = 0
 
+    def __init__(self, root, transform, *, rank: int = 0):
+        self.listing = list_image_folder(root)  # the walk all backends share (symlinks once)
+        report_skipped(self.listing, rank)
+        super().__init__(root, transform=transform)
+
+    def find_classes(self, directory):
+        return self.listing.classes, {name: i for i, name in enumerate(self.listing.classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return self.listing.images()
+
     def __getitem__(self, index: int):
         seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
         python_state = random.getstate()  # timm's AutoAugment draws from python's random
@@ -86,9 +98,8 @@ class SeededImageFolder(datasets.ImageFolder):
 
 class TorchvisionLoader:
     def __init__(self, cfg, split: str, *, rank: int, world_size: int, device: torch.device):
-        folder = split_folder(cfg, split)
-        self.classes = find_classes(folder)
-        self.dataset = SeededImageFolder(folder, transform=image_transform(cfg, split))
+        self.dataset = SeededImageFolder(split_folder(cfg, split), image_transform(cfg, split), rank=rank)
+        self.classes = self.dataset.classes
         self.dataset.seed = cfg.seed
         self.train = split == "train"
         self.batch_size, self.device = cfg.batch_size, device

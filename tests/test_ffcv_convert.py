@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -135,3 +137,38 @@ def test_bad_setting_is_a_clear_error(nasty_folder, tmp_path):
     result = convert(nasty_folder[0], tmp_path / "x.beton", "--jpeg-quality", 0)
     assert result.returncode == 2 and "JPEG quality" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_symlink_loops_convert_each_real_image_once(nasty_folder, tmp_path):
+    src = tmp_path / "looped"
+    shutil.copytree(nasty_folder[0], src)
+    os.symlink(".", src / "cat" / "self")  # torchvision's walk would follow it until the path is too long
+    os.symlink("..", src / "dog" / "up")
+    out = tmp_path / "looped.beton"
+    result = convert(src, out, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    good, bad = nasty_folder[1:]
+    assert (summary["found"], summary["written"], summary["duplicates"]) == (len(good) + len(bad), len(good), 2)
+    listed = dict(line.split("\t") for line in Path(f"{out}.skipped.txt").read_text().splitlines())
+    assert "already listed" in listed[str(src / "cat" / "self")] and str(src / "dog" / "up") in listed
+    assert "2 duplicate paths (symlinks) ignored" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["inside_source", "folder", "exists"])
+def test_output_that_would_destroy_something_is_refused_before_writing(nasty_folder, tmp_path, case):
+    src = tmp_path / "src"
+    shutil.copytree(nasty_folder[0], src)
+    out = {"inside_source": src / "cat" / "plain.jpg", "folder": tmp_path / "existing",
+           "exists": tmp_path / "old.beton"}[case]
+    if case == "folder":
+        out.mkdir()
+    if case == "exists":
+        out.write_bytes(b"an earlier conversion")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = convert(src, out)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert {"inside_source": "inside the input", "folder": "is a folder", "exists": "--overwrite"}[case] in result.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written or changed
+    if case == "exists":
+        assert convert(src, out, "--overwrite").returncode == 0

@@ -148,3 +148,7 @@ def test_two_cpu_processes_shard_and_log_once(digits_root, tmp_path):
     assert [p.name for p in checkpoints] == ["epoch_0001"]
     assert {p.name for p in checkpoints[0].glob("random_states_*.pkl")} == {"random_states_0.pkl",
                                                                            "random_states_1.pkl"}
+    # one process cannot continue it: the global batch, the LR and the shards would change
+    alone = run_train(f"data.root={digits_root}", f"output_dir={tmp_path}", "tracker=none", "epochs=2",
+                      "attack.steps=1", check=False)
+    assert alone.returncode == 2 and "processes (2 → 1" in alone.stderr, alone.stderr[-2000:]

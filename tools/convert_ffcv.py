@@ -4,9 +4,11 @@
     python tools/convert_ffcv.py data/imagenet/train data/ffcv/train.beton
     python tools/convert_ffcv.py data/imagenet/val data/ffcv/val.beton --limit 5000 --json
 
-Bad files (truncated, empty, not images, too small) are skipped and listed in OUT.skipped.txt;
+Bad files (truncated, empty, not images, too small) are skipped and listed in OUT.skipped.txt, with
+second paths to a file or folder (symlink loops: each real file is converted once);
 classes (sorted folder names, as torchvision) go to OUT.json. Exit 0 when the .beton is written,
-2 with a one-line error (and no OUT) when the source or settings cannot give one.
+2 with a one-line error (and nothing written) when the source or settings cannot give one, or OUT
+is a folder, lies inside SRC, or exists (replace it with --overwrite).
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from pipelines.ffcv_writer import WRITE_MODES, ConversionError, StorageSettings, convert_imagefolder  # noqa: E402
+from pipelines.ffcv_writer import WRITE_MODES, StorageSettings, convert_imagefolder  # noqa: E402
+from tools.output_guard import check_output_file  # noqa: E402
+from train.errors import UserInputError  # noqa: E402
 
 DEFAULTS = StorageSettings()
 
@@ -47,6 +51,7 @@ def parse_args(argv):
     parser.add_argument("--chunk-size", type=int, default=100, help="images per work item (default %(default)s)")
     parser.add_argument("--limit", type=int, default=0,
                         help="convert only N files, evenly spaced over the sorted list (a quick subset)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT (and its sidecars) if it exists")
     parser.add_argument("--json", action="store_true", help="also print the summary as JSON on the last line")
     return parser.parse_args(argv)
 
@@ -61,13 +66,16 @@ def main(argv) -> int:
         print(f"error: FFCV is not installed here. {INSTALL_HINTS['ffcv']}", file=sys.stderr)
         return 2
     try:
+        check_output_file(args.out, inputs=[args.src], overwrite=args.overwrite, example="train.beton",
+                          beside=(".json", ".skipped.txt"))
         summary = convert_imagefolder(args.src, args.out, settings, workers=args.workers,
                                       chunk_size=args.chunk_size, limit=args.limit)
-    except ConversionError as error:
+    except UserInputError as error:  # ConversionError too
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"found {summary['found']}, written {summary['written']}, skipped {summary['skipped']}"
-          f"{f' (listed in {args.out}.skipped.txt)' if summary['skipped'] else ''}, "
+    duplicates = f", {summary['duplicates']} duplicate paths (symlinks) ignored" if summary["duplicates"] else ""
+    listed = f" (listed in {args.out}.skipped.txt)" if summary["skipped"] + summary["duplicates"] else ""
+    print(f"found {summary['found']}, written {summary['written']}, skipped {summary['skipped']}{duplicates}{listed}, "
           f"{summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s → {args.out}")
     if summary["empty_classes"]:
         print(f"warning: {len(summary['empty_classes'])} empty class folders (kept in the class list): "

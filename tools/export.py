@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Export a training checkpoint as plain timm weights (main BNs only, safetensors).
 
-    python tools/export.py runs/demo/checkpoints/best runs/demo/best_main_bn.safetensors
+    python tools/export.py runs/demo runs/demo/best_main_bn.safetensors           # the run's best checkpoint
+    python tools/export.py runs/demo/checkpoints/epoch_0004 epoch4.safetensors    # a given checkpoint
 
 The output loads with `timm.create_model(name, num_classes=n).load_state_dict(..., strict=True)`
 and gives the trained model's eval logits for inputs normalised as the file's metadata says
 (train/run.py also writes <output_dir>/final_main_bn.safetensors at the end of every run).
+OUT is never written inside the checkpoint (or any checkpoint folder), nor over a folder; an
+existing OUT is replaced only with --overwrite. Exit 2 with one line when it cannot export.
 """
 from __future__ import annotations
 
@@ -16,17 +19,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.export import export_settings, load_checkpoint_model, save_main_bn  # noqa: E402
+from models.load import checkpoint_folder  # noqa: E402
+from tools.output_guard import check_output_file  # noqa: E402
 from train.errors import UserInputError  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint folder (e.g. runs/demo/checkpoints/last)")
+    parser.add_argument("checkpoint", type=Path,
+                        help="a run folder (its checkpoints/best, else last) or a checkpoint folder")
     parser.add_argument("out", type=Path, help="output .safetensors file")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args()
-    model, cfg, classes = load_checkpoint_model(args.checkpoint)
+    if not args.checkpoint.is_dir():
+        raise UserInputError(f"{args.checkpoint} is a file, not a folder: give a run or checkpoint folder"
+                             if args.checkpoint.exists() else f"{args.checkpoint} does not exist")
+    folder = checkpoint_folder(args.checkpoint)
+    check_output_file(args.out, inputs=[folder], overwrite=args.overwrite, example="model_main_bn.safetensors")
+    model, cfg, classes = load_checkpoint_model(folder)
     save_main_bn(model.net, args.out, **export_settings(cfg, classes))
-    print(f"wrote {args.out}: {cfg.model}, {len(classes)} classes, normalization={cfg.normalization}")
+    print(f"wrote {args.out} from {folder}: {cfg.model}, {len(classes)} classes, normalization={cfg.normalization}")
 
 
 if __name__ == "__main__":

@@ -9,16 +9,20 @@ crash mid-save leaves the previous checkpoints intact; only renamed folders coun
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from train.ema import load_ema, save_ema
 from train.errors import UserInputError
+from train.resume_rules import ResumeMismatch, check_same_run
 
 STATE_FILE = "train_state.json"
 
@@ -35,6 +39,7 @@ class TrainState:
     best_top1: float = -1.0
     train_images: int = 0  # images trained on, all processes
     train_seconds: float = 0.0
+    processes: int = 0  # processes that trained it (0: not recorded); a resume must use as many
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -50,13 +55,18 @@ def save_checkpoint(accelerator, run_dir: Path, name: str, state: TrainState, cf
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    try:
+        accelerator.save_state(str(staging))
+        if accelerator.is_main_process:
+            (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+            (staging / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            (staging / "classes.json").write_text(json.dumps(classes))
+            if ema is not None:
+                save_ema(ema, staging)
+    except Exception as error:  # torch reports a full disk as "basic_ios::clear: iostream error"
+        shutil.rmtree(staging, ignore_errors=True)  # a partial save must not keep the disk full
+        raise disk_full_error(root, error, checkpoint_bytes(accelerator, ema)) or error
     if accelerator.is_main_process:
-        (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-        (staging / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (staging / "classes.json").write_text(json.dumps(classes))
-        if ema is not None:
-            save_ema(ema, staging)
         _replace_dir(staging, final)
         _point(root / "last", name)
         if is_best:
@@ -64,6 +74,39 @@ def save_checkpoint(accelerator, run_dir: Path, name: str, state: TrainState, cf
         _prune(root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+class DiskFull(RuntimeError):
+    """A checkpoint did not fit on its disk; the previous checkpoints are intact."""
+
+
+def checkpoint_bytes(accelerator, ema=None) -> int:
+    """About what a checkpoint takes: the model's, the optimizer's and the EMA's tensors."""
+    tensors = [t for model in accelerator._models for t in model.state_dict().values()]
+    for optimizer in accelerator._optimizers:
+        tensors += [t for group in optimizer.state_dict()["state"].values() for t in group.values()
+                    if torch.is_tensor(t)]
+    if ema is not None:
+        tensors += list(ema.module.state_dict().values())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def disk_full_error(root: Path, error: Exception, needed: int) -> DiskFull | None:
+    """A DiskFull naming the disk and the space needed, if `error` came from a full disk."""
+    free = shutil.disk_usage(root).free
+    if getattr(error, "errno", None) != errno.ENOSPC and free >= needed:
+        return None
+    return DiskFull(f"no space left on {mount_point(root)} (writing {root}): a checkpoint needs about "
+                    f"{needed / 2**20:.0f} MB, {free / 2**20:.0f} MB are free. The partial save was removed and "
+                    f"the previous checkpoints are intact: free some space (or lower keep_checkpoints) and rerun "
+                    f"the same command to continue")
 
 
 def _replace_dir(source: Path, target: Path) -> None:
@@ -139,19 +182,74 @@ def load_checkpoint(accelerator, folder: Path, ema=None) -> TrainState:
     return state
 
 
-def restore(accelerator, resume: str, run_dir: Path, ema=None) -> tuple[TrainState, Path | None]:
-    """resume=none: fresh state. auto: the newest loadable checkpoint of this run (older ones are
-    tried when the newest is damaged), fresh if there is none. PATH: that checkpoint or an error."""
+def read_run_settings(folder: Path) -> tuple[DictConfig, list[str] | None]:
+    """The config (and classes, where saved) a checkpoint or run folder was made with."""
+    try:
+        classes_file = Path(folder) / "classes.json"
+        classes = json.loads(classes_file.read_text()) if classes_file.exists() else None
+        return OmegaConf.load(Path(folder) / "config.yaml"), classes
+    except (OSError, ValueError, OmegaConfBaseException) as error:
+        raise CheckpointError(f"checkpoint {folder} is unreadable: {type(error).__name__}: {error}") from None
+
+
+def check_matches(accelerator, folder: Path, cfg, classes: list[str] | None) -> None:
+    saved_cfg, saved_classes = read_run_settings(folder)
+    check_same_run(saved_cfg, cfg, where=f"checkpoint {folder}", saved_classes=saved_classes, classes=classes,
+                   saved_processes=read_state(folder).processes, processes=accelerator.num_processes)
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((Path(run_dir) / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints"))
+
+
+def check_resume(accelerator, cfg, run_dir: Path, classes: list[str] | None = None) -> None:
+    """Refuse, before any work, a command that would overwrite or mix runs: resume=none into a
+    folder that holds a run, resume=PATH into a folder with checkpoints of its own, or settings
+    other than those of the checkpoint (or run folder) being continued (train/resume_rules.py).
+    classes: compared too when known (the loaders are built after this first check)."""
+    run_dir, resume = Path(run_dir), cfg.resume
     if resume == "none":
-        return TrainState(), None
+        if holds_run(run_dir):
+            raise ResumeMismatch(f"output_dir {run_dir} already holds a run, and resume=none would overwrite it: "
+                                 f"give a new output_dir, or resume=auto to continue it")
+        return
     if resume != "auto":
-        folder = Path(resume)
+        folder, own = Path(resume), checkpoint_dir(run_dir).resolve()
         if not folder.is_dir():
-            raise CheckpointError(f"resume={resume}: no checkpoint folder there")
-        return load_checkpoint(accelerator, folder, ema), folder
+            raise CheckpointError(f"resume={folder}: no checkpoint folder there")
+        if list_checkpoints(own) and own not in folder.resolve().parents:
+            raise ResumeMismatch(f"output_dir {run_dir} holds checkpoints of its own run; continuing {folder} "
+                                 f"there would mix two runs: give a new output_dir")
+        check_matches(accelerator, folder, cfg, classes)
+        return
     for folder in reversed(list_checkpoints(checkpoint_dir(run_dir))):
+        try:  # the newest checkpoint that says what it was made with; damage is restore()'s to handle
+            return check_matches(accelerator, folder, cfg, classes)
+        except CheckpointError:
+            continue
+    if (run_dir / "config.yaml").is_file():  # a run stopped before any readable checkpoint
+        check_same_run(OmegaConf.load(run_dir / "config.yaml"), cfg, where=f"output_dir {run_dir}")
+
+
+def restore(accelerator, cfg, run_dir: Path, classes: list[str], ema=None) -> tuple[TrainState, Path | None]:
+    """resume=none: a fresh run. PATH: that checkpoint, or an error. auto: the newest loadable
+    checkpoint of this run (older ones are tried when the newest is damaged), a fresh run if it has
+    none, an error if none loads. Each is first checked by check_resume."""
+    check_resume(accelerator, cfg, run_dir, classes)
+    if cfg.resume == "none":
+        return TrainState(), None
+    if cfg.resume != "auto":
+        return load_checkpoint(accelerator, Path(cfg.resume), ema), Path(cfg.resume)
+    checkpoints = list_checkpoints(checkpoint_dir(run_dir))
+    problems = []
+    for folder in reversed(checkpoints):
         try:
+            check_matches(accelerator, folder, cfg, classes)
             return load_checkpoint(accelerator, folder, ema), folder
         except CheckpointError as error:
             accelerator.print(f"warning: skipping damaged checkpoint: {error}")
-    return TrainState(), None
+            problems.append(str(error))
+    if not checkpoints:
+        return TrainState(), None
+    raise CheckpointError(f"none of the {len(checkpoints)} checkpoints in {checkpoint_dir(run_dir)} can be loaded "
+                          f"(newest: {problems[0]}); resume=PATH picks one, or give a new output_dir for a new run")

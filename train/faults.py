@@ -2,7 +2,8 @@
 
 SIGTERM/SIGINT (a scheduler preempting the job, Ctrl-C) only set a flag: the loop finishes the
 optimizer step it is in, run.py writes a checkpoint and exits 0, and `resume=auto` continues from
-that exact batch. A second Ctrl-C stops at once. A non-finite loss stops the run before the bad
+that exact batch. A second Ctrl-C stops at once. Once training is finished and checkpointed, a
+signal stops the final evaluation at once (exit 128 + signal number); the same command redoes it. A non-finite loss stops the run before the bad
 step touches the weights (or skips the batch, with on_nonfinite=skip), so no NaN weights are saved.
 """
 from __future__ import annotations
@@ -17,16 +18,33 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class StoppedAfterTraining(Exception):
+    """A signal arrived after the trained state was checkpointed (final evaluation, exports)."""
+
+    def __init__(self, signum: int):
+        self.exit_code = 128 + signum  # the shell's convention for "ended by this signal"
+        super().__init__(f"{signal.Signals(signum).name}: stopped the final evaluation; training is finished and "
+                         "checkpointed: rerun the same command to redo only the final evaluation and exports")
+
+
 class StopRequest:
     def __init__(self):
         self.requested = False
+        self.training_done = False
 
     def install(self) -> "StopRequest":
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
         return self
 
+    def training_saved(self) -> None:
+        """From here on nothing is lost by stopping at once: a signal raises StoppedAfterTraining
+        wherever the final evaluation is (it can outlast a scheduler's grace period)."""
+        self.training_done = True
+
     def _handle(self, signum, frame) -> None:
+        if self.training_done:
+            raise StoppedAfterTraining(signum)
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True

@@ -7,6 +7,10 @@
 
 Leaves in output_dir (default runs/<name>): config.yaml, metrics.jsonl, checkpoints/ (last, best),
 final_main_bn.safetensors (plain timm weights), panels/*.png, summary.json, wandb/.
+One run at a time writes an output_dir; rerunning the command continues it (train/resume_rules.py
+says which settings may change). Exit status: 0 finished, or stopped by a signal with a checkpoint
+saved; 2 bad input (nothing written); 3 non-finite loss; 4 disk full (previous checkpoints intact);
+128 + N: signal N during the final evaluation (training is saved; rerun to redo the evaluation).
 """
 from __future__ import annotations
 
@@ -27,14 +31,15 @@ from models.export import export_settings, save_main_bn
 from models.factory import create_model
 from timm.layers import convert_sync_batchnorm
 from pipelines.loader import build_loader, prepare_dataset
-from train.checkpoint import TrainState, restore, save_checkpoint
+from train.checkpoint import DiskFull, TrainState, check_resume, restore, save_checkpoint
 from train.config import load_config, save_config
 from train.ema import create_ema
 from train.errors import UserInputError
-from train.faults import NonFiniteLoss, StopRequest
+from train.faults import NonFiniteLoss, StoppedAfterTraining, StopRequest
 from train.loop import evaluate, robust_attack, train_one_epoch
 from train.methods import USES_DUAL_BN, StepContext
 from train.optim import create_optimizer, create_schedule
+from train.run_lock import claim_run_folder
 from train.tracking import RunLog
 
 
@@ -111,6 +116,9 @@ def main(argv: list[str]) -> None:
     # multi-process CPU training over gloo; Accelerate would otherwise run each process alone.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), dynamo_backend="inductor" if cfg.compile else None,
                               log_with="wandb" if cfg.tracker == "wandb" else None)
+    run_dir = Path(cfg.output_dir)
+    locked = claim_run_folder(accelerator, run_dir)  # a second run into the same folder stops here
+    check_resume(accelerator, cfg, run_dir)  # so do settings that would overwrite or mix runs
     set_seed(cfg.seed)  # same initial weights on every process
     train_loader, val_loader = build_loaders(cfg, accelerator)
     classes = train_loader.classes
@@ -121,14 +129,17 @@ def main(argv: list[str]) -> None:
                       no_sync=lambda: accelerator.no_sync(model))
     ema = create_ema(ctx.attack_model, cfg.ema_decay, accelerator.device)
 
-    run_dir = Path(cfg.output_dir)
-    state, resume_from = restore(accelerator, cfg.resume, run_dir, ema)
+    state, resume_from = restore(accelerator, cfg, run_dir, classes, ema)
+    state.processes = accelerator.num_processes
     if resume_from is None:
         set_seed(cfg.seed, device_specific=True)  # distinct attack noise per process
     scheduler.step_update(state.step)
     # Inputs are valid and loadable: only now does the run write anything.
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+    if not locked:
+        claim_run_folder(accelerator, run_dir)
+    if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
         print(OmegaConf.to_yaml(cfg) if resume_from is None else f"resuming from {resume_from} "
               f"(epoch {state.epoch + 1}, batch {state.batch}, step {state.step})")
@@ -140,15 +151,15 @@ def main(argv: list[str]) -> None:
                         keep=cfg.keep_checkpoints)
 
     stop = StopRequest().install()
+    if state.epoch >= cfg.epochs:
+        accelerator.print(f"training finished at epoch {state.epoch}: redoing the final evaluation and exports")
     while state.epoch < cfg.epochs:
         epoch_start = time.perf_counter()
         finished = train_one_epoch(ctx, accelerator, train_loader, optimizer, scheduler, state, log, ema=ema,
                                    stop=stop, save_mid_epoch=lambda: save(f"step_{state.step:08d}"))
         if not finished:
             save(f"step_{state.step:08d}")
-            accelerator.print(f"stopped at step {state.step} (epoch {state.epoch + 1}, batch {state.batch}); "
-                              "checkpoint saved: the same command continues from here (resume=auto)")
-            log.close()
+            stopped(accelerator, state, log)
             return
         metrics = validate_epoch(ctx, accelerator, val_loader, ema)
         # a NaN loss never makes a checkpoint "best"
@@ -159,7 +170,21 @@ def main(argv: list[str]) -> None:
         accelerator.print(f"epoch {state.epoch}/{cfg.epochs}: val top-1 {metrics['val/top1']:.2f} % "
                           f"top-5 {metrics['val/top5']:.2f} % loss {metrics['val/loss']:.4f}")
         save(f"epoch_{state.epoch:04d}", is_best)
-    finish(ctx, accelerator, val_loader, state, log, run_dir, classes, ema)
+        if stop.agreed(accelerator):  # asked during validation: the epoch is saved, stop here
+            stopped(accelerator, state, log)
+            return
+    stop.training_saved()
+    try:
+        finish(ctx, accelerator, val_loader, state, log, run_dir, classes, ema)
+    except StoppedAfterTraining:
+        log.close()
+        raise
+
+
+def stopped(accelerator, state, log) -> None:
+    accelerator.print(f"stopped at step {state.step} (epoch {state.epoch + 1}, batch {state.batch}); "
+                      "checkpoint saved: the same command continues from here (resume=auto)")
+    log.close()
 
 
 def finish(ctx, accelerator, val_loader, state, log, run_dir: Path, classes: list[str], ema) -> None:
@@ -187,3 +212,9 @@ if __name__ == "__main__":
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(3)
+    except DiskFull as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(4)
+    except StoppedAfterTraining as error:
+        print(f"\n{error}", file=sys.stderr)
+        sys.exit(error.exit_code)

@@ -1,0 +1,74 @@
+"""What may change when a run is continued, and the refusal when something else did.
+
+A checkpoint continues one run: the same model, method, attack, data, batch, optimizer and
+schedule. Resuming it under other values would mix two experiments in one folder (and, for a
+different model, fail to load and be mistaken for damage), so run.py refuses with one line naming
+the keys that differ. These keys may change on resume, because they change how the run is
+watched, stored, evaluated or fed, not what it learns:
+
+  epochs              extend (or shorten) the run; the LR schedule follows the new length
+  name, output_dir, resume
+  tracker, wandb_project, log_every, image_log_every
+  keep_checkpoints, checkpoint_every_steps, on_nonfinite
+  eval_aux_bn, eval_robust, eval_attack
+  compile, channels_last, loader, data.root, data.train_dir, data.val_dir, data.workers,
+  data.dali.*, data.ffcv.*       (where the data lives and how fast it is read; the classes
+                                  must still be the checkpoint's)
+"""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from train.errors import UserInputError
+
+MAY_CHANGE = (
+    "epochs", "name", "output_dir", "resume",
+    "tracker", "wandb_project", "log_every", "image_log_every",
+    "keep_checkpoints", "checkpoint_every_steps", "on_nonfinite",
+    "eval_aux_bn", "eval_robust", "eval_attack",
+    "compile", "channels_last", "loader", "data.root", "data.train_dir", "data.val_dir", "data.workers",
+    "data.dali", "data.ffcv",
+)
+
+
+class ResumeMismatch(UserInputError):
+    """The run's checkpoint (or folder) was made with settings the current command changes."""
+
+
+def flatten(node, prefix: str = "") -> dict[str, object]:
+    """{"attack.eps": 4.0, …} for a config (None and leaves are values)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat = {}
+    for key, value in node.items():
+        flat.update(flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
+    return flat
+
+
+def may_change(key: str) -> bool:
+    return any(key == free or key.startswith(free + ".") for free in MAY_CHANGE)
+
+
+def changed_keys(saved: DictConfig | dict, current: DictConfig) -> list[tuple[str, object, object]]:
+    """(key, saved value, current value) for every key that differs and may not change."""
+    old = flatten(OmegaConf.to_container(OmegaConf.create(saved), resolve=True))
+    new = flatten(OmegaConf.to_container(current, resolve=True))
+    return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key) and not may_change(key)]
+
+
+def check_same_run(saved: DictConfig | dict, current: DictConfig, *, where: str,
+                   saved_classes: list[str] | None = None, classes: list[str] | None = None,
+                   saved_processes: int = 0, processes: int = 0) -> None:
+    """Raise ResumeMismatch naming what differs between `where` (a checkpoint or run folder) and
+    the current command, and how to proceed."""
+    differences = [f"{key} ({old!r} → {new!r})" for key, old, new in changed_keys(saved, current)]
+    if saved_classes is not None and classes is not None and list(saved_classes) != list(classes):
+        differences.append(f"classes ({len(saved_classes)}: {saved_classes[:3]}… → {len(classes)}: {classes[:3]}…)")
+    if saved_processes and saved_processes != processes:
+        differences.append(f"processes ({saved_processes} → {processes}: the global batch and the shards change)")
+    if differences:
+        raise ResumeMismatch(
+            f"{where} was made with other settings: {', '.join(differences)}. To continue it, rerun with its "
+            f"values; to start a new run, give a new output_dir. Only epochs and the logging, checkpointing, "
+            f"evaluation and data-location settings may change on resume (README: Resume)")
