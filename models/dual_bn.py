@@ -3,14 +3,13 @@
     model = convert_dual_bn(timm.create_model("efficientnet_b0"))
     with use_bn(model, "aux"):        # adversarial examples: auxiliary BNs
         model(x_adv)
-    with use_bn(model, split=n):      # one forward: first n rows main BNs, the rest aux
-        model(torch.cat([x_clean, x_adv]))
     model(x)                          # default route: main BNs (train and eval)
     state = export_main_bn(model)     # loads strict=True into the unconverted architecture
 
 Each BN module (timm's BatchNormAct2d included: it carries its activation and dropout, which the
 copies keep) is replaced by a DualBatchNorm holding `main` (the original module) and `aux` (a deep
-copy). Unlike timm's convert_splitbn_model, the route is explicit and the split point free.
+copy). Unlike timm's convert_splitbn_model (equal chunks of one batch), a route takes whole batches:
+clean and adversarial images take separate forwards (train/methods.py says why).
 """
 from __future__ import annotations
 
@@ -28,15 +27,10 @@ class DualBatchNorm(nn.Module):
         super().__init__()
         self.main = bn
         self.aux = copy.deepcopy(bn)
-        self.route: str | int = MAIN  # "main", "aux", or int n: rows [:n] main, [n:] aux
+        self.route = MAIN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.route == MAIN:
-            return self.main(x)
-        if self.route == AUX:
-            return self.aux(x)
-        n = self.route
-        return torch.cat([self.main(x[:n]), self.aux(x[n:])])
+        return self.aux(x) if self.route == AUX else self.main(x)
 
 
 def convert_dual_bn(model: nn.Module) -> nn.Module:
@@ -53,16 +47,15 @@ def dual_bn_layers(model: nn.Module) -> list[DualBatchNorm]:
     return [m for m in model.modules() if isinstance(m, DualBatchNorm)]
 
 
-def is_dual_bn(model: nn.Module) -> bool:
-    return any(True for _ in dual_bn_layers(model))
+def route_parameters(model: nn.Module, route: str) -> list[nn.Parameter]:
+    """The parameters of every dual layer's `route` copy: the main or the auxiliary BNs."""
+    return [p for layer in dual_bn_layers(model) for p in getattr(layer, route).parameters()]
 
 
 @contextmanager
-def use_bn(model: nn.Module, route: str = MAIN, *, split: int | None = None):
-    """Route whole batches through the main or aux BNs, or split a batch at row `split`."""
-    if split is not None:
-        route = split
-    elif route not in (MAIN, AUX):
+def use_bn(model: nn.Module, route: str = MAIN):
+    """Route whole batches through the main or the auxiliary BNs inside the context."""
+    if route not in (MAIN, AUX):
         raise ValueError(f"route must be 'main' or 'aux', got {route!r}")
     layers = dual_bn_layers(model)
     previous = [layer.route for layer in layers]

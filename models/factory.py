@@ -5,6 +5,7 @@ statistics for torchvision-style weights, mean = std = 0.5 for the TF EfficientN
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import timm
@@ -37,10 +38,11 @@ class Normalized(nn.Module):
 def create_net(name: str, num_classes: int, *, pretrained_path: str = "", drop_rate: float = 0.0,
                bn_momentum: float | None = None, bn_eps: float | None = None) -> nn.Module:
     """timm.create_model with random init, or weights from a local file (never a download)."""
-    try:
-        net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
-    except RuntimeError as error:  # timm: "Unknown model (...)"
-        raise ValueError(f"model={name!r}: {error}") from None
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise UserInputError(f"bad value for model: {name!r} is not a timm model"
+                             + (f"; closest: {', '.join(close)}" if close else "; see timm.list_models()"))
+    net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
     if pretrained_path:
         load_local_weights(net, Path(pretrained_path))
     for module in net.modules():
@@ -70,7 +72,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_local_weights(net: nn.Module, path: Path) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained_path {path} does not exist")
+        raise UserInputError(f"bad value for pretrained_path: {path} is {'a folder' if path.is_dir() else 'not a file'}")
     state = read_weights(path)
     head = set(map(id, net.get_classifier().parameters()))
     head_keys = {name for name, param in net.named_parameters() if id(param) in head}
@@ -80,8 +82,8 @@ def load_local_weights(net: nn.Module, path: Path) -> None:
         del state[key]
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or set(missing) - set(mismatched) - head_keys:
-        raise ValueError(f"{path} does not fit {type(net).__name__}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise UserInputError(f"bad value for pretrained_path: {path} does not fit {type(net).__name__}: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def create_model(cfg, num_classes: int, *, dual_bn: bool) -> Normalized:

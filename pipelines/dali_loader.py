@@ -7,15 +7,18 @@ with few CPU cores per GPU still feeds its GPUs; without CUDA the same graph run
 (device_id=None). Images come out HWC uint8 and are handed on as an NCHW *view*, which has
 channels-last strides: no copy, no transpose.
 
-The epoch's file list is built here, not by DALI's shuffler: the reader gets `files=`/`labels=` for
-exactly this process's shard, in the order of ShardSampler (the torchvision backend's rule), so
+One pipeline per loader, built on first use and kept for every later epoch: building one costs
+nvJPEG state and ~350 MB of padded decoder buffers, which dominated short epochs when it was
+rebuilt for each. The epoch's file list is ours, not DALI's shuffler's: an external source feeds
+the pipeline this process's shard in the order of the shared ShardSampler, one batch of paths at a
+time, and DALI's threads read and decode them. So
   - the order is a function of (seed, epoch), shards are disjoint, equally long for train;
-  - mid-epoch resume drops the consumed files from the list instead of decoding them;
-  - val counts every image once (LastBatchPolicy.PARTIAL: DALI pads the last batch by repeating
-    an image, the iterator cuts the padding off; its default, FILL, would count duplicates).
-The train pipeline is rebuilt for each pass (~0.1 s on CPU) and seeded by (seed, epoch, rank,
-start_batch): a pass over the same epoch gives the same crops; a resumed epoch sees the right images
-in the right order, with freshly drawn crops (DALI's RNG cannot skip the consumed samples).
+  - mid-epoch resume starts the list after the consumed batches instead of decoding them;
+  - val counts every image once: the last batch is simply shorter (no padding to cut off).
+Random crops and flips come from the pipeline's generator, seeded by (seed, rank) and the position
+the pipeline was built at: a run from scratch is reproducible; a resumed epoch sees the right images
+in the right order, with freshly drawn crops (DALI's RNG cannot skip the consumed samples). An
+epoch abandoned half-way (DALI cannot reset mid-epoch) makes the next pass build afresh.
 """
 from __future__ import annotations
 
@@ -25,28 +28,49 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.image_folder import list_image_folder
-from pipelines.loader import report_skipped, split_folder, to_device_batch
-from pipelines.torchvision_loader import ShardSampler
+from pipelines.loader import ShardSampler, report_skipped, split_folder, to_device_batch
 
-READER = "reader"  # the name the iterator uses to ask the reader for the epoch size
 # nvJPEG scratch buffers reserved up front so the first large images do not trigger reallocations
 # (the values of DALI's own ResNet-50 example).
 MIXED_DECODER_MEMORY = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512)
+
+
+class EpochFiles:
+    """The external source: batches of (encoded path, label) over the list of the current epoch.
+    DALI calls iter() on it at every pipeline reset and stops the epoch at StopIteration."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.paths, self.labels, self.position = batch_size, [], [], 0
+
+    def set(self, paths: list[str], labels: list[int]) -> None:
+        self.paths = [np.frombuffer(path.encode(), dtype=np.uint8) for path in paths]
+        self.labels = [np.array([label], dtype=np.int64) for label in labels]
+
+    def __iter__(self):
+        self.position = 0
+        return self
+
+    def __next__(self):
+        if self.position >= len(self.paths):
+            raise StopIteration
+        batch = slice(self.position, self.position + self.batch_size)
+        self.position += self.batch_size
+        return self.paths[batch], self.labels[batch]
 
 
 # ---------------------------------------------------------------------------------------------
 # Pipelines: one graph per split; `decode_device` is "mixed" on CUDA, "cpu" otherwise. Every op
 # after the decoder runs where its input lives, so the GPU graph resizes and flips on the GPU.
 
-def read_files(files, labels, gpu: bool):
-    encoded, labels = fn.readers.file(files=files, labels=labels, name=READER, random_shuffle=False,
-                                      pad_last_batch=True)  # pad by repeating: each epoch starts clean
-    return encoded, labels.gpu() if gpu else labels
+def read_files(source: EpochFiles, gpu: bool):
+    paths, labels = fn.external_source(source=source, num_outputs=2, batch=True, cycle="raise",
+                                       dtype=[types.UINT8, types.INT64])
+    return fn.io.file.read(paths), labels.gpu() if gpu else labels
 
 
 @pipeline_def
-def train_pipeline(files, labels, *, size, min_scale, hflip, decode_device):
-    encoded, labels = read_files(files, labels, gpu=decode_device == "mixed")
+def train_pipeline(source, *, size, min_scale, hflip, decode_device):
+    encoded, labels = read_files(source, gpu=decode_device == "mixed")
     extra = MIXED_DECODER_MEMORY if decode_device == "mixed" else {}
     # Decodes only the random crop window (torchvision's RandomResizedCrop rule: area, aspect 3/4–4/3).
     images = fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
@@ -59,8 +83,8 @@ def train_pipeline(files, labels, *, size, min_scale, hflip, decode_device):
 
 
 @pipeline_def
-def val_pipeline(files, labels, *, size, resize_to, decode_device):
-    encoded, labels = read_files(files, labels, gpu=decode_device == "mixed")
+def val_pipeline(source, *, size, resize_to, decode_device):
+    encoded, labels = read_files(source, gpu=decode_device == "mixed")
     extra = MIXED_DECODER_MEMORY if decode_device == "mixed" else {}
     images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **extra)
     images = fn.resize(images, resize_shorter=resize_to, interp_type=types.INTERP_LINEAR, antialias=True)
@@ -71,12 +95,6 @@ def val_pipeline(files, labels, *, size, resize_to, decode_device):
 # ---------------------------------------------------------------------------------------------
 # The loader
 
-def image_files(listing) -> tuple[list[str], list[int]]:
-    """(paths, labels) exactly as the torchvision backend lists them (same files, same order)."""
-    samples = listing.images()
-    return [path for path, _ in samples], [label for _, label in samples]
-
-
 def pipeline_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([abs(p) for p in parts]).generate_state(1)[0] >> 1)  # fits int32
 
@@ -85,74 +103,72 @@ class DaliLoader:
     def __init__(self, cfg, split: str, *, rank: int, world_size: int, device: torch.device):
         listing = list_image_folder(split_folder(cfg, split))
         report_skipped(listing, rank)
+        samples = listing.images()
         self.classes = listing.classes
-        self.files, self.labels = image_files(listing)
+        self.files, self.labels = [path for path, _ in samples], [label for _, label in samples]
         self.cfg, self.train, self.device, self.rank = cfg, split == "train", device, rank
         self.batch_size = cfg.batch_size
-        self.sampler = ShardSampler(len(self.files), shuffle=self.train, seed=cfg.seed,
-                                    rank=rank, world_size=world_size)
-        self.start_batch = 0
-        self.iterator, self.iterator_list, self.iterator_clean = None, None, False
+        self.sampler = ShardSampler(len(self.files), shuffle=self.train, seed=cfg.seed, rank=rank,
+                                    world_size=world_size, batch_size=self.batch_size)
+        self.source, self.iterator = None, None  # built on first use, then kept
+        self.pipelines_built = 0
+        self.at_epoch_end = False  # the iterator finished its last epoch: it can be reset for the next
 
-    # -- the epoch's list: everything else follows from it ---------------------------------------
     def epoch_indices(self) -> list[int]:
-        indices = self.sampler.indices()
-        if self.train:  # drop the incomplete last batch: every process takes the same number of steps
-            indices = indices[: len(indices) - len(indices) % self.batch_size]
-        return indices[self.start_batch * self.batch_size:]
+        return self.sampler.indices()
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.epoch, self.start_batch = epoch, start_batch
+        self.sampler.set_epoch(epoch, start_batch)
 
     @property
     def num_samples(self) -> int:
-        return len(self.epoch_indices())
+        return len(self.sampler)
 
     def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        return self.sampler.num_batches
 
-    # -- iteration -------------------------------------------------------------------------------
     def __iter__(self):
         indices = self.epoch_indices()
         if not indices:  # a shard smaller than one batch (train) or than one image (val)
             return
-        iterator = self.iterator_for(indices)
-        self.iterator_clean = False
+        iterator = self.iterator_for_new_epoch([self.files[i] for i in indices], [self.labels[i] for i in indices])
+        self.at_epoch_end = False
         for (batch,) in iterator:
             images = batch["images"].permute(0, 3, 1, 2)  # NHWC → NCHW view with channels-last strides
             yield to_device_batch(images, batch["labels"].squeeze(1), self.device)
-        iterator.reset()
-        self.iterator_clean = True  # finished and reset: the same list can run again (val, each epoch)
+        self.at_epoch_end = True
 
-    def iterator_for(self, indices: list[int]) -> DALIGenericIterator:
-        """A DALI iterator over these files. Val reuses its finished one (same list, no randomness);
-        train builds afresh so its augmentation restarts from the (seed, epoch, ...) seed."""
-        reusable = not self.train and self.iterator_clean and indices == self.iterator_list
-        if self.iterator is not None and reusable:
+    def iterator_for_new_epoch(self, paths: list[str], labels: list[int]) -> DALIGenericIterator:
+        """The kept iterator, reset once its source holds the new list (a reset makes DALI prefetch
+        from the source at once), or a new one on first use or after an abandoned epoch."""
+        if self.iterator is not None and self.at_epoch_end:
+            self.source.set(paths, labels)
+            self.iterator.reset()
             return self.iterator
-        self.iterator = None  # free the old pipeline's threads and buffers before building anew
-        pipe = self.build_pipeline([self.files[i] for i in indices], [self.labels[i] for i in indices])
+        self.iterator = None  # free an abandoned pipeline's threads and buffers before building anew
+        self.source = EpochFiles(self.batch_size)  # its own: nothing of the old pipeline reads it
+        self.source.set(paths, labels)
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
-        self.iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
-                                            last_batch_policy=policy, auto_reset=False)
-        self.iterator_list = indices
+        self.iterator = DALIGenericIterator(self.build_pipeline(), ["images", "labels"], last_batch_policy=policy,
+                                            auto_reset=False, prepare_first_batch=False)
         return self.iterator
 
-    def build_pipeline(self, files: list[str], labels: list[int]):
+    def build_pipeline(self):
         cfg, data = self.cfg, self.cfg.data
         cuda = self.device.type == "cuda"
         common = dict(batch_size=self.batch_size, num_threads=data.dali.threads,
                       prefetch_queue_depth=data.dali.prefetch,
                       device_id=cuda_index(self.device) if cuda else None,  # None: a CPU-only pipeline
-                      seed=pipeline_seed(cfg.seed, self.sampler.epoch, self.rank, self.start_batch),
+                      seed=pipeline_seed(cfg.seed, self.rank, self.sampler.epoch, self.sampler.start_batch),
                       decode_device="mixed" if cuda else "cpu")
         if self.train:
-            pipe = train_pipeline(files, labels, size=data.image_size, min_scale=data.min_scale,
-                                  hflip=data.hflip, **common)
+            pipe = train_pipeline(self.source, size=data.image_size, min_scale=data.min_scale, hflip=data.hflip,
+                                  **common)
         else:
             size = data.val_image_size or data.image_size
-            pipe = val_pipeline(files, labels, size=size, resize_to=round(size / data.crop_ratio), **common)
+            pipe = val_pipeline(self.source, size=size, resize_to=round(size / data.crop_ratio), **common)
         pipe.build()
+        self.pipelines_built += 1
         return pipe
 
 

@@ -8,7 +8,7 @@ Per batch: decode + random-resized-crop (train) or center-crop at the 224/256 ra
 → uint8 NHWC tensor → device → NCHW view with channels-last strides. Normalisation stays on the
 device (in the model): an ffcv pipeline going JIT op → torch op → JIT op hangs the Loader constructor.
 
-Sample order is ours, not ffcv's: the same shards as the torchvision backend (ShardSampler),
+Sample order is ours, not ffcv's: the shards of every backend (pipelines/loader.py's ShardSampler),
 so each process reads its own shard, train order is a function of (seed, epoch), train drops the
 incomplete batch, val yields every image exactly once over processes, and a mid-epoch resume skips
 the consumed batches without decoding them.
@@ -28,8 +28,7 @@ from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, T
 from ffcv.traversal_order.base import TraversalOrder
 
 from pipelines.ffcv_writer import StorageSettings, convert_imagefolder, read_metadata
-from pipelines.loader import find_classes, split_folder, to_device_batch
-from pipelines.torchvision_loader import ShardSampler
+from pipelines.loader import ShardSampler, find_classes, split_folder, to_device_batch
 from train.errors import UserInputError
 
 
@@ -80,11 +79,10 @@ def beton_classes(cfg, split: str, beton: Path) -> list[str]:
 # Order and resolution
 
 class ShardOrder(TraversalOrder):
-    """This process's sample indices for the epoch chosen by set_epoch (see ShardSampler)."""
+    """ffcv's order hook, giving this process's indices of the epoch set on its ShardSampler."""
 
-    def __init__(self, n: int, *, train: bool, seed: int, rank: int, world_size: int, batch_size: int):
-        self.shard = ShardSampler(n, shuffle=train, seed=seed, rank=rank, world_size=world_size)
-        self.train, self.batch_size, self.start_batch = train, batch_size, 0
+    def __init__(self, sampler: ShardSampler):
+        self.sampler = sampler
 
     def __call__(self, loader):
         # ffcv's Loader accepts a TraversalOrder *instance* but then calls it with the loader
@@ -92,14 +90,8 @@ class ShardOrder(TraversalOrder):
         super().__init__(loader)
         return self
 
-    def set_epoch(self, epoch: int, start_batch: int) -> None:
-        self.shard.epoch, self.start_batch = epoch, start_batch
-
     def sample_order(self, epoch: int) -> np.ndarray:  # ffcv's own epoch counter is ignored
-        indices = self.shard.indices()
-        if self.train:  # drop the incomplete last batch
-            indices = indices[:len(indices) // self.batch_size * self.batch_size]
-        return np.asarray(indices[self.start_batch * self.batch_size:], dtype=np.uint64)
+        return np.asarray(self.sampler.indices(), dtype=np.uint64)
 
 
 def train_resolution(cfg, epoch: int) -> int:
@@ -145,27 +137,27 @@ class FfcvLoader:
         self.classes = beton_classes(cfg, split, beton)
         self.train, self.batch_size, self.device = split == "train", cfg.batch_size, device
         self.cfg = cfg
-        self.order = ShardOrder(Reader(str(beton)).num_samples, train=self.train, seed=cfg.seed,
-                                rank=rank, world_size=world_size, batch_size=cfg.batch_size)
+        self.sampler = ShardSampler(Reader(str(beton)).num_samples, shuffle=self.train, seed=cfg.seed,
+                                    rank=rank, world_size=world_size, batch_size=cfg.batch_size)
         pipeline = image_pipeline(cfg, split, device)
         self.decoder = pipeline[0]
         labels = [IntDecoder(), ToTensor(), Squeeze()] + ([ToDevice(device)] if device.type == "cuda" else [])
         self.loader = Loader(str(beton), batch_size=cfg.batch_size, num_workers=cfg.data.workers,
-                             order=self.order, os_cache=cfg.data.ffcv.os_cache, drop_last=self.train,
+                             order=ShardOrder(self.sampler), os_cache=cfg.data.ffcv.os_cache, drop_last=self.train,
                              pipelines={"image": pipeline, "label": labels}, seed=cfg.seed)
 
     @property
     def num_samples(self) -> int:
-        return len(self.order.sample_order(0))
+        return len(self.sampler)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.order.set_epoch(epoch, start_batch)
+        self.sampler.set_epoch(epoch, start_batch)
         if self.train:  # ffcv sizes its buffers from the decoder each epoch: no recompilation
             size = train_resolution(self.cfg, epoch)
             self.decoder.output_size = (size, size)
 
     def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        return self.sampler.num_batches
 
     def __iter__(self):
         # A batch lives in ffcv's ring of buffers: valid until the next one is asked for (the

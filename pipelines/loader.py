@@ -6,7 +6,8 @@ A loader yields batches `(images, labels)` already on the training device:
 Class indices follow the sorted sub-folder names of the ImageFolder, as torchvision does, so every
 backend (and every converted .beton) agrees on them.
 
-Sharding is the loader's job, not Accelerate's (Accelerate cannot prepare DALI/FFCV iterators):
+Sharding is the loader's job, not Accelerate's (Accelerate cannot prepare DALI/FFCV iterators),
+and ShardSampler below is its one rule, used by every backend:
   train: each process gets a disjoint, equally long shard of a permutation seeded by (seed, epoch);
          the incomplete last batch is dropped.
   val:   each process gets every world_size-th image; nothing is dropped or duplicated, so summing
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 import torch
+from torch.utils.data import Sampler
 
 from pipelines.image_folder import find_classes  # noqa: F401  (re-exported: the loaders' class rule)
 from train.errors import UserInputError
@@ -47,6 +49,51 @@ class Loader(Protocol):
         """Fix the epoch's order (a function of seed and epoch); skip the first start_batch batches."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class ShardSampler(Sampler[int]):
+    """This process's sample indices for one epoch: the shard arithmetic of every backend.
+
+    train: a permutation seeded by (seed, epoch), cut to a multiple of world_size, striped over the
+           processes, and cut again to whole batches (every process takes the same number of steps);
+    val:   range(rank, n, world_size): every image once across processes, nothing padded.
+    set_epoch(epoch, start_batch) fixes the epoch and skips its first start_batch batches (resume).
+    Iterating gives the indices from there on; len() counts them (torch's Sampler convention).
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int, world_size: int, batch_size: int):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.epoch, self.start_batch = 0, 0
+        self._shard: tuple[int, list[int]] | None = None  # (epoch, its whole shard), kept: a randperm of n
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def shard(self) -> list[int]:
+        """The epoch's whole shard, from its first batch."""
+        if not self.shuffle:
+            return list(range(self.rank, self.n, self.world_size))
+        if self._shard is None or self._shard[0] != self.epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=generator).tolist()
+            shard = order[self.rank:self.n - self.n % self.world_size:self.world_size]
+            self._shard = self.epoch, shard[:len(shard) - len(shard) % self.batch_size]
+        return self._shard[1]
+
+    def indices(self) -> list[int]:
+        """The indices still to come this epoch (after start_batch batches)."""
+        return self.shard()[self.start_batch * self.batch_size:]
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return len(self.indices())
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self) // self.batch_size)
 
 
 def build_loader(cfg, split: str, *, rank: int = 0, world_size: int = 1,

@@ -3,13 +3,16 @@
 scikit-image ships a few real photos (astronaut, coffee, chelsea, rocket, ...). Each image here is
 a random crop of one of them (area 25–100 %, aspect 3/4–4/3), possibly mirrored, resized so its
 shorter side is 333–500 px (ImageNet's typical range) and saved as a quality-90 JPEG: many
-distinct files whose decode cost is that of real photos. One class per source photo. Deterministic
-in (count, seed); built once, atomically (a temp folder renamed into place), then reused.
+distinct files whose decode cost is that of real photos. One class per source photo. Image i is a
+function of (seed, i), so the set is deterministic and built by all cores at once; built once,
+atomically (a temp folder renamed into place), then reused.
 
     python -c "from pipelines.photo_data import build_photo_imagefolder as b; print(b('data/photos'))"
 """
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +26,7 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
           "retina", "stereo_motorcycle", "camera", "moon", "grass", "gravel", "brick", "coins", "clock")
 
 
+@functools.lru_cache(maxsize=None)  # each worker decodes each photo once
 def load_photo(name: str) -> np.ndarray:
     import skimage.data
 
@@ -50,20 +54,30 @@ def random_view(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
     return view.resize((max(1, round(crop_w * scale)), max(1, round(crop_h * scale))), Image.BICUBIC)
 
 
+def write_view(job: tuple[Path, int, int]) -> None:
+    """Image `index` of the set: its photo, its view (seeded by (seed, index)), saved as JPEG."""
+    folder, index, seed = job
+    name = PHOTOS[index % len(PHOTOS)]
+    photo = Image.fromarray(load_photo(name))
+    (folder / name).mkdir(exist_ok=True)
+    random_view(photo, np.random.default_rng([seed, index])).save(folder / name / f"{index:06d}.jpg", quality=90)
+
+
 def build_photo_imagefolder(root: str | Path, *, count: int = 1800, seed: int = 0) -> Path:
-    """root/<photo name>/<index>.jpg, `count` images spread evenly over the photos."""
+    """root/<photo name>/<index>.jpg, `count` images spread evenly over the photos, made by all cores."""
     root = Path(root)
     if root.is_dir():
         return root
-    rng = np.random.default_rng(seed)
-    photos = {name: Image.fromarray(load_photo(name)) for name in PHOTOS}
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        for index in tqdm(range(count), desc=f"building {root.name}", unit="img"):
-            name = PHOTOS[index % len(PHOTOS)]
-            (staging / name).mkdir(exist_ok=True)
-            random_view(photos[name], rng).save(staging / name / f"{index:06d}.jpg", quality=90)
+        for name in PHOTOS:
+            (staging / name).mkdir()
+        jobs = [(staging, index, seed) for index in range(count)]
+        with multiprocessing.Pool() as pool:
+            for _ in tqdm(pool.imap_unordered(write_view, jobs, chunksize=16), total=count,
+                          desc=f"building {root.name}", unit="img"):
+                pass
         try:
             staging.rename(root)
         except OSError:  # another process finished first: keep theirs

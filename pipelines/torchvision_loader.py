@@ -4,40 +4,12 @@ from __future__ import annotations
 import random
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from pipelines.image_folder import list_image_folder
-from pipelines.loader import report_skipped, split_folder, to_device_batch
+from pipelines.loader import ShardSampler, report_skipped, split_folder, to_device_batch
 from train.faults import ignore_interrupts
-
-
-class ShardSampler(Sampler[int]):
-    """Indices of one process's shard for one epoch.
-
-    train: a permutation seeded by (seed, epoch), cut to a multiple of world_size and striped;
-    val:   range(rank, n, world_size) — every image once across processes, nothing padded.
-    start_index skips the first indices of the shard (mid-epoch resume).
-    """
-
-    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int, world_size: int):
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start_index = 0, 0
-
-    def indices(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.rank, self.n, self.world_size))
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=generator).tolist()
-        usable = self.n - self.n % self.world_size
-        return order[self.rank:usable:self.world_size]
-
-    def __iter__(self):
-        return iter(self.indices()[self.start_index:])
-
-    def __len__(self) -> int:
-        return len(self.indices()) - self.start_index
 
 
 def augment_policy(name: str, image_size: int):
@@ -104,10 +76,10 @@ class TorchvisionLoader:
         self.train = split == "train"
         self.batch_size, self.device = cfg.batch_size, device
         self.sampler = ShardSampler(len(self.dataset), shuffle=self.train, seed=cfg.seed,
-                                    rank=rank, world_size=world_size)
+                                    rank=rank, world_size=world_size, batch_size=self.batch_size)
         workers = cfg.data.workers
         self.loader = DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=self.train,
+            self.dataset, batch_size=self.batch_size, sampler=self.sampler,  # train: whole batches only
             num_workers=workers, pin_memory=device.type == "cuda",
             # Workers are re-made each epoch so they see the dataset's new epoch (see SeededImageFolder).
             persistent_workers=False, worker_init_fn=ignore_interrupts,
@@ -117,14 +89,14 @@ class TorchvisionLoader:
 
     @property
     def num_samples(self) -> int:
-        return len(self) * self.batch_size if self.train else len(self.sampler)
+        return len(self.sampler)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.epoch = self.dataset.epoch = epoch
-        self.sampler.start_index = start_batch * self.batch_size
+        self.sampler.set_epoch(epoch, start_batch)
+        self.dataset.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.sampler.num_batches
 
     def __iter__(self):
         for images, labels in self.loader:

@@ -135,11 +135,13 @@ def test_order_is_seeded_per_epoch_and_resumes_mid_epoch(dali, demo_cfg, digits_
     loader.set_epoch(2)
     full_images, full, _ = collect(loader)
     again_images, again, _ = collect(loader)
-    assert torch.equal(full, again) and torch.equal(full_images, again_images)  # (seed, epoch) fixes all
+    assert torch.equal(full, again)  # (seed, epoch) fixes the images and their order
+    assert not torch.equal(full_images, again_images)  # one pipeline goes on drawing new crops
     batches_per_epoch = len(loader)
 
     loader.set_epoch(3)
     assert not torch.equal(collect(loader)[1], full)  # a new order each epoch
+    assert loader.pipelines_built == 1  # kept across passes and epochs
 
     resumed = build_loader(cfg, "train")  # a fresh process after a restart
     resumed.set_epoch(2, start_batch=5)
@@ -147,6 +149,24 @@ def test_order_is_seeded_per_epoch_and_resumes_mid_epoch(dali, demo_cfg, digits_
     _, tail, batches = collect(resumed)
     assert len(batches) == len(resumed)
     assert torch.equal(tail, full[5 * cfg.batch_size:])
+
+
+def test_an_abandoned_epoch_does_not_leak_into_the_next(dali, demo_cfg, digits_root):
+    """DALI cannot reset a pipeline mid-epoch (a stop request, an exception): the next pass builds
+    afresh, and its batches are its own epoch's, none prefetched from the one left behind."""
+    cfg = demo_cfg("loader=dali", "data.dali.threads=2")
+    loader = build_loader(cfg, "train")
+    loader.set_epoch(0)
+    for batch_number, _ in enumerate(loader):
+        if batch_number == 2:
+            break
+    loader.set_epoch(1)
+    _, labels, _ = collect(loader)
+    assert torch.equal(labels, epoch_labels(loader, loader.labels))
+    assert loader.pipelines_built == 2
+    loader.set_epoch(2)
+    _, labels, _ = collect(loader)
+    assert torch.equal(labels, epoch_labels(loader, loader.labels)) and loader.pipelines_built == 2
 
 
 def test_train_augments_real_photos(dali, demo_cfg, photo_root):
@@ -193,6 +213,7 @@ def test_demo_trains_with_dali_like_torchvision(dali, digits_root, trained_demo_
 # CUDA: nvJPEG ("mixed") decoding and GPU resize on the process's device
 
 @pytest.mark.gpu
+@pytest.mark.timeout(120)  # `pytest -m gpu` must finish in 2 minutes: a hang fails here
 @requires_cuda
 def test_mixed_decoding_on_cuda_matches_cpu_pipeline(dali, demo_cfg, photo_root):
     cfg = photo_cfg(demo_cfg, photo_root, "loader=dali", "batch_size=4")
@@ -207,6 +228,7 @@ def test_mixed_decoding_on_cuda_matches_cpu_pipeline(dali, demo_cfg, photo_root)
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(120)  # `pytest -m gpu` must finish in 2 minutes: a hang fails here
 @requires_cuda
 def test_mixed_train_follows_the_epoch_list_on_cuda(dali, demo_cfg, photo_root):
     cfg = photo_cfg(demo_cfg, photo_root, "loader=dali", "batch_size=4")

@@ -75,21 +75,6 @@ def test_aux_route_updates_only_aux_stats(name, digits_root):
     assert all(torch.equal(v, bn_buffers(model, "aux")[k]) for k, v in aux_after.items())
 
 
-def test_split_route_equals_separate_routes(digits_root):
-    images, _ = digits_batch(digits_root)
-    adv = (images + 0.1).clamp(0, 1)
-    model = convert_dual_bn(trained_plain("resnet18", images)).train()
-    twin = copy.deepcopy(model)
-    with use_bn(model, split=len(images)):
-        joint = model(torch.cat([images, adv]))
-    clean = twin(images)
-    with use_bn(twin, "aux"):
-        adversarial = twin(adv)
-    torch.testing.assert_close(joint, torch.cat([clean, adversarial]), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(bn_buffers(model, "main"), bn_buffers(twin, "main"))
-    torch.testing.assert_close(bn_buffers(model, "aux"), bn_buffers(twin, "aux"))
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_export_loads_strict_into_plain_timm(name, digits_root):
     images, _ = digits_batch(digits_root)

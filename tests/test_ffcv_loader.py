@@ -207,6 +207,7 @@ def test_demo_trains_with_ffcv(digits_root, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(120)  # `pytest -m gpu` must finish in 2 minutes: a hang fails here
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_equal_cpu_batches(colors):
     """On CUDA ffcv copies on its own stream (ToDevice): same val images, on the device, channels-last."""

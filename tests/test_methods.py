@@ -12,6 +12,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from models.dual_bn import AUX, MAIN, DualBatchNorm, convert_dual_bn, use_bn
 from models.factory import create_model
 from train.attacks import random_wrong_class
+from train.loop import scale_gradients
 from train.methods import METHODS, USES_DUAL_BN, StepContext
 from train.optim import create_optimizer
 
@@ -45,10 +46,15 @@ def build(cfg):
 
 
 def step(model, cfg, images, labels):
-    """One method step as the loop does it (without Accelerate); returns the StepOutput."""
-    out = METHODS[cfg.method](StepContext(model, model, cfg, CLASSES), images, labels)
-    out.loss.backward()
-    return out
+    """One method step as the loop does it (without Accelerate): every Backward it yields, then
+    its per-group gradient factors; returns the StepOutput."""
+    steps = METHODS[cfg.method](StepContext(model, model, cfg, CLASSES), images, labels)
+    try:
+        while True:
+            sum(next(steps).terms.values()).backward()
+    except StopIteration as done:
+        scale_gradients(done.value.grad_scales)
+        return done.value
 
 
 def bn_buffers(model, route):
@@ -145,14 +151,30 @@ def naive_pgd(model, images, labels, *, eps, step_size, steps, targeted, start=N
     return adv
 
 
-def assert_same_grads(model, reference):
-    ours, expected = grads(model), grads(reference)
+def assert_same_grads(model, expected):
+    ours = grads(model)
     assert ours.keys() == expected.keys() and ours
     for name in ours:
         torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_advprop_gradient_equals_reference(demo_cfg, digits):
+def group_of(name: str) -> str:
+    return "main" if ".main." in name else "aux" if ".aux." in name else "shared"
+
+
+def grads_by_group(model, losses: dict) -> dict:
+    """Each parameter's gradient of the loss of its group: losses = {"shared": …, "main": …, "aux": …}."""
+    expected = {}
+    for group, loss in losses.items():
+        params = [(n, p) for n, p in model.named_parameters() if group_of(n) == group]
+        values = torch.autograd.grad(loss, [p for _, p in params], retain_graph=True, allow_unused=True)
+        expected.update({n: g for (n, _), g in zip(params, values) if g is not None})
+    return expected
+
+
+def test_advprop_gradient_is_the_per_group_average(demo_cfg, digits):
+    """Shared weights: every image once, (Σ clean + w·Σ adv) / (B + w·B); main BNs: the clean mean;
+    aux BNs: the adversarial mean (train/methods.py)."""
     cfg = demo_cfg("method=advprop", *ATTACK, "attack.random_start=false", "advprop.adv_weight=0.7")
     model = build(cfg)
     reference = copy.deepcopy(model)
@@ -165,15 +187,19 @@ def test_advprop_gradient_equals_reference(demo_cfg, digits):
     with use_bn(reference, AUX):
         adversarial = naive_pgd(reference, images, targets, eps=4 / 255, step_size=1 / 255, steps=2, targeted=True)
     torch.testing.assert_close(out.adversarial, adversarial, rtol=0, atol=1e-6)
-    clean_loss = F.cross_entropy(reference(images), labels)
+    clean_sum = F.cross_entropy(reference(images), labels, reduction="sum")
     with use_bn(reference, AUX):
-        adv_loss = F.cross_entropy(reference(adversarial), labels)
-    (clean_loss + 0.7 * adv_loss).backward()
-    assert_same_grads(model, reference)
+        adv_sum = F.cross_entropy(reference(adversarial), labels, reduction="sum")
+    n = len(images)
+    assert_same_grads(model, grads_by_group(reference, {
+        "shared": (clean_sum + 0.7 * adv_sum) / (n * 1.7), "main": clean_sum / n, "aux": adv_sum / n}))
 
 
-def test_fast_advprop_gradient_equals_reference(demo_cfg, digits):
-    cfg = demo_cfg(*FAST, *ATTACK)  # two attack steps: the reused one and one plain PGD step
+def test_fast_advprop_gradient_is_the_per_group_average(demo_cfg, digits):
+    """Two attack steps (the reused one, then a plain PGD step), random start: the official
+    normalisation (shared: (Σ clean + ½Σ attack + ½Σ adv) / B; main BNs: the clean mean; aux BNs:
+    (½Σ attack + ½Σ adv) / n_adv); tests/test_fast_advprop_official.py checks it across processes."""
+    cfg = demo_cfg(*FAST, *ATTACK)
     model = build(cfg)
     reference = copy.deepcopy(model)
     images, labels = digits[0][0][:40], digits[0][1][:40]
@@ -185,13 +211,17 @@ def test_fast_advprop_gradient_equals_reference(demo_cfg, digits):
     torch.manual_seed(1)
     start = (source + torch.empty_like(source).uniform_(-eps, eps)).clamp(0, 1).requires_grad_(True)
     with use_bn(reference, AUX):
-        attack_loss = F.cross_entropy(reference(start), adv_labels)
-        (grad,) = torch.autograd.grad(attack_loss, start, retain_graph=True)
+        attack_sum = F.cross_entropy(reference(start), adv_labels, reduction="sum")
+        (grad,) = torch.autograd.grad(attack_sum, start, retain_graph=True)
         first = (source + (start + step_size * grad.sign() - source).clamp(-eps, eps)).clamp(0, 1).detach()
         adversarial = naive_pgd(reference, source, adv_labels, eps=eps, step_size=step_size, steps=1,
                                 targeted=False, start=first)
-        adv_loss = F.cross_entropy(reference(adversarial), adv_labels)
-    clean_loss = F.cross_entropy(reference(clean), clean_labels)
-    (clean_loss + 0.5 * attack_loss + 0.5 * adv_loss).backward()
+        # one process: its rows are shuffled among themselves, by the run's seed and step (0)
+        order = torch.randperm(8, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003))
+        adversarial, adv_labels = adversarial[order], adv_labels[order]
+        adv_sum = F.cross_entropy(reference(adversarial), adv_labels, reduction="sum")
+    clean_sum = F.cross_entropy(reference(clean), clean_labels, reduction="sum")
     torch.testing.assert_close(out.adversarial, adversarial, rtol=0, atol=1e-6)
-    assert_same_grads(model, reference)
+    aux_sum = 0.5 * attack_sum + 0.5 * adv_sum
+    assert_same_grads(model, grads_by_group(reference, {
+        "shared": (clean_sum + aux_sum) / 40, "main": clean_sum / 32, "aux": aux_sum / 8}))

@@ -1,5 +1,4 @@
 """Every recipe in configs/ loads onto the schema and says what the paper's recipe says."""
-from pathlib import Path
 
 import pytest
 import timm
@@ -67,3 +66,14 @@ def test_sync_bn_keeps_dual_routes_and_activations():
     assert acts and any(a != "Identity" for a in acts)  # not silently dropped
     assert not any(isinstance(m, BatchNormAct2d) and not isinstance(m, torch.nn.SyncBatchNorm)
                    and "Sync" not in type(m).__name__ for m in model.modules())
+
+
+def test_fast_advprop_recipe_costs_what_vanilla_costs():
+    """The authors' --exact_same_training_budget: epochs and schedule ÷ (1 + adv_fraction)."""
+    vanilla = load_config([f"config={REPO / 'configs' / 'resnet50_vanilla.yaml'}"])
+    fast = load_config([f"config={REPO / 'configs' / 'resnet50_fast_advprop.yaml'}"])
+    assert fast.epochs == round(vanilla.epochs / 1.2) == 83
+    assert fast.schedule.warmup_epochs == pytest.approx(vanilla.schedule.warmup_epochs / 1.2)
+    assert not fast.fast_advprop.equal_budget  # the resolved config holds the divided values, once
+    again = load_config([f"config={REPO / 'configs' / 'resnet50_fast_advprop.yaml'}", "fast_advprop.equal_budget=false"])
+    assert again.epochs == 100

@@ -3,6 +3,7 @@
 
     python tools/bench_loaders.py                          # builds data/bench/photos (1,800 real photo JPEGs)
     python tools/bench_loaders.py --data ~/imagenet/train --workers 1 2 --json
+    python tools/bench_loaders.py --photos 18000 --workers 16 --backends torchvision dali
     python tools/bench_loaders.py --backends ffcv --ffcv-max-resolution 500 --ffcv-write-mode jpg
 
 Train pipeline (random-resized-crop 224 + flip, uint8 out, on the device), batch 64. Each backend
@@ -38,7 +39,8 @@ STORAGE = StorageSettings()
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, help="ImageFolder to read (default: build --cache-dir/photos)")
+    parser.add_argument("--data", type=Path, help="ImageFolder to read (default: build --cache-dir/photos[-N])")
+    parser.add_argument("--photos", type=int, default=1800, help="photo JPEGs to build when --data is not given")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="decode workers/threads per backend")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per measurement, the first not timed")
@@ -124,7 +126,8 @@ def main(argv) -> int:
     args = parse_args(argv)
     if args.data is None:
         from pipelines.photo_data import build_photo_imagefolder
-        args.data = build_photo_imagefolder(args.cache_dir / "photos")
+        name = "photos" if args.photos == 1800 else f"photos-{args.photos}"
+        args.data = build_photo_imagefolder(args.cache_dir / name, count=args.photos)
     folder = args.data.resolve()
     if not folder.is_dir():
         print(f"error: --data {folder} is not a folder", file=sys.stderr)

@@ -32,9 +32,9 @@ from models.dual_bn import dual_bn_layers  # noqa: E402
 from models.load import load_any  # noqa: E402
 from pipelines.loader import find_classes  # noqa: E402
 from tools.robustness import imagenet_c, report as reporting, sets  # noqa: E402
-from train.config import ATTACK_PRESETS, AttackConfig  # noqa: E402
+from train.config import ATTACK_PRESETS, EvalAttackConfig, attack_preset  # noqa: E402
 from train.errors import UserInputError  # noqa: E402
-from train.methods import attack_kwargs  # noqa: E402
+from train.loop import pgd_kwargs  # noqa: E402
 from train.tracking import wandb_mode  # noqa: E402
 
 
@@ -74,16 +74,15 @@ def parse_attack(tokens: list[str]) -> dict:
     name, *pairs = tokens
     if name != "pgd" and name not in ATTACK_PRESETS:
         raise UserInputError(f"--attack {name}: use pgd KEY=VALUE… or a preset {tuple(ATTACK_PRESETS)}")
-    try:
-        overrides = OmegaConf.from_dotlist(pairs)
-        attack = OmegaConf.merge(OmegaConf.structured(AttackConfig), ATTACK_PRESETS.get(name, {}), overrides)
+    try:  # the keys of the run config's eval_attack: untargeted PGD on the eval-mode model
+        attack = OmegaConf.merge(OmegaConf.structured(EvalAttackConfig), attack_preset("eval_attack", name)
+                                 if name != "pgd" else {}, OmegaConf.from_dotlist(pairs))
     except (OmegaConfBaseException, ValueError) as error:
-        raise UserInputError(f"--attack {' '.join(tokens)}: {error}".replace("\n", "; ")) from None
-    if overrides.get("targeted"):  # train/loop.evaluate attacks the true labels
-        raise UserInputError("--attack: robust accuracy is measured under untargeted PGD only")
+        raise UserInputError(f"--attack {' '.join(tokens)}: {error} (robust accuracy is measured under "
+                             f"untargeted PGD, on the model's eval-mode BN statistics)".replace("\n", "; ")) from None
     if attack.steps < 1 or attack.eps < 0 or attack.step_size <= 0:
         raise UserInputError(f"--attack {' '.join(tokens)}: needs steps ≥ 1, eps ≥ 0, step_size > 0")
-    return {"kwargs": attack_kwargs(attack), "key": f"pgd{attack.steps}_eps{attack.eps:g}",
+    return {"kwargs": pgd_kwargs(attack), "key": f"pgd{attack.steps}_eps{attack.eps:g}",
             "name": f"PGD-{attack.steps} eps={attack.eps:g}/255 step={attack.step_size:g}/255 untargeted"}
 
 
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.bn == "aux" and not dual_bn_layers(model):
             raise UserInputError(f"--bn aux: {args.checkpoint} has no auxiliary BNs (a dual-BN method's "
                                  f"checkpoint folder has them; exports keep the main BNs only)")
-    except (UserInputError, FileNotFoundError, ValueError) as error:  # ValueError: an unknown --model
+    except (UserInputError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     overrides = {"image_size": args.image_size, "val_image_size": args.image_size, "crop_ratio": args.crop_ratio}

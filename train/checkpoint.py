@@ -39,6 +39,9 @@ class TrainState:
     best_top1: float = -1.0
     train_images: int = 0  # images trained on, all processes
     train_seconds: float = 0.0
+    steady_images: int = 0  # the same without each epoch's first logging window (start-up)
+    steady_seconds: float = 0.0
+    steady_wait_seconds: float = 0.0  # of steady_seconds, spent waiting for the loader
     processes: int = 0  # processes that trained it (0: not recorded); a resume must use as many
 
 

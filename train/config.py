@@ -41,8 +41,8 @@ class AttackConfig:
     bn_mode: str = "train"  # BN statistics the attack sees: train (batch statistics) | eval (running)
 
 
-# `attack=NAME` (command line or recipe): the paper's attacker strengths (DESIGN.md), in pixel units;
-# keys given after it override. FGSM is one full-ε step from the clean image (Goodfellow et al.).
+# `attack=NAME` (command line or recipe): the paper's attacker strengths (Xie et al., Table "attacker
+# strength"), in pixel units; keys given after it override. FGSM is one full-ε step from the clean image (Goodfellow et al.).
 ATTACK_PRESETS = {
     "pgd1": dict(eps=1.0, step_size=1.0, steps=1),
     "pgd3": dict(eps=2.0, step_size=1.0, steps=3),
@@ -50,6 +50,16 @@ ATTACK_PRESETS = {
     "pgd5": dict(eps=4.0, step_size=1.0, steps=5),
     "fgsm": dict(eps=1.0, step_size="${.eps}", steps=1, random_start=False, targeted=False),
 }
+
+
+@dataclass
+class EvalAttackConfig:
+    """The attack of the final robust accuracy: untargeted PGD on the eval-mode model (BN running
+    statistics), so it has no `targeted` or `bn_mode`; every image starts at a random point."""
+    eps: float = 4.0
+    step_size: float = 1.0
+    steps: int = 5
+    random_start: bool = True
 
 
 @dataclass
@@ -67,6 +77,10 @@ class FastAdvPropConfig:
     adv_fraction: float = 0.2  # share of the batch that is attacked (Mei et al.: 4:1 clean:adv)
     attack_weight: float = 0.5  # weight of the attack step's loss, whose gradient is reused
     adv_weight: float = 0.5  # weight of the adversarial examples' loss
+    # The authors' --exact_same_training_budget: epochs and the schedule's epoch counts divided by
+    # 1 + adv_fraction (a step trains on that many times a vanilla step's images), so the run costs
+    # what vanilla training costs.
+    equal_budget: bool = False
 
 
 @dataclass
@@ -163,13 +177,14 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     channels_last: bool = True
     ema_decay: float = 0.0  # EMA of the weights, evaluated and checkpointed (TF recipe 0.9999); 0 → off
-    compile: bool = False  # torch.compile the training forward (Accelerate's inductor backend)
+    compile: bool = False  # torch.compile the model: attack and training forward (train/compile.py)
     sync_bn: bool = False  # multi-GPU: BN statistics over all GPUs (main and aux routes separately)
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 3, weights untouched) | skip the batch
+    nonfinite_check: str = "auto"  # host: check each loss before backward | device: no per-step sync (CUDA) | auto
     # evaluation
     eval_aux_bn: bool = False  # also validate through the auxiliary BNs each epoch
     eval_robust: bool = True  # robust top-1 under eval_attack (untargeted) at the end
-    eval_attack: Optional[AttackConfig] = None  # e.g. eval_attack=pgd5 (one attack for all methods); None → attack
+    eval_attack: Optional[EvalAttackConfig] = None  # e.g. eval_attack=pgd5 (one attack for all methods); None → attack
     # logging and checkpoints
     tracker: str = "wandb"  # wandb (offline without a login) | none
     wandb_project: str = "advprop"
@@ -222,9 +237,24 @@ def load_config(args: list[str] | None = None) -> DictConfig:
     except OmegaConfBaseException as error:
         raise ConfigError(f"bad config ({recipe}): {error}".replace("\n", "; ")) from None
     validate(cfg)
+    if cfg.method == "fast_advprop" and cfg.fast_advprop.equal_budget:
+        apply_equal_budget(cfg)
     if not cfg.output_dir:
         cfg.output_dir = str(Path("runs") / cfg.name)
     return cfg
+
+
+def apply_equal_budget(cfg: DictConfig) -> None:
+    """Fast AdvProp at vanilla's cost (the authors' get_exact_same_budget): epochs and the schedule's
+    epoch counts divided by 1 + adv_fraction. The resolved config keeps the divided values and
+    equal_budget=false, so it reads (and resumes) as what runs, and is never divided twice."""
+    scale = 1 + cfg.fast_advprop.adv_fraction
+    before = cfg.epochs
+    cfg.epochs = max(1, round(cfg.epochs / scale))
+    cfg.schedule.warmup_epochs /= scale
+    cfg.schedule.decay_epochs /= scale
+    cfg.fast_advprop.equal_budget = False
+    print(f"fast_advprop.equal_budget: epochs {before} → {cfg.epochs}, schedule epochs ÷ {scale:g}")
 
 
 ATTACK_NODES = ("attack", "eval_attack")  # config nodes that accept a preset name
@@ -234,7 +264,8 @@ def attack_preset(key: str, name: str) -> dict:
     if name not in ATTACK_PRESETS:
         raise ConfigError(f"bad value for {key}: {name!r} is not a preset; use one of {tuple(ATTACK_PRESETS)} "
                           f"or set its keys ({key}.eps=…)")
-    return dict(ATTACK_PRESETS[name])
+    fields = AttackConfig.__dataclass_fields__ if key == "attack" else EvalAttackConfig.__dataclass_fields__
+    return {k: v for k, v in ATTACK_PRESETS[name].items() if k in fields}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -259,6 +290,7 @@ def validate(cfg: DictConfig) -> None:
         (cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be ≥ 1"),
         (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be ≥ 0"),
         (cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip"),
+        (cfg.nonfinite_check in ("auto", "host", "device"), "nonfinite_check", "must be auto, host or device"),
         (0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1)"),
         (not cfg.data.auto_augment or cfg.loader == "torchvision", "data.auto_augment",
          "is applied by loader=torchvision only"),
@@ -288,9 +320,11 @@ def validate(cfg: DictConfig) -> None:
                 (node.eps >= 0, f"{key}.eps", "must be ≥ 0 (pixel units)"),
                 (node.steps >= 0, f"{key}.steps", "must be ≥ 0"),
                 (node.step_size >= 0, f"{key}.step_size", "must be ≥ 0 (pixel units)"),
-                (0 <= node.clean_start_fraction <= 1, f"{key}.clean_start_fraction", "must be in [0, 1]"),
-                (node.bn_mode in ("train", "eval"), f"{key}.bn_mode", "must be train or eval"),
             ]
+    checks += [
+        (0 <= attack.clean_start_fraction <= 1, "attack.clean_start_fraction", "must be in [0, 1]"),
+        (attack.bn_mode in ("train", "eval"), "attack.bn_mode", "must be train or eval"),
+    ]
     for ok, key, problem in checks:
         if not ok:
             raise ConfigError(f"bad value for {key}: {OmegaConf.select(cfg, key)!r} {problem}")

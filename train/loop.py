@@ -1,4 +1,14 @@
-"""One training epoch and evaluation, on whatever Accelerate prepared."""
+"""One training epoch and evaluation, on whatever Accelerate prepared.
+
+train_step is the one owner of a step: it runs the method (train/methods.py) up to each Backward
+it yields, has the StepGuard check the terms, backpropagates with Accelerate's loss scaling and
+gradient accumulation, synchronises DDP on the last backward of a step only, scales per-group
+gradients, steps the optimizer, the LR schedule and the EMA.
+
+Throughput is reported per logging window as perf/img_per_s and perf/data_wait (the share of the
+window spent waiting for the loader); each epoch's first window is its warm-up (loader start,
+compilation, caches) and stays out of the steady-state figures of summary.json.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +20,8 @@ from tqdm.auto import tqdm
 
 from models.dual_bn import use_bn
 from train.attacks import pgd
-from train.faults import BufferSnapshot, NonFiniteLoss, loss_is_finite
-from train.methods import METHODS, StepContext, attack_kwargs
+from train.faults import NonFiniteLoss
+from train.methods import BACKWARDS, METHODS, StepContext, StepOutput
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -19,7 +29,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
 
 
-def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler, state, log, *,
+def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler, state, log, guard, *,
                     ema=None, stop=None, save_mid_epoch=None) -> bool:
     """Trains from state.batch to the end of epoch state.epoch, advancing state as it goes.
 
@@ -32,81 +42,144 @@ def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler,
     loader.set_epoch(state.epoch, start_batch=state.batch)
     end = state.batch + len(loader)
     optimizer.zero_grad(set_to_none=True)
-    window = MetricWindow()
-    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", initial=state.batch, total=end,
+    window = MetricWindow(warmup=True)
+    bar = tqdm(window.timed(loader), desc=f"epoch {state.epoch + 1}/{cfg.epochs}", initial=state.batch, total=end,
                disable=not accelerator.is_local_main_process, leave=False)
     for images, labels in bar:
         x = to_float(images)
         sync = (state.batch + 1) % accum == 0
-        out = train_step(ctx, accelerator, optimizer, scheduler, state, x, labels, sync, ema)
+        out = train_step(ctx, accelerator, optimizer, scheduler, state, x, labels, sync, guard, ema)
         state.batch += 1
-        if out is None:
-            continue
-        window.add(out.metrics, len(x) * accelerator.num_processes)
-        if state.batch % cfg.log_every == 0 or state.batch == end:
-            report = window.flush(accelerator, state)
-            report.update(epoch=state.epoch + state.batch / end, lr=optimizer.param_groups[0]["lr"])
-            log.log(report, state.step)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in report.items() if k.startswith("train/loss")})
-        if sync and cfg.image_log_every and out.adversarial is not None and state.step % cfg.image_log_every == 0:
+        if out is not None:
+            window.add(out.metrics, len(x) * accelerator.num_processes)
+        report_now = state.batch % cfg.log_every == 0 or state.batch == end
+        if report_now:
+            report = window.flush(accelerator, state, guard)
+            if report:
+                report.update(epoch=state.epoch + state.batch / end, lr=optimizer.param_groups[0]["lr"])
+                log.log(report, state.step)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in report.items() if k.startswith("train/loss")})
+        if out is not None and sync and cfg.image_log_every and out.adversarial is not None \
+                and state.step % cfg.image_log_every == 0:
             log.log_panel(x, out.adversarial, state.step)
         if sync and state.batch < end:
-            if stop is not None and stop.agreed(accelerator):
-                window.flush(accelerator, state)
+            # several processes agree at reports only: a collective each step would sync the device
+            if stop is not None and (report_now or accelerator.num_processes == 1) and stop.agreed(accelerator):
+                window.flush(accelerator, state, guard)
                 return False
             if save_mid_epoch and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
                 save_mid_epoch()
-    window.flush(accelerator, state)
+    window.flush(accelerator, state, guard)
     state.epoch, state.batch = state.epoch + 1, 0
     return True
 
 
-def train_step(ctx, accelerator, optimizer, scheduler, state, x, labels, sync: bool, ema=None):
-    """Forward (the method), backward, and on sync an optimizer step. None: a skipped batch."""
-    before = BufferSnapshot(ctx.attack_model)
-    with contextlib.nullcontext() if sync else accelerator.no_sync(ctx.model):
-        out = METHODS[ctx.cfg.method](ctx, x, labels)
-        if not loss_is_finite(out.loss, accelerator):
-            before.restore()
-            where = f"step {state.step + 1} (epoch {state.epoch + 1}, batch {state.batch + 1})"
-            if ctx.cfg.on_nonfinite == "stop":
-                raise NonFiniteLoss(f"loss is {out.loss.item()} at {where}; the weights are still those "
-                                    f"of the step before. Lower the LR or set on_nonfinite=skip.")
-            accelerator.print(f"warning: skipping batch with loss {out.loss.item()} at {where}")
-            optimizer.zero_grad(set_to_none=True)
-            return None
-        accelerator.backward(out.loss / ctx.cfg.grad_accum_steps)
+def train_step(ctx: StepContext, accelerator, optimizer, scheduler, state, x, labels, sync: bool, guard,
+               ema=None) -> StepOutput | None:
+    """The method's backwards, then on sync an optimizer step. None: the guard skipped the batch."""
+    cfg = ctx.cfg
+    ctx.step = state.step
+    guard.begin()
+    steps = METHODS[cfg.method](ctx, x, labels)
+    passes, request, out = BACKWARDS.get(cfg.method, 1), None, None
+    for index in range(passes):
+        last = index == passes - 1
+        # DDP all-reduces in the backward of a forward made outside no_sync: only the last one
+        # of a sync step; the others (and every pass of an accumulation step) accumulate locally.
+        with contextlib.nullcontext() if sync and last else accelerator.no_sync(ctx.model):
+            request = next(steps)  # the method's forward up to its next Backward
+            if not guard.check(request.terms):
+                steps.close()
+                guard.abort()
+                return skip_or_stop(cfg, accelerator, state, request.terms)
+            accelerator.backward(sum(request.terms.values()) / cfg.grad_accum_steps)
+    try:
+        next(steps)
+        raise RuntimeError(f"method {cfg.method} yields more than {passes} Backward requests (BACKWARDS)")
+    except StopIteration as done:
+        out = done.value
     if sync:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        scheduler.step_update(state.step)
-        if ema is not None:
-            ema.update(ctx.attack_model, step=state.step)
+        optimizer_step(ctx, optimizer, scheduler, state, out, guard, ema)
     return out
 
 
-class MetricWindow:
-    """Step metrics averaged over the steps since the last report, and over processes."""
+def scale_gradients(grad_scales: list[tuple[list[torch.Tensor], float]]) -> None:
+    """A method's per-group gradient factors (train/methods.py: each BN set averaged over its images)."""
+    with torch.no_grad():
+        for params, factor in grad_scales:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, factor)
 
-    def __init__(self):
-        self.sums, self.steps, self.images, self.start = {}, 0, 0, time.perf_counter()
+
+def optimizer_step(ctx, optimizer, scheduler, state, out: StepOutput, guard, ema) -> None:
+    scale_gradients(out.grad_scales)
+    saved = guard.before_step()
+    optimizer.step()
+    guard.after_step(saved)
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    scheduler.step_update(state.step)
+    if ema is not None:
+        ema.update(ctx.attack_model, step=state.step)
+
+
+def skip_or_stop(cfg, accelerator, state, terms: dict) -> None:
+    values = ", ".join(f"{name} {value.item():.4g}" for name, value in terms.items())
+    where = f"step {state.step + 1} (epoch {state.epoch + 1}, batch {state.batch + 1})"
+    if cfg.on_nonfinite == "stop":
+        raise NonFiniteLoss(f"loss is not finite at {where} ({values}); the weights are still those of the "
+                            f"step before. Lower the LR or set on_nonfinite=skip.")
+    accelerator.print(f"warning: skipping batch with a non-finite loss at {where} ({values})")
+    return None
+
+
+class MetricWindow:
+    """Step metrics averaged over the steps since the last report and over processes, with the
+    window's throughput and the share of its time spent waiting for the loader."""
+
+    def __init__(self, warmup: bool = False):
+        self.warmup = warmup  # the epoch's first window: start-up, kept out of the steady state
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums, self.steps, self.images, self.wait = {}, 0, 0, 0.0
+        self.start = time.perf_counter()
+
+    def timed(self, loader):
+        """The loader's batches, the time spent waiting for each added to this window."""
+        batches = iter(loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.wait += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
 
     def add(self, metrics: dict, images: int) -> None:
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
         self.steps, self.images = self.steps + 1, self.images + images
 
-    def flush(self, accelerator, state) -> dict:
-        """Report and reset; counts the window's images and time into state."""
-        seconds = time.perf_counter() - self.start
+    def flush(self, accelerator, state, guard) -> dict:
+        """Report and reset; counts the window's images and time into state (the steady-state
+        totals too, after the warm-up window)."""
+        guard.report(f"step {state.step}")
         if not self.steps:
+            self.reset()
             return {}
         report = {f"train/{k}": accelerator.reduce(v / self.steps, "mean").item() for k, v in self.sums.items()}
-        report["train/img_per_s"] = self.images / seconds
+        seconds = time.perf_counter() - self.start  # after the reduce: the device work is done
+        report.update({"perf/img_per_s": self.images / seconds, "perf/data_wait": self.wait / seconds})
         state.train_images += self.images
         state.train_seconds += seconds
-        self.__init__()
+        if not self.warmup:
+            state.steady_images += self.images
+            state.steady_seconds += seconds
+            state.steady_wait_seconds += self.wait
+        self.warmup = False
+        self.reset()
         return report
 
 
@@ -137,5 +210,12 @@ def evaluate(model, loader, accelerator, *, route: str = "main", attack=None, de
 
 
 def robust_attack(cfg) -> dict:
-    """eval_attack (default: the training attack's strength), untargeted, for robust accuracy."""
-    return attack_kwargs(cfg.eval_attack or cfg.attack)
+    """pgd() kwargs of the final robust accuracy: eval_attack, else the training attack's strength;
+    untargeted on the eval-mode model (evaluate() passes targeted=False), every image from a
+    random start (when random_start), whatever the training attack's clean-start share."""
+    return pgd_kwargs(cfg.eval_attack or cfg.attack)
+
+
+def pgd_kwargs(node) -> dict:
+    """An eval attack's config (pixel units) → pgd() kwargs ([0, 1] units), untargeted by the caller."""
+    return dict(eps=node.eps / 255, step_size=node.step_size / 255, steps=node.steps, random_start=node.random_start)

@@ -1,8 +1,12 @@
-"""Training methods: each is one function (ctx, images, labels) → StepOutput.
+"""Training methods: each is a generator (ctx, images, labels) that yields what to backpropagate
+and returns a StepOutput.
 
-`images` are float [0, 1], channels-last, on the device; the loop backpropagates StepOutput.loss
-and steps the optimizer. A new method is a function here plus its entry in METHODS (the config's
-`method=` names are METHODS' keys) and, if it routes BNs, in USES_DUAL_BN.
+`images` are float [0, 1], channels-last, on the device. A method computes its losses and yields
+Backward(terms): the loop (train/loop.py) owns everything that follows: the finiteness check of
+every term, loss scaling, gradient accumulation, DDP synchronisation, the optimizer step. Most
+methods yield once; fast_advprop yields twice, because the input gradient of its first backward
+makes its adversarial examples. A new method is a generator here plus its entry in METHODS (the
+config's `method=` names are METHODS' keys) and, if it routes BNs, in USES_DUAL_BN.
 
     vanilla         cross-entropy on clean images
     adv_train       Madry et al. 2018: cross-entropy on PGD examples only; one BN set
@@ -10,31 +14,42 @@ and steps the optimizer. A new method is a function here plus its entry in METHO
                     adversarial images in one batch (the AdvProp paper's "adversarial training")
     advprop         Xie et al. 2020: J(x; main BNs) + w·J(x_adv; aux BNs), the attack through aux BNs
     fast_advprop    Mei et al. 2022: 4:1 clean:adv split of the batch, one attack step whose forward
-                    and backward also train the weights (aux BNs), loss 1·clean + ½·attack + ½·adv
+                    and backward also train the weights (aux BNs), loss weights 1 / ½ / ½
+
+Loss scale of the dual-BN methods (advprop, fast_advprop), as the Fast AdvProp authors' code
+(meijieru/fast_advprop, imagenet.py train(), fast_advprop.py: "synchronizing parameter updating
+speed") computes it: per-sample losses are summed with their weights, and each parameter's
+gradient is divided by the weighted number of images that reached it:
+
+    shared weights  Σ_i w_i·ℓ_i / Σ_i w_i           (every image counts once: vanilla's scale)
+    main BNs        mean over the clean images      (their only images)
+    aux BNs         Σ_adv w_i·ℓ_i / Σ_adv w_i       (the attacked and adversarial images)
+
+For advprop (w = 1 for clean, advprop.adv_weight for adversarial images) this is the paper's
+objective J(x) + w·J(x_adv) with the shared weights' gradient divided by 1 + w, as the public
+implementations have it (Xie's concatenated 2B batch averaged once; Mei's AdvProp baseline): the
+recipes' learning rates are those of vanilla training. For fast_advprop (B images, 4:1 split,
+weights 1 / ½ / ½) the shared weights see ≈ 0.8·mean(clean) + 0.1·mean(attack) + 0.1·mean(adv).
 
 Cost in units of one vanilla step (forward + backward of B images = 1): a PGD step with frozen
-weights (a forward and the input gradient, no weight gradients) costs s, so advprop PGD-k ≈ 2 + s·k,
-adv_train ≈ 1 + s·k, fast_advprop ≈ 1 + adv_fraction (its attack step is part of the training).
-The cost targets assume s = ½; measured on CPU (mkldnn, resnet18) s ≈ 0.75–0.8: every conv's
-input gradient costs about its forward, the stem's (3 output channels) 2.5× its forward.
-tools/bench_step.py prints s.
+weights costs s (tools/bench_step.py measures it: ≈ 0.78 on CPU, 0.96 on an H100 in eager mode),
+so advprop PGD-k ≈ 2 + s·k, adv_train ≈ 1 + s·k, fast_advprop ≈ 1 + adv_fraction.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
+from typing import Callable, Generator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.dual_bn import AUX, MAIN, use_bn
+from models.dual_bn import AUX, MAIN, route_parameters, use_bn
 from train.attacks import bn_eval, pgd, pgd_step, random_start_point, random_wrong_class
 
 
-def plain_backward(loss: torch.Tensor) -> None:
-    loss.backward()
+def keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 @dataclass
@@ -43,17 +58,29 @@ class StepContext:
     attack_model: nn.Module  # the same weights unwrapped: attacks need no DDP gradient hooks
     cfg: object
     num_classes: int
-    # For methods that backpropagate part of their loss themselves (fast_advprop): the loop's
-    # backward (loss scaling, accumulation) and a context in which DDP accumulates without syncing.
-    backward: Callable[[torch.Tensor], None] = plain_backward
-    no_sync: Callable[[], ContextManager] = contextlib.nullcontext
+    # Several processes: this one's rank and how many there are, and a function that concatenates
+    # a tensor over all of them (Accelerate's gather); fast_advprop shuffles rows across them.
+    rank: int = 0
+    world_size: int = 1
+    gather: Callable[[torch.Tensor], torch.Tensor] = keep
+    step: int = 0  # the optimizer step being made (the loop sets it): seeds the cross-process shuffle
+
+
+@dataclass
+class Backward:
+    """What a method asks the loop to backpropagate: the sum of these loss terms."""
+    terms: dict[str, torch.Tensor]  # name → scalar term, weights applied
 
 
 @dataclass
 class StepOutput:
-    loss: torch.Tensor  # what the loop backpropagates
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars
     adversarial: torch.Tensor | None = None  # for the image panel
+    # (parameters, factor): gradients the loop multiplies before the optimizer step (per-group scale)
+    grad_scales: list[tuple[list[torch.Tensor], float]] = field(default_factory=list)
+
+
+MethodSteps = Generator[Backward, None, StepOutput]
 
 
 def attack_kwargs(attack_cfg) -> dict:
@@ -72,8 +99,8 @@ def make_adversarial(ctx: StepContext, images: torch.Tensor, labels: torch.Tenso
         return pgd(ctx.attack_model, images, targets, targeted=attack.targeted, **attack_kwargs(attack))
 
 
-def cross_entropy(ctx: StepContext, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, label_smoothing=ctx.cfg.label_smoothing)
+def cross_entropy(ctx: StepContext, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+    return F.cross_entropy(logits.float(), labels, label_smoothing=ctx.cfg.label_smoothing, reduction=reduction)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -87,28 +114,30 @@ def two_part_metrics(clean_loss, adv_loss, clean_logits, adv_logits, clean_label
 
 # ----------------------------------------------------------------------------- one BN set
 
-def vanilla(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+def vanilla(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> MethodSteps:
     logits = ctx.model(images)
     loss = cross_entropy(ctx, logits, labels)
-    return StepOutput(loss, {"loss/clean": loss.detach(), "acc/clean": accuracy(logits, labels)})
+    yield Backward({"clean": loss})
+    return StepOutput({"loss/clean": loss.detach(), "acc/clean": accuracy(logits, labels)})
 
 
-def adv_train(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+def adv_train(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> MethodSteps:
     adversarial = make_adversarial(ctx, images, labels)
     logits = ctx.model(adversarial)
     loss = cross_entropy(ctx, logits, labels)
-    return StepOutput(loss, {"loss/adv": loss.detach(), "acc/adv": accuracy(logits, labels)}, adversarial)
+    yield Backward({"adv": loss})
+    return StepOutput({"loss/adv": loss.detach(), "acc/adv": accuracy(logits, labels)}, adversarial)
 
 
-def goodfellow_mix(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+def goodfellow_mix(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> MethodSteps:
     alpha = ctx.cfg.goodfellow_mix.alpha
     adversarial = make_adversarial(ctx, images, labels)
     n = len(images)
     logits = ctx.model(torch.cat([images, adversarial]))  # one batch: BN statistics mix both kinds
     clean_loss = cross_entropy(ctx, logits[:n], labels)
     adv_loss = cross_entropy(ctx, logits[n:], labels)
-    metrics = two_part_metrics(clean_loss, adv_loss, logits[:n], logits[n:], labels, labels)
-    return StepOutput(alpha * clean_loss + (1 - alpha) * adv_loss, metrics, adversarial)
+    yield Backward({"clean": alpha * clean_loss, "adv": (1 - alpha) * adv_loss})
+    return StepOutput(two_part_metrics(clean_loss, adv_loss, logits[:n], logits[n:], labels, labels), adversarial)
 
 
 # ----------------------------------------------------------------------------- dual BN
@@ -124,45 +153,75 @@ def main_and_aux_forward(ctx: StepContext, clean: torch.Tensor, adversarial: tor
     return clean_logits, adv_logits
 
 
-def advprop(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+def per_group_scales(ctx: StepContext, shared: float, main: float, aux: float) -> list:
+    """Gradient factors that turn a backward of Σ w·ℓ / shared into each BN set's own average:
+    main BNs divided by their weighted image count `main`, aux BNs by `aux` (module doc)."""
+    scales = [(route_parameters(ctx.attack_model, MAIN), shared / main)]
+    if aux > 0:
+        scales.append((route_parameters(ctx.attack_model, AUX), shared / aux))
+    return scales
+
+
+def advprop(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> MethodSteps:
+    weight = ctx.cfg.advprop.adv_weight
     adversarial = make_adversarial(ctx, images, labels, route=AUX)
     clean_logits, adv_logits = main_and_aux_forward(ctx, images, adversarial)
-    clean_loss = cross_entropy(ctx, clean_logits, labels)
-    adv_loss = cross_entropy(ctx, adv_logits, labels)
-    metrics = two_part_metrics(clean_loss, adv_loss, clean_logits, adv_logits, labels, labels)
-    return StepOutput(clean_loss + ctx.cfg.advprop.adv_weight * adv_loss, metrics, adversarial)
+    clean_sum = cross_entropy(ctx, clean_logits, labels, "sum")
+    adv_sum = cross_entropy(ctx, adv_logits, labels, "sum")
+    n = len(images)
+    shared = n * (1 + weight)  # every image counts once, the adversarial ones with their weight
+    yield Backward({"clean": clean_sum / shared, "adv": weight * adv_sum / shared})
+    metrics = two_part_metrics(clean_sum / n, adv_sum / n, clean_logits, adv_logits, labels, labels)
+    return StepOutput(metrics, adversarial, per_group_scales(ctx, shared, main=n, aux=n * weight))
 
 
-def fast_advprop(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+def fast_advprop(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> MethodSteps:
     """The last rows of the batch are attacked. Their attack step is a training forward: one
-    backward gives both the weight gradient of (clean + w_attack·attack) loss and the input
-    gradient that makes the adversarial examples. Only the adversarial forward is extra."""
+    backward gives both the weight gradient of the clean + attack loss and the input gradient
+    that makes the adversarial examples, which are then shuffled across processes (the authors'
+    --shuffle_before_train_adv: per-GPU BN statistics would otherwise leak labels) and trained on."""
     options, attack = ctx.cfg.fast_advprop, attack_kwargs(ctx.cfg.attack)
-    n = len(images) - max(1, round(len(images) * options.adv_fraction))  # clean rows
+    n_adv = max(1, round(len(images) * options.adv_fraction))
+    n = len(images) - n_adv  # clean rows
     clean_labels, adv_labels = labels[:n], labels[n:]
     source = images[n:]
     start = random_start_point(source, attack["eps"], attack["random_start"]) if attack["random_start"] \
         else source.clone()
     start.requires_grad_(True)
-    with ctx.no_sync():  # DDP: this backward only accumulates; the loop's backward all-reduces
-        clean_logits, attack_logits = main_and_aux_forward(ctx, images[:n], start)
-        clean_loss = cross_entropy(ctx, clean_logits, clean_labels)
-        attack_loss = cross_entropy(ctx, attack_logits, adv_labels)
-        ctx.backward(clean_loss + options.attack_weight * attack_loss)
+    clean_logits, attack_logits = main_and_aux_forward(ctx, images[:n], start)
+    clean_sum = cross_entropy(ctx, clean_logits, clean_labels, "sum")
+    attack_sum = cross_entropy(ctx, attack_logits, adv_labels, "sum")
+    aux_count = n_adv * (options.attack_weight + options.adv_weight)
+    shared = n + aux_count  # the weighted number of images behind the shared weights
+    yield Backward({"clean": clean_sum / shared, "attack": options.attack_weight * attack_sum / shared})
+
     adversarial = pgd_step(start, source, start.grad, eps=attack["eps"], step_size=attack["step_size"],
                            targeted=False)
     with use_bn(ctx.attack_model, AUX):
         if attack["steps"] > 1:  # further steps are plain PGD steps (frozen weights)
             adversarial = pgd(ctx.attack_model, source, adv_labels, eps=attack["eps"],
                               step_size=attack["step_size"], steps=attack["steps"] - 1, start=adversarial)
+        adversarial, adv_labels = shuffle_across_processes(ctx, adversarial, adv_labels)
         adv_logits = ctx.model(adversarial)
-    adv_loss = cross_entropy(ctx, adv_logits, adv_labels)
-    metrics = two_part_metrics(clean_loss, adv_loss, clean_logits, adv_logits, clean_labels, adv_labels)
-    metrics["loss/attack"] = attack_loss.detach()
-    return StepOutput(options.adv_weight * adv_loss, metrics, adversarial)
+    adv_sum = cross_entropy(ctx, adv_logits, adv_labels, "sum")
+    yield Backward({"adv": options.adv_weight * adv_sum / shared})
+
+    metrics = two_part_metrics(clean_sum / n, adv_sum / n_adv, clean_logits, adv_logits, clean_labels, adv_labels)
+    metrics["loss/attack"] = (attack_sum / n_adv).detach()
+    return StepOutput(metrics, adversarial, per_group_scales(ctx, shared, main=n, aux=aux_count))
 
 
-METHODS: dict[str, Callable[[StepContext, torch.Tensor, torch.Tensor], StepOutput]] = {
+def shuffle_across_processes(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor):
+    """Rows of every process, permuted by a seed they all share (the run's seed and step), this
+    process's share back. One process: a permutation of its own rows."""
+    everyone_images, everyone_labels = ctx.gather(images.contiguous()), ctx.gather(labels)
+    generator = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + ctx.step)
+    order = torch.randperm(len(everyone_labels), generator=generator).to(labels.device)
+    mine = order[ctx.rank * len(labels):(ctx.rank + 1) * len(labels)]
+    return everyone_images[mine].contiguous(memory_format=torch.channels_last), everyone_labels[mine]
+
+
+METHODS: dict[str, Callable[[StepContext, torch.Tensor, torch.Tensor], MethodSteps]] = {
     "vanilla": vanilla,
     "adv_train": adv_train,
     "goodfellow_mix": goodfellow_mix,
@@ -170,3 +229,7 @@ METHODS: dict[str, Callable[[StepContext, torch.Tensor, torch.Tensor], StepOutpu
     "fast_advprop": fast_advprop,
 }
 USES_DUAL_BN = {"advprop", "fast_advprop"}
+# Backward requests a method yields per step (the others: one). The loop runs all but the last
+# without DDP synchronisation, and DDP must then allow parameters unused by the last one (the
+# main BNs take no part in fast_advprop's adversarial forward).
+BACKWARDS = {"fast_advprop": 2}

@@ -24,22 +24,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 
 from models.export import export_settings, save_main_bn
 from models.factory import create_model
 from timm.layers import convert_sync_batchnorm
 from pipelines.loader import build_loader, prepare_dataset
-from train.checkpoint import DiskFull, TrainState, check_resume, restore, save_checkpoint
+from train.checkpoint import DiskFull, check_resume, restore, save_checkpoint
 from train.config import load_config, save_config
 from train.ema import create_ema
 from train.errors import UserInputError
 from train.faults import NonFiniteLoss, StoppedAfterTraining, StopRequest
-from train.loop import evaluate, robust_attack, train_one_epoch
-from train.methods import USES_DUAL_BN, StepContext
+from train.compile import compile_model, compiled_graphs
+from train.loop import evaluate, train_one_epoch
+from train.methods import BACKWARDS, USES_DUAL_BN, StepContext
 from train.optim import create_optimizer, create_schedule
 from train.run_lock import claim_run_folder
+from train.step_guard import StepGuard
+from train.summary import final_report, print_table
 from train.tracking import RunLog
 
 
@@ -69,34 +72,6 @@ def validate_epoch(ctx, accelerator, val_loader, ema=None) -> dict:
     return metrics
 
 
-def final_report(ctx, accelerator, val_loader, state: TrainState) -> dict:
-    cfg = ctx.cfg
-    clean = evaluate(ctx.attack_model, val_loader, accelerator, desc="final val")
-    report = {"clean_top1": clean["top1"], "clean_top5": clean["top5"], "val_images": clean["images"]}
-    attack = cfg.eval_attack or cfg.attack
-    if cfg.eval_robust and attack.steps > 0:
-        robust = evaluate(ctx.attack_model, val_loader, accelerator, attack=robust_attack(cfg), desc="robust val")
-        report["robust_top1"] = robust["top1"]
-        report["robust_attack"] = f"PGD-{attack.steps} eps={attack.eps:g}/255 untargeted"
-    report.update(train_seconds=state.train_seconds,
-                  train_img_per_s=state.train_images / max(state.train_seconds, 1e-9))
-    return report
-
-
-def print_table(cfg, report: dict) -> None:
-    rows = [("method", cfg.method), ("model", cfg.model),
-            ("clean top-1 (main BN)", f"{report['clean_top1']:.2f} %"),
-            ("clean top-5 (main BN)", f"{report['clean_top5']:.2f} %")]
-    if "robust_top1" in report:
-        rows.append((f"robust top-1 ({report['robust_attack']})", f"{report['robust_top1']:.2f} %"))
-    rows += [("train time", f"{report['train_seconds']:.1f} s"),
-             ("train throughput", f"{report['train_img_per_s']:.1f} img/s"),
-             ("val images", str(report["val_images"]))]
-    width = max(len(name) for name, _ in rows)
-    print("\n".join(["", f"{'result':<{width}}  value", "-" * (width + 12)]
-                    + [f"{name:<{width}}  {value}" for name, value in rows]))
-
-
 def build_model(cfg, accelerator, num_classes: int):
     """The model (dual BN for methods that need it), its optimizer, both prepared by Accelerate."""
     model = create_model(cfg, num_classes, dual_bn=cfg.method in USES_DUAL_BN)
@@ -106,6 +81,8 @@ def build_model(cfg, accelerator, num_classes: int):
         model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:  # in place: the attack and the training forward share the compiled graphs
+        compile_model(model, accelerator.device)
     optimizer = create_optimizer(cfg, model, accelerator.num_processes)
     return accelerator.prepare(model, optimizer)
 
@@ -114,7 +91,9 @@ def main(argv: list[str]) -> None:
     cfg = load_config(argv)
     # cpu=True without CUDA: under torchrun (`accelerate launch --multi_gpu`) that gives real
     # multi-process CPU training over gloo; Accelerate would otherwise run each process alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), dynamo_backend="inductor" if cfg.compile else None,
+    # A method whose last backward leaves some parameters out (BACKWARDS) needs DDP to look for them.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.method in BACKWARDS)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp],
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     run_dir = Path(cfg.output_dir)
     locked = claim_run_folder(accelerator, run_dir)  # a second run into the same folder stops here
@@ -124,10 +103,11 @@ def main(argv: list[str]) -> None:
     classes = train_loader.classes
     model, optimizer = build_model(cfg, accelerator, len(classes))
     scheduler = create_schedule(cfg, optimizer, len(train_loader) // cfg.grad_accum_steps)
-    ctx = StepContext(model, accelerator.unwrap_model(model), cfg, len(classes),
-                      backward=lambda loss: accelerator.backward(loss / cfg.grad_accum_steps),
-                      no_sync=lambda: accelerator.no_sync(model))
+    ctx = StepContext(model, accelerator.unwrap_model(model), cfg, len(classes), rank=accelerator.process_index,
+                      world_size=accelerator.num_processes, gather=accelerator.gather)
     ema = create_ema(ctx.attack_model, cfg.ema_decay, accelerator.device)
+    guard = StepGuard(ctx.attack_model, optimizer, accelerator, mode=cfg.nonfinite_check,
+                      on_nonfinite=cfg.on_nonfinite)
 
     state, resume_from = restore(accelerator, cfg, run_dir, classes, ema)
     state.processes = accelerator.num_processes
@@ -155,7 +135,7 @@ def main(argv: list[str]) -> None:
         accelerator.print(f"training finished at epoch {state.epoch}: redoing the final evaluation and exports")
     while state.epoch < cfg.epochs:
         epoch_start = time.perf_counter()
-        finished = train_one_epoch(ctx, accelerator, train_loader, optimizer, scheduler, state, log, ema=ema,
+        finished = train_one_epoch(ctx, accelerator, train_loader, optimizer, scheduler, state, log, guard, ema=ema,
                                    stop=stop, save_mid_epoch=lambda: save(f"step_{state.step:08d}"))
         if not finished:
             save(f"step_{state.step:08d}")
@@ -166,6 +146,8 @@ def main(argv: list[str]) -> None:
         is_best = math.isfinite(metrics["val/loss"]) and metrics["val/top1"] > state.best_top1
         if is_best:
             state.best_top1 = metrics["val/top1"]
+        if cfg.compile:  # graphs compiled so far: flat after the first epoch, or something recompiles
+            metrics["compile/graphs"] = compiled_graphs()
         log.log({"epoch": state.epoch, **metrics, "epoch_seconds": time.perf_counter() - epoch_start}, state.step)
         accelerator.print(f"epoch {state.epoch}/{cfg.epochs}: val top-1 {metrics['val/top1']:.2f} % "
                           f"top-5 {metrics['val/top5']:.2f} % loss {metrics['val/loss']:.4f}")

@@ -1,0 +1,46 @@
+"""What a finished run reports: summary.json and the table printed at the end."""
+from __future__ import annotations
+
+from train.checkpoint import TrainState
+from train.loop import evaluate, robust_attack
+
+
+def final_report(ctx, accelerator, val_loader, state: TrainState) -> dict:
+    cfg = ctx.cfg
+    clean = evaluate(ctx.attack_model, val_loader, accelerator, desc="final val")
+    report = {"clean_top1": clean["top1"], "clean_top5": clean["top5"], "val_images": clean["images"]}
+    attack = cfg.eval_attack or cfg.attack
+    if cfg.eval_robust and attack.steps > 0:
+        robust = evaluate(ctx.attack_model, val_loader, accelerator, attack=robust_attack(cfg), desc="robust val")
+        report["robust_top1"] = robust["top1"]
+        report["robust_attack"] = f"PGD-{attack.steps} eps={attack.eps:g}/255 untargeted"
+    report.update(throughput(state))
+    return report
+
+
+def throughput(state: TrainState) -> dict:
+    """Overall and steady-state (each epoch's first logging window left out) training speed, and
+    the share of the steady time spent waiting for the loader; None where no window was steady."""
+    steady = state.steady_seconds > 0
+    return {"train_seconds": state.train_seconds,
+            "train_img_per_s": state.train_images / max(state.train_seconds, 1e-9),
+            "steady_img_per_s": state.steady_images / state.steady_seconds if steady else None,
+            "data_wait_fraction": state.steady_wait_seconds / state.steady_seconds if steady else None}
+
+
+def print_table(cfg, report: dict) -> None:
+    rows = [("method", cfg.method), ("model", cfg.model),
+            ("clean top-1 (main BN)", f"{report['clean_top1']:.2f} %"),
+            ("clean top-5 (main BN)", f"{report['clean_top5']:.2f} %")]
+    if "robust_top1" in report:
+        rows.append((f"robust top-1 ({report['robust_attack']})", f"{report['robust_top1']:.2f} %"))
+    steady = report["steady_img_per_s"] is not None
+    rows += [("train time", f"{report['train_seconds']:.1f} s"),
+             ("train throughput (all)", f"{report['train_img_per_s']:.1f} img/s"),
+             ("train throughput (steady)", f"{report['steady_img_per_s']:.1f} img/s" if steady else
+              "– (every epoch fits one logging window: lower log_every)"),
+             ("waiting for data (steady)", f"{100 * report['data_wait_fraction']:.1f} %" if steady else "–"),
+             ("val images", str(report["val_images"]))]
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(["", f"{'result':<{width}}  value", "-" * (width + 12)]
+                    + [f"{name:<{width}}  {value}" for name, value in rows]))
