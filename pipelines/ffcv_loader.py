@@ -81,8 +81,8 @@ def beton_classes(cfg, split: str, beton: Path) -> list[str]:
 class ShardOrder(TraversalOrder):
     """ffcv's order hook, giving this process's indices of the epoch set on its ShardSampler."""
 
-    def __init__(self, sampler: ShardSampler):
-        self.sampler = sampler
+    def __init__(self, shard: ShardSampler):
+        self.shard = shard  # not `sampler`: ffcv's base class sets that to None
 
     def __call__(self, loader):
         # ffcv's Loader accepts a TraversalOrder *instance* but then calls it with the loader
@@ -91,7 +91,7 @@ class ShardOrder(TraversalOrder):
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:  # ffcv's own epoch counter is ignored
-        return np.asarray(self.sampler.indices(), dtype=np.uint64)
+        return np.asarray(self.shard.indices(), dtype=np.uint64)
 
 
 def train_resolution(cfg, epoch: int) -> int:
