@@ -9,6 +9,8 @@ PYTHON=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 "${PIP[@]}" -r requirements.txt
+# This checkout's packages (pyproject.toml), editable: entry scripts import them from here.
+"${PIP[@]}" --no-deps -e .
 # Reference PGD for the tests. --no-deps: it pins requests~=2.25, which would downgrade idna.
 "${PIP[@]}" --no-deps torchattacks==3.5.1
 

@@ -43,25 +43,3 @@ def save_main_bn(net: torch.nn.Module, path: Path, *, model_name: str, normaliza
 def read_metadata(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as file:
         return file.metadata() or {}
-
-
-def load_checkpoint_model(folder: Path):
-    """(model, cfg, classes) rebuilt from a train/checkpoint.py folder, weights loaded strictly."""
-    from omegaconf import OmegaConf
-    from safetensors.torch import load_file
-
-    from models.factory import create_model
-    from train.checkpoint import CheckpointError
-    from train.config import Config
-
-    folder = Path(folder)
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(folder / "config.yaml"))
-        classes = json.loads((folder / "classes.json").read_text())
-        state = load_file(str(folder / "model.safetensors"))
-    except Exception as error:  # missing file, bad YAML/JSON, truncated safetensors
-        raise CheckpointError(f"checkpoint {folder} is unreadable: {type(error).__name__}: {error}") from None
-    dual = any(".main." in key for key in state)
-    model = create_model(OmegaConf.merge(cfg, {"pretrained_path": ""}), len(classes), dual_bn=dual)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), cfg, classes

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models.dual_bn import convert_dual_bn
-from train.errors import UserInputError
+from pipelines.errors import UserInputError
 
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),

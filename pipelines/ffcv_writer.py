@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipelines.errors import UserInputError
 from pipelines.image_folder import FolderListing, list_image_folder
-from train.errors import UserInputError
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 MAX_STORED_SIDE = 65_535  # .beton keeps width and height as uint16

@@ -22,8 +22,8 @@ from typing import Iterator, Protocol
 import torch
 from torch.utils.data import Sampler
 
+from pipelines.errors import UserInputError
 from pipelines.image_folder import find_classes  # noqa: F401  (re-exported: the loaders' class rule)
-from train.errors import UserInputError
 
 BACKENDS = {
     "torchvision": "pipelines.torchvision_loader",

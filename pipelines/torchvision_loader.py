@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import signal
 
 import torch
 from torch.utils.data import DataLoader
@@ -9,7 +10,12 @@ from torchvision import datasets, transforms
 
 from pipelines.image_folder import list_image_folder
 from pipelines.loader import ShardSampler, report_skipped, split_folder, to_device_batch
-from train.faults import ignore_interrupts
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C is the main process's to handle; a worker that died of it
+    would break the step the main process is finishing."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def augment_policy(name: str, image_size: int):

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from pipelines.demo_data import build_digits_imagefolder
+from train.config import load_config
 
-from pipelines.demo_data import build_digits_imagefolder  # noqa: E402
-from train.config import load_config  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_train(*args: str, launcher: list[str] | None = None, check: bool = True, timeout: int = 900):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.loader import build_loader, prepare_dataset
 from conftest import run_train  # the module pytest loaded (tests/ is on sys.path)
-from train.errors import UserInputError
+from pipelines.errors import UserInputError
+from pipelines.loader import build_loader, prepare_dataset
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

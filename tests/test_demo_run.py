@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO, digits_val_batch, run_train
-from models.export import load_checkpoint_model
+from train.checkpoint import load_checkpoint_model
 
 
 def read_jsonl(path):

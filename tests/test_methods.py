@@ -1,6 +1,6 @@
 """Training methods on the digits demo set: each learns, BNs are routed as the paper says, and the
-fast paths (frozen-weight attack, one concatenated forward, fast_advprop's reused attack gradient)
-give the same gradients as straightforward implementations of the same losses."""
+fast paths (frozen-weight attack, fast_advprop's reused attack gradient) give each parameter
+group the gradient of its own average loss (train/methods.py), computed here the plain way."""
 import copy
 
 import pytest

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the repository root
 PY = sys.executable
 RESNET = ["--device", "cuda", "--amp", "bf16", "--model", "resnet50", "--batch", "256", "--size", "224", "--json"]
 PARTS = ("steps", "compiled", "effnet", "loaders", "train", "tests")

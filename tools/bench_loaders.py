@@ -25,14 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+import torch
 
-import torch  # noqa: E402
-
-from pipelines.ffcv_writer import WRITE_MODES, StorageSettings  # noqa: E402
-from pipelines.loader import BACKENDS, build_loader  # noqa: E402
-from train.config import load_config  # noqa: E402
-from train.errors import UserInputError  # noqa: E402
+from pipelines.errors import UserInputError
+from pipelines.ffcv_writer import WRITE_MODES, StorageSettings
+from pipelines.loader import BACKENDS, build_loader
+from train.config import load_config
 
 STORAGE = StorageSettings()
 

@@ -18,11 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
-
-from pipelines.ffcv_writer import WRITE_MODES, StorageSettings, convert_imagefolder  # noqa: E402
-from tools.output_guard import check_output_file  # noqa: E402
-from train.errors import UserInputError  # noqa: E402
+from pipelines.errors import UserInputError
+from pipelines.ffcv_writer import WRITE_MODES, StorageSettings, convert_imagefolder
+from tools.output_guard import check_output_file
 
 DEFAULTS = StorageSettings()
 

@@ -20,22 +20,20 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: models/, train/, ...
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-
-from models.dual_bn import dual_bn_layers  # noqa: E402
-from models.load import load_any  # noqa: E402
-from pipelines.loader import find_classes  # noqa: E402
-from tools.robustness import imagenet_c, report as reporting, sets  # noqa: E402
-from train.config import ATTACK_PRESETS, EvalAttackConfig, attack_preset  # noqa: E402
-from train.errors import UserInputError  # noqa: E402
-from train.loop import pgd_kwargs  # noqa: E402
-from train.tracking import wandb_mode  # noqa: E402
+from models.dual_bn import dual_bn_layers
+from pipelines.errors import UserInputError
+from pipelines.loader import find_classes
+from tools.robustness import imagenet_c, report as reporting, sets
+from tools.robustness.load import load_any
+from train.config import ATTACK_PRESETS, EvalAttackConfig, attack_preset
+from train.loop import pgd_kwargs
+from train.tracking import wandb_mode
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -16,12 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.export import export_settings, load_checkpoint_model, save_main_bn  # noqa: E402
-from models.load import checkpoint_folder  # noqa: E402
-from tools.output_guard import check_output_file  # noqa: E402
-from train.errors import UserInputError  # noqa: E402
+from models.export import export_settings, save_main_bn
+from pipelines.errors import UserInputError
+from tools.output_guard import check_output_file
+from train.checkpoint import checkpoint_folder, load_checkpoint_model
 
 
 def main() -> None:

@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import load_file
 
+from models.factory import create_model
+from pipelines.errors import UserInputError
+from train.config import Config
 from train.ema import load_ema, save_ema
-from train.errors import UserInputError
 from train.resume_rules import ResumeMismatch, check_same_run
 
 STATE_FILE = "train_state.json"
@@ -256,3 +259,31 @@ def restore(accelerator, cfg, run_dir: Path, classes: list[str], ema=None) -> tu
         return TrainState(), None
     raise CheckpointError(f"none of the {len(checkpoints)} checkpoints in {checkpoint_dir(run_dir)} can be loaded "
                           f"(newest: {problems[0]}); resume=PATH picks one, or give a new output_dir for a new run")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a checkpoint's model outside training (export, evaluation)
+
+def checkpoint_folder(folder: Path) -> Path:
+    """A checkpoint folder itself, or a run folder's (or its checkpoints/ folder's) best, else last."""
+    for candidate in (folder, folder / "best", folder / "last",
+                      folder / "checkpoints" / "best", folder / "checkpoints" / "last"):
+        if (candidate / "model.safetensors").is_file():
+            return candidate
+    raise UserInputError(f"{folder} is neither a checkpoint folder (no model.safetensors) nor a run folder "
+                         f"with checkpoints/best or checkpoints/last")
+
+
+def load_checkpoint_model(folder: Path):
+    """(model, cfg, classes) rebuilt from a checkpoint folder, weights loaded strictly."""
+    folder = Path(folder)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(folder / "config.yaml"))
+        classes = json.loads((folder / "classes.json").read_text())
+        state = load_file(str(folder / "model.safetensors"))
+    except Exception as error:  # missing file, bad YAML/JSON, truncated safetensors
+        raise CheckpointError(f"checkpoint {folder} is unreadable: {type(error).__name__}: {error}") from None
+    dual = any(".main." in key for key in state)
+    model = create_model(OmegaConf.merge(cfg, {"pretrained_path": ""}), len(classes), dual_bn=dual)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), cfg, classes

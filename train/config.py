@@ -16,10 +16,12 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from train.errors import UserInputError
+from pipelines.errors import UserInputError
+from pipelines.ffcv_writer import WRITE_MODES, StorageSettings
 from train.methods import METHODS as METHOD_FUNCTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+STORAGE = StorageSettings()  # the .beton storage defaults: the FFCV writer's
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "demo.yaml"
 
 METHODS = tuple(METHOD_FUNCTIONS)  # the names are train/methods.py's registry keys
@@ -96,11 +98,11 @@ class ProgressiveConfig:
 class FfcvConfig:
     train_beton: str = ""  # "" → <data.root>/ffcv/train.beton, converted on first use; a path: used as is
     val_beton: str = ""
-    # storage of the converted .beton (tools/convert_ffcv.py --help explains them; same defaults)
-    max_resolution: int = 500  # longer side cap, px
-    write_mode: str = "proportion"  # raw | jpg | smart | proportion
-    compress_probability: float = 0.5  # proportion: share stored as JPEG, the rest raw pixels
-    jpeg_quality: int = 90
+    # storage of the converted .beton: the converter's own defaults (tools/convert_ffcv.py --help)
+    max_resolution: int = STORAGE.max_resolution  # longer side cap, px
+    write_mode: str = STORAGE.write_mode  # one of WRITE_MODES: raw | jpg | smart | proportion
+    compress_probability: float = STORAGE.compress_probability  # proportion: share stored as JPEG, the rest raw
+    jpeg_quality: int = STORAGE.jpeg_quality
     os_cache: bool = True  # True: the .beton fits in RAM (page cache); False: ffcv's process cache
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
@@ -306,8 +308,7 @@ def validate(cfg: DictConfig) -> None:
         (not (fast_advprop and attack.bn_mode != "train"), "attack.bn_mode",
          "must be train with method=fast_advprop (the attack's forward is a training forward)"),
         (not (fast_advprop and attack.steps < 1), "attack.steps", "must be ≥ 1 with method=fast_advprop"),
-        (cfg.data.ffcv.write_mode in ("raw", "jpg", "smart", "proportion"), "data.ffcv.write_mode",
-         "must be raw, jpg, smart or proportion"),
+        (cfg.data.ffcv.write_mode in WRITE_MODES, "data.ffcv.write_mode", f"must be one of {WRITE_MODES}"),
         (cfg.data.ffcv.progressive.min_res <= (cfg.data.ffcv.progressive.max_res or cfg.data.image_size),
          "data.ffcv.progressive.min_res", "must be ≤ max_res (or data.image_size)"),
         (cfg.data.ffcv.progressive.start_epoch <= cfg.data.ffcv.progressive.end_epoch,

@@ -60,9 +60,3 @@ def any_process(flag: bool, accelerator) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
-
-
-def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader worker_init_fn: Ctrl-C is the main process's to handle; a worker that died of it
-    would break the step the main process is finishing."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)

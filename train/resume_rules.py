@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from train.errors import UserInputError
+from pipelines.errors import UserInputError
 
 MAY_CHANGE = (
     "epochs", "name", "output_dir", "resume",

@@ -20,23 +20,21 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: pipelines/, models/, train/
-
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
+from timm.layers import convert_sync_batchnorm
 
 from models.export import export_settings, save_main_bn
 from models.factory import create_model
-from timm.layers import convert_sync_batchnorm
+from pipelines.errors import UserInputError
 from pipelines.loader import build_loader, prepare_dataset
 from train.checkpoint import DiskFull, check_resume, restore, save_checkpoint
+from train.compile import compile_model, compiled_graphs
 from train.config import load_config, save_config
 from train.ema import create_ema
-from train.errors import UserInputError
 from train.faults import NonFiniteLoss, StoppedAfterTraining, StopRequest
-from train.compile import compile_model, compiled_graphs
 from train.loop import evaluate, train_one_epoch
 from train.methods import BACKWARDS, USES_DUAL_BN, StepContext
 from train.optim import create_optimizer, create_schedule

@@ -15,9 +15,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from models.load import imagenet_wnids
+from pipelines.errors import UserInputError
 from pipelines.loader import build_loader, find_classes
-from train.errors import UserInputError
+from tools.robustness.load import imagenet_wnids
 
 
 def folder_loader(folder: Path, cfg, accelerator, *, batch_size: int, workers: int):

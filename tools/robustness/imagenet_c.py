@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines.errors import UserInputError
 from pipelines.loader import find_classes
-from train.errors import UserInputError
 
 # The 15 corruptions of the benchmark, in the authors' order (noise, blur, weather, digital).
 CORRUPTIONS = (

@@ -20,10 +20,11 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.export import load_checkpoint_model, read_metadata
+from models.export import read_metadata
 from models.factory import NORMALIZATION, Normalized, create_net, read_weights
+from pipelines.errors import UserInputError
+from train.checkpoint import checkpoint_folder, load_checkpoint_model
 from train.config import Config
-from train.errors import UserInputError
 
 
 def load_any(path: str | Path, *, model_name: str | None = None):
@@ -53,16 +54,6 @@ def check_model_name(given: str | None, recorded: str, path: Path) -> None:
     if given and given != recorded:
         raise UserInputError(f"--model {given} does not match {path}, which records model {recorded}: "
                              f"leave --model out (it is only for plain timm state dicts)")
-
-
-def checkpoint_folder(folder: Path) -> Path:
-    """A checkpoint folder itself, or a run folder's (or its checkpoints/ folder's) best, else last."""
-    for candidate in (folder, folder / "best", folder / "last",
-                      folder / "checkpoints" / "best", folder / "checkpoints" / "last"):
-        if (candidate / "model.safetensors").is_file():
-            return candidate
-    raise UserInputError(f"{folder} is neither a checkpoint folder (no model.safetensors) nor a run folder "
-                         f"with checkpoints/best or checkpoints/last")
 
 
 def load_export(path: Path, metadata: dict):

@@ -1,0 +1,9 @@
+"""The error that means "the user's input cannot run": entry points print it as one line and exit 2.
+
+The bottom of the import graph: pipelines/, models/, train/ and tools/ all raise it, and it
+imports nothing of theirs.
+"""
+
+
+class UserInputError(Exception):
+    pass
