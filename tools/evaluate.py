@@ -33,6 +33,7 @@ from tools.robustness import imagenet_c, report as reporting, sets
 from tools.robustness.load import load_any
 from train.config import ATTACK_PRESETS, EvalAttackConfig, attack_preset
 from train.loop import pgd_kwargs
+from train.model_artifacts import evaluated_artifact
 from train.tracking import wandb_mode
 
 
@@ -165,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.wandb_run is not None:
             run_dir = run_dir_of(args.checkpoint)
             run_id = args.wandb_run or ((run_dir / "wandb_id.txt").read_text().strip() if run_dir else None)
+            artifact = evaluated_artifact(args.checkpoint, run_dir)
             logged = reporting.log_wandb(report, project=args.wandb_project, run_id=run_id,
-                                         run_dir=run_dir or Path("."), mode=wandb_mode())
-            print(f"logged to W&B run {logged} ({wandb_mode()})")
+                                         run_dir=run_dir or Path("."), mode=wandb_mode(), artifact=artifact)
+            print(f"logged to W&B run {logged} ({wandb_mode()})" + (f"; the model artifact: {artifact}" if artifact else ""))
     return 1 if report["errors"] else 0
 
 

@@ -40,6 +40,7 @@ class TrainState:
     batch: int = 0  # batches of `epoch` already consumed (mid-epoch resume)
     step: int = 0  # optimizer steps so far
     best_top1: float = -1.0
+    best_epoch: int = 0  # the epoch (1-based) of best_top1; 0 → none yet
     train_images: int = 0  # images trained on, all processes
     train_seconds: float = 0.0
     steady_images: int = 0  # the same without each epoch's first logging window (start-up)

@@ -190,6 +190,8 @@ class Config:
     # logging and checkpoints
     tracker: str = "wandb"  # wandb (offline without a login) | none
     wandb_project: str = "advprop"
+    wandb_group: str = ""  # W&B run group ("" → none); tools/compare_methods.py groups its runs
+    wandb_log_checkpoints: str = "best"  # model artifacts during training: best (each improvement) | all | none
     log_every: int = 10  # steps between metric lines
     image_log_every: int = 100  # steps between clean | adversarial | perturbation panels; 0 → off
     resume: str = "auto"  # auto: newest valid checkpoint in output_dir, if any | none | PATH
@@ -280,6 +282,7 @@ def validate(cfg: DictConfig) -> None:
         (cfg.normalization in ("imagenet", "inception"), "normalization", "must be imagenet or inception"),
         (cfg.schedule.name in ("cosine", "step"), "schedule.name", "must be cosine or step"),
         (cfg.tracker in ("wandb", "none"), "tracker", "must be wandb or none"),
+        (cfg.wandb_log_checkpoints in ("best", "all", "none"), "wandb_log_checkpoints", "must be best, all or none"),
         (cfg.epochs >= 1, "epochs", "must be ≥ 1"),
         (cfg.batch_size >= 1, "batch_size", "must be ≥ 1"),
         (cfg.grad_accum_steps >= 1, "grad_accum_steps", "must be ≥ 1"),

@@ -5,9 +5,10 @@ it yields, has the StepGuard check the terms, backpropagates with Accelerate's l
 gradient accumulation, synchronises DDP on the last backward of a step only, scales per-group
 gradients, steps the optimizer, the LR schedule and the EMA.
 
-Throughput is reported per logging window as perf/img_per_s and perf/data_wait (the share of the
-window spent waiting for the loader); each epoch's first window is its warm-up (loader start,
-compilation, caches) and stays out of the steady-state figures of summary.json.
+Speed is reported per logging window under perf/ (W&B groups it in one section): img_per_s,
+data_wait (the share of the window spent waiting for the loader), lr, gpu_memory_gb (CUDA: the
+window's peak); each epoch's first window is its warm-up (loader start, compilation, caches) and
+stays out of the steady-state figures of summary.json.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler,
         if report_now:
             report = window.flush(accelerator, state, guard)
             if report:
-                report.update(epoch=state.epoch + state.batch / end, lr=optimizer.param_groups[0]["lr"])
+                report.update({"epoch": state.epoch + state.batch / end, "perf/lr": optimizer.param_groups[0]["lr"]})
                 log.log(report, state.step)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in report.items() if k.startswith("train/loss")})
         if out is not None and sync and cfg.image_log_every and out.adversarial is not None \
@@ -172,6 +173,9 @@ class MetricWindow:
         report = {f"train/{k}": accelerator.reduce(v / self.steps, "mean").item() for k, v in self.sums.items()}
         seconds = time.perf_counter() - self.start  # after the reduce: the device work is done
         report.update({"perf/img_per_s": self.images / seconds, "perf/data_wait": self.wait / seconds})
+        if accelerator.device.type == "cuda":  # the window's peak, this process
+            report["perf/gpu_memory_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
         state.train_images += self.images
         state.train_seconds += seconds
         if not self.warmup:

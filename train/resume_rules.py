@@ -8,7 +8,7 @@ watched, stored, evaluated or fed, not what it learns:
 
   epochs              extend (or shorten) the run; the LR schedule follows the new length
   name, output_dir, resume
-  tracker, wandb_project, log_every, image_log_every
+  tracker, wandb_project, wandb_group, wandb_log_checkpoints, log_every, image_log_every
   keep_checkpoints, checkpoint_every_steps, on_nonfinite
   eval_aux_bn, eval_robust, eval_attack
   compile, channels_last, loader, data.root, data.train_dir, data.val_dir, data.workers,
@@ -23,7 +23,7 @@ from pipelines.errors import UserInputError
 
 MAY_CHANGE = (
     "epochs", "name", "output_dir", "resume",
-    "tracker", "wandb_project", "log_every", "image_log_every",
+    "tracker", "wandb_project", "wandb_group", "wandb_log_checkpoints", "log_every", "image_log_every",
     "keep_checkpoints", "checkpoint_every_steps", "on_nonfinite",
     "eval_aux_bn", "eval_robust", "eval_attack",
     "compile", "channels_last", "loader", "data.root", "data.train_dir", "data.val_dir", "data.workers",

@@ -34,10 +34,13 @@ from train.checkpoint import DiskFull, check_resume, restore, save_checkpoint
 from train.compile import compile_model, compiled_graphs
 from train.config import load_config, save_config
 from train.ema import create_ema
+from train.environment import describe
 from train.faults import NonFiniteLoss, StoppedAfterTraining, StopRequest
 from train.loop import evaluate, train_one_epoch
 from train.methods import BACKWARDS, USES_DUAL_BN, StepContext
+from train.model_artifacts import ModelArtifacts
 from train.optim import create_optimizer, create_schedule
+from train.run_plot import PLOT_FILE, plot_run
 from train.run_lock import claim_run_folder
 from train.step_guard import StepGuard
 from train.summary import final_report, print_table
@@ -122,7 +125,9 @@ def main(argv: list[str]) -> None:
         print(OmegaConf.to_yaml(cfg) if resume_from is None else f"resuming from {resume_from} "
               f"(epoch {state.epoch + 1}, batch {state.batch}, step {state.step})")
     accelerator.wait_for_everyone()
-    log = RunLog(accelerator, cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    environment = describe(accelerator, cfg)
+    log = RunLog(accelerator, cfg, run_dir, {**OmegaConf.to_container(cfg, resolve=True), "environment": environment})
+    artifacts = ModelArtifacts(log.wandb_run, run_dir, cfg, classes)
 
     def save(name: str, is_best: bool = False) -> None:
         save_checkpoint(accelerator, run_dir, name, state, cfg, classes, ema=ema, is_best=is_best,
@@ -137,28 +142,33 @@ def main(argv: list[str]) -> None:
                                    stop=stop, save_mid_epoch=lambda: save(f"step_{state.step:08d}"))
         if not finished:
             save(f"step_{state.step:08d}")
-            stopped(accelerator, state, log)
-            return
-        metrics = validate_epoch(ctx, accelerator, val_loader, ema)
-        # a NaN loss never makes a checkpoint "best"
-        is_best = math.isfinite(metrics["val/loss"]) and metrics["val/top1"] > state.best_top1
-        if is_best:
-            state.best_top1 = metrics["val/top1"]
-        if cfg.compile:  # graphs compiled so far: flat after the first epoch, or something recompiles
-            metrics["compile/graphs"] = compiled_graphs()
-        log.log({"epoch": state.epoch, **metrics, "epoch_seconds": time.perf_counter() - epoch_start}, state.step)
-        accelerator.print(f"epoch {state.epoch}/{cfg.epochs}: val top-1 {metrics['val/top1']:.2f} % "
-                          f"top-5 {metrics['val/top5']:.2f} % loss {metrics['val/loss']:.4f}")
+            return stopped(accelerator, state, log)
+        metrics, is_best = end_epoch(ctx, accelerator, val_loader, state, log, ema, epoch_start)
         save(f"epoch_{state.epoch:04d}", is_best)
+        artifacts.epoch_end(ctx.attack_model.net, state.epoch, metrics, is_best, last=state.epoch == cfg.epochs)
         if stop.agreed(accelerator):  # asked during validation: the epoch is saved, stop here
-            stopped(accelerator, state, log)
-            return
+            return stopped(accelerator, state, log)
     stop.training_saved()
     try:
-        finish(ctx, accelerator, val_loader, state, log, run_dir, classes, ema)
+        finish(ctx, accelerator, val_loader, state, log, run_dir, classes, ema, environment, artifacts)
     except StoppedAfterTraining:
         log.close()
         raise
+
+
+def end_epoch(ctx, accelerator, val_loader, state, log, ema, epoch_start: float) -> tuple[dict, bool]:
+    """Validate the finished epoch, log it, keep track of the best; (metrics, is it the best)."""
+    metrics = validate_epoch(ctx, accelerator, val_loader, ema)
+    # a NaN loss never makes a checkpoint "best"
+    is_best = math.isfinite(metrics["val/loss"]) and metrics["val/top1"] > state.best_top1
+    if is_best:
+        state.best_top1, state.best_epoch = metrics["val/top1"], state.epoch
+    if ctx.cfg.compile:  # graphs compiled so far: flat after the first epoch, or something recompiles
+        metrics["compile/graphs"] = compiled_graphs()
+    log.log({"epoch": state.epoch, **metrics, "epoch_seconds": time.perf_counter() - epoch_start}, state.step)
+    accelerator.print(f"epoch {state.epoch}/{ctx.cfg.epochs}: val top-1 {metrics['val/top1']:.2f} % "
+                      f"top-5 {metrics['val/top5']:.2f} % loss {metrics['val/loss']:.4f}")
+    return metrics, is_best
 
 
 def stopped(accelerator, state, log) -> None:
@@ -167,20 +177,25 @@ def stopped(accelerator, state, log) -> None:
     log.close()
 
 
-def finish(ctx, accelerator, val_loader, state, log, run_dir: Path, classes: list[str], ema) -> None:
-    """Final evaluation, plain-timm exports, summary.json and the table."""
+def finish(ctx, accelerator, val_loader, state, log, run_dir: Path, classes: list[str], ema, environment: dict,
+           artifacts: ModelArtifacts) -> None:
+    """Final evaluation, plain-timm exports (to W&B too), summary.json, the plot and the table."""
     cfg = ctx.cfg
-    report = final_report(ctx, accelerator, val_loader, state)
-    log.log({f"final/{k}": v for k, v in report.items() if not isinstance(v, str)}, state.step)
+    report = final_report(ctx, accelerator, val_loader, state, environment)
+    log.log({"epoch": state.epoch, **{f"final/{k}": v for k, v in report.items() if isinstance(v, (int, float))}},
+            state.step)
     if accelerator.is_main_process:
         export = export_settings(cfg, classes)
         save_main_bn(ctx.attack_model.net, run_dir / "final_main_bn.safetensors", **export)
         if ema is not None:
             save_main_bn(ema.module.net, run_dir / "final_ema_main_bn.safetensors", **export)
         (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
+        artifacts.final(report, state.epoch, best_is_last=state.best_epoch == state.epoch)
+        plot_run(run_dir)
     log.close()
     if accelerator.is_main_process:
         print_table(cfg, report)
+        print(f"plot of the run: {run_dir / PLOT_FILE}")
 
 
 if __name__ == "__main__":

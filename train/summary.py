@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from train.checkpoint import TrainState
+from train.environment import summary_line
 from train.loop import evaluate, robust_attack
 
 
-def final_report(ctx, accelerator, val_loader, state: TrainState) -> dict:
+def final_report(ctx, accelerator, val_loader, state: TrainState, environment: dict) -> dict:
     cfg = ctx.cfg
     clean = evaluate(ctx.attack_model, val_loader, accelerator, desc="final val")
     report = {"clean_top1": clean["top1"], "clean_top5": clean["top5"], "val_images": clean["images"]}
@@ -15,6 +16,7 @@ def final_report(ctx, accelerator, val_loader, state: TrainState) -> dict:
         report["robust_top1"] = robust["top1"]
         report["robust_attack"] = f"PGD-{attack.steps} eps={attack.eps:g}/255 untargeted"
     report.update(throughput(state))
+    report["environment"] = environment
     return report
 
 
@@ -29,6 +31,7 @@ def throughput(state: TrainState) -> dict:
 
 
 def print_table(cfg, report: dict) -> None:
+    environment = report["environment"]
     rows = [("method", cfg.method), ("model", cfg.model),
             ("clean top-1 (main BN)", f"{report['clean_top1']:.2f} %"),
             ("clean top-5 (main BN)", f"{report['clean_top5']:.2f} %")]
@@ -40,7 +43,11 @@ def print_table(cfg, report: dict) -> None:
              ("train throughput (steady)", f"{report['steady_img_per_s']:.1f} img/s" if steady else
               "– (every epoch fits one logging window: lower log_every)"),
              ("waiting for data (steady)", f"{100 * report['data_wait_fraction']:.1f} %" if steady else "–"),
-             ("val images", str(report["val_images"]))]
+             ("val images", str(report["val_images"])),
+             ("precision, processes", f"{environment['precision']}, {environment['processes']}"),
+             ("device", environment["device"]),
+             ("loader", environment["loader"] + (" (compiled model)" if environment["compile"] else "")),
+             ("libraries", summary_line(environment))]
     width = max(len(name) for name, _ in rows)
     print("\n".join(["", f"{'result':<{width}}  value", "-" * (width + 12)]
                     + [f"{name:<{width}}  {value}" for name, value in rows]))

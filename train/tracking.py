@@ -1,7 +1,7 @@
 """Everything a run reports: metrics.jsonl (always), W&B through Accelerate's trackers (offline
-unless a W&B login exists), and clean | adversarial | perturbation image panels (PNG in the run
-directory and W&B). Only the main process writes; the W&B run id is kept in the run directory so
-a resumed run logs into the same W&B run."""
+unless a W&B login exists) with its metrics defined for the dashboard, and clean | adversarial |
+perturbation image panels (PNG in the run directory and W&B). Only the main process writes; the
+W&B run id is kept in the run directory so a resumed run logs into the same W&B run."""
 from __future__ import annotations
 
 import json
@@ -33,6 +33,27 @@ def perturbation_panel(clean: torch.Tensor, adversarial: torch.Tensor, count: in
     return make_grid(torch.cat([clean, adversarial, delta / (2 * scale) + 0.5]), nrow=len(clean), padding=1)
 
 
+STEP = "optimizer_step"
+# W&B summaries: the best value of a run, not its last (W&B's default)
+BEST_IS_MAX = [f"{prefix}/{name}" for prefix in ("val", "val_ema", "val_aux") for name in ("top1", "top5")]
+BEST_IS_MIN = ["val/loss", "val_ema/loss", "val_aux/loss", "train/loss/clean", "train/loss/adv", "train/loss/attack"]
+
+
+def define_dashboard(run) -> None:
+    """Charts that read at a glance: training curves against the optimizer step, evaluations
+    against the epoch, speed in one section (perf/), summaries that keep the best value."""
+    run.define_metric(STEP)
+    run.define_metric("epoch")
+    for prefix in ("train/*", "perf/*", "panel/*"):
+        run.define_metric(prefix, step_metric=STEP)
+    for prefix in ("val/*", "val_ema/*", "val_aux/*", "final/*", "compile/*"):
+        run.define_metric(prefix, step_metric="epoch")
+    for name in BEST_IS_MAX + ["final/clean_top1", "final/robust_top1"]:
+        run.define_metric(name, step_metric="epoch" if not name.startswith("train") else STEP, summary="max")
+    for name in BEST_IS_MIN:
+        run.define_metric(name, step_metric=STEP if name.startswith("train") else "epoch", summary="min")
+
+
 class RunLog:
     def __init__(self, accelerator, cfg, run_dir: Path, config_dict: dict):
         self.accelerator, self.run_dir = accelerator, run_dir
@@ -43,7 +64,14 @@ class RunLog:
             os.environ.setdefault("WANDB_SILENT", "true")  # our own lines say where the run is
             accelerator.init_trackers(cfg.wandb_project, config=config_dict, init_kwargs={"wandb": {
                 "id": self._wandb_id(), "resume": "allow", "mode": wandb_mode(), "name": cfg.name,
-                "dir": str(run_dir)}})
+                "dir": str(run_dir), "group": cfg.wandb_group or None}})
+            if self.main:
+                define_dashboard(self.wandb_run)
+
+    @property
+    def wandb_run(self):
+        """The wandb Run (main process, tracker=wandb), else None."""
+        return self.accelerator.get_tracker("wandb", unwrap=True) if self.use_wandb and self.main else None
 
     def _wandb_id(self) -> str:
         id_file = self.run_dir / "wandb_id.txt"
@@ -57,8 +85,8 @@ class RunLog:
         if self.main:
             self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
             self.metrics_file.flush()
-        if self.use_wandb:
-            self.accelerator.log(metrics, step=step)
+        if self.use_wandb:  # the step as a metric too: train/* and perf/* are charted against it
+            self.accelerator.log({**metrics, STEP: step}, step=step)
 
     def log_panel(self, clean: torch.Tensor, adversarial: torch.Tensor, step: int) -> None:
         if not self.main:

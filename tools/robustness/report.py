@@ -88,7 +88,8 @@ def flat_metrics(report: dict) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 # W&B
 
-def log_wandb(report: dict, *, project: str, run_id: str | None, run_dir: Path, mode: str) -> str:
+def log_wandb(report: dict, *, project: str, run_id: str | None, run_dir: Path, mode: str,
+              artifact: str | None = None) -> str:
     """The numbers as a table, summary values and a per-corruption error bar chart, into the run
     `run_id` (resumed: e.g. the training run) or a new run. Returns the run's id."""
     import wandb
@@ -105,6 +106,11 @@ def log_wandb(report: dict, *, project: str, run_id: str | None, run_dir: Path, 
                                                                title=f"{key}: top-1 error per corruption (%)")
     run.log(logged)
     run.summary.update(metrics)
+    # which weights these numbers are of: the model artifact the training run logged, if any
+    run.config.update({"evaluated_model": {"path": report["model"]["path"], "artifact": artifact}},
+                      allow_val_change=True)
+    if artifact and mode == "online":  # lineage in the W&B UI (offline runs cannot look artifacts up)
+        run.use_artifact(artifact)
     run_id = run.id
     run.finish()
     return run_id

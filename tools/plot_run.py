@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""One PNG of a training run, without W&B: losses, val top-1 (main and aux BN), robust top-1,
+learning rate, throughput and data wait, from the run's metrics.jsonl and any evaluate.py --json
+files in its folder. train/run.py writes the same picture at the end of every run.
+
+    python tools/plot_run.py runs/demo                      # → runs/demo/run.png
+    python tools/plot_run.py runs/demo --out demo.png
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from train.run_plot import PLOT_FILE, plot_run
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a run folder (output_dir of train/run.py)")
+    parser.add_argument("--out", type=Path, help=f"PNG to write (default: RUN/{PLOT_FILE})")
+    args = parser.parse_args(argv)
+    try:
+        print(f"wrote {plot_run(args.run, args.out)}")
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
