@@ -1,4 +1,4 @@
-"""Model construction: a timm model by name, input normalisation inside, optional dual BN.
+"""Model construction: a timm model by name, input normalisation inside, optional dual norms.
 
 Models take images in [0, 1] (so attack ε is in [0, 1] units) and normalise inside: ImageNet
 statistics for torchvision-style weights, mean = std = 0.5 for the TF EfficientNet/AdvProp family.
@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import nn
 
-from models.dual_bn import convert_dual_bn
+from models.dual_norm import NORM_NAMES, convert_dual_norm, dual_norm_layers
 from pipelines.errors import UserInputError
 
 NORMALIZATION = {
@@ -86,9 +86,13 @@ def load_local_weights(net: nn.Module, path: Path) -> None:
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def create_model(cfg, num_classes: int, *, dual_bn: bool) -> Normalized:
+def create_model(cfg, num_classes: int, *, dual_norm: bool) -> Normalized:
+    """dual_norm: give every norm layer an auxiliary twin (after bn_momentum/bn_eps, so both copies
+    have them); a model with no norm layer (NFNets) cannot, and is refused."""
     net = create_net(cfg.model, num_classes, pretrained_path=cfg.pretrained_path,
                      drop_rate=cfg.drop_rate, bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps)
-    if dual_bn:
-        convert_dual_bn(net)
+    if dual_norm and not dual_norm_layers(convert_dual_norm(net)):
+        raise UserInputError(f"method={cfg.method} gives every normalisation layer an auxiliary twin, but "
+                             f"{cfg.model} has no {NORM_NAMES} layer: train it with vanilla, adv_train "
+                             f"or goodfellow_mix")
     return Normalized(net, cfg.normalization)

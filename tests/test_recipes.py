@@ -6,7 +6,7 @@ import torch
 from timm.layers import BatchNormAct2d, convert_sync_batchnorm
 
 from conftest import REPO
-from models.dual_bn import DualBatchNorm, convert_dual_bn
+from models.dual_norm import DualNorm, convert_dual_norm
 from train.config import ConfigError, load_config
 from train.optim import create_optimizer
 
@@ -58,8 +58,8 @@ def test_base_must_exist(tmp_path):
 
 
 def test_sync_bn_keeps_dual_routes_and_activations():
-    model = convert_sync_batchnorm(convert_dual_bn(timm.create_model("efficientnet_b0", num_classes=10)))
-    duals = [m for m in model.modules() if isinstance(m, DualBatchNorm)]
+    model = convert_sync_batchnorm(convert_dual_norm(timm.create_model("efficientnet_b0", num_classes=10)))
+    duals = [m for m in model.modules() if isinstance(m, DualNorm)]
     assert duals and all(isinstance(d.main, torch.nn.SyncBatchNorm) or "Sync" in type(d.main).__name__
                          for d in duals)
     acts = [type(d.aux.act).__name__ for d in duals if hasattr(d.aux, "act")]

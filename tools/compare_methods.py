@@ -6,7 +6,7 @@
 
 Each run is a separate `train/run.py` process writing to <out>/<run name>; a run whose summary.json
 already exists is not trained again (delete its folder to redo it). The table reads each run's
-summary.json: clean top-1 and robust top-1 (main BNs, the sweep's eval_attack), and the cost per
+summary.json: clean top-1 and robust top-1 (main norms, the sweep's eval_attack), and the cost per
 training step as vanilla's training throughput over the run's (data loading included).
 """
 from __future__ import annotations

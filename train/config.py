@@ -184,7 +184,7 @@ class Config:
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 3, weights untouched) | skip the batch
     nonfinite_check: str = "auto"  # host: check each loss before backward | device: no per-step sync (CUDA) | auto
     # evaluation
-    eval_aux_bn: bool = False  # also validate through the auxiliary BNs each epoch
+    eval_aux_bn: bool = False  # also validate through the auxiliary norms each epoch (dual-norm methods)
     eval_robust: bool = True  # robust top-1 under eval_attack (untargeted) at the end
     eval_attack: Optional[EvalAttackConfig] = None  # e.g. eval_attack=pgd5 (one attack for all methods); None → attack
     # logging and checkpoints
