@@ -159,6 +159,7 @@ class Config:
     pretrained_path: str = ""  # local weights file (timm/safetensors state dict); "" → random init
     normalization: str = "imagenet"  # imagenet (torchvision stats) | inception (mean = std = 0.5)
     drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth: timm's drop_path_rate (the deepest block's drop probability)
     bn_momentum: Optional[float] = None  # torch convention (TF's 0.99 is 0.01); None → timm default
     bn_eps: Optional[float] = None
     # method
@@ -289,6 +290,7 @@ def validate(cfg: DictConfig) -> None:
         (cfg.data.dali.threads >= 1, "data.dali.threads", "must be ≥ 1"),
         (cfg.data.dali.prefetch >= 1, "data.dali.prefetch", "must be ≥ 1"),
         (0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
+        (0 <= cfg.drop_path_rate < 1, "drop_path_rate", "must be in [0, 1)"),
         (cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be ≥ 1"),
         (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be ≥ 0"),
         (cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip"),
