@@ -34,6 +34,11 @@ class Normalized(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
 
+    def no_weight_decay(self) -> set[str]:
+        """The net's own no-decay names (ViT: position embedding, class token) under our prefix: timm's
+        optimizer factory asks the model it is given (train/optim.py)."""
+        return {f"net.{name}" for name in getattr(self.net, "no_weight_decay", set)()}
+
 
 def create_net(name: str, num_classes: int, *, pretrained_path: str = "", drop_rate: float = 0.0,
                drop_path_rate: float = 0.0, bn_momentum: float | None = None,
