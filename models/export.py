@@ -21,7 +21,7 @@ def export_settings(cfg, classes: list[str]) -> dict:
 
 
 def save_main_norm(net: torch.nn.Module, path: Path, *, model_name: str, normalization: str,
-                 classes: list[str], image_size: int = 0, crop_ratio: float = 0.0) -> Path:
+                   classes: list[str], image_size: int = 0, crop_ratio: float = 0.0) -> Path:
     """Atomically write the main-norm state dict of `net` (the timm model, unwrapped) to path.
     image_size/crop_ratio: the val geometry (0: unknown), so evaluation can match it without the run."""
     path = Path(path)
