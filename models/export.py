@@ -1,4 +1,4 @@
-"""Plain-model weights out of a trained (possibly dual-BN) model: main BNs only, as safetensors
+"""Plain-model weights out of a trained (possibly dual-norm) model: main norms only, as safetensors
 that `timm.create_model(name, num_classes=n)` loads with strict=True. The file's metadata names
 the model, its input normalisation and its classes, so tools can rebuild it without our config."""
 from __future__ import annotations
@@ -11,21 +11,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.dual_bn import export_main_bn
+from models.dual_norm import export_main_norm
 
 
 def export_settings(cfg, classes: list[str]) -> dict:
-    """save_main_bn's keyword arguments for a model trained with run config `cfg`."""
+    """save_main_norm's keyword arguments for a model trained with run config `cfg`."""
     return dict(model_name=cfg.model, normalization=cfg.normalization, classes=classes,
                 image_size=cfg.data.val_image_size or cfg.data.image_size, crop_ratio=cfg.data.crop_ratio)
 
 
-def save_main_bn(net: torch.nn.Module, path: Path, *, model_name: str, normalization: str,
-                 classes: list[str], image_size: int = 0, crop_ratio: float = 0.0) -> Path:
-    """Atomically write the main-BN state dict of `net` (the timm model, unwrapped) to path.
+def save_main_norm(net: torch.nn.Module, path: Path, *, model_name: str, normalization: str,
+                   classes: list[str], image_size: int = 0, crop_ratio: float = 0.0) -> Path:
+    """Atomically write the main-norm state dict of `net` (the timm model, unwrapped) to path.
     image_size/crop_ratio: the val geometry (0: unknown), so evaluation can match it without the run."""
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in export_main_bn(net).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in export_main_norm(net).items()}
     metadata = {"model": model_name, "normalization": normalization, "num_classes": str(len(classes)),
                 "classes": json.dumps(classes), "format": "advprop-main-bn"}
     if image_size:

@@ -1,4 +1,4 @@
-"""Model construction: a timm model by name, input normalisation inside, optional dual BN.
+"""Model construction: a timm model by name, input normalisation inside, optional dual norms.
 
 Models take images in [0, 1] (so attack ε is in [0, 1] units) and normalise inside: ImageNet
 statistics for torchvision-style weights, mean = std = 0.5 for the TF EfficientNet/AdvProp family.
@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import nn
 
-from models.dual_bn import convert_dual_bn
+from models.dual_norm import NORM_NAMES, convert_dual_norm, dual_norm_layers
 from pipelines.errors import UserInputError
 
 NORMALIZATION = {
@@ -34,15 +34,28 @@ class Normalized(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
 
+    def no_weight_decay(self) -> set[str]:
+        """The net's own no-decay names (ViT: position embedding, class token) under our prefix: timm's
+        optimizer factory asks the model it is given (train/optim.py)."""
+        return {f"net.{name}" for name in getattr(self.net, "no_weight_decay", set)()}
+
 
 def create_net(name: str, num_classes: int, *, pretrained_path: str = "", drop_rate: float = 0.0,
-               bn_momentum: float | None = None, bn_eps: float | None = None) -> nn.Module:
+               drop_path_rate: float = 0.0, bn_momentum: float | None = None,
+               bn_eps: float | None = None) -> nn.Module:
     """timm.create_model with random init, or weights from a local file (never a download)."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         raise UserInputError(f"bad value for model: {name!r} is not a timm model"
                              + (f"; closest: {', '.join(close)}" if close else "; see timm.list_models()"))
-    net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    # stochastic depth only when asked: timm models without it (VGG, DLA, ...) take no such argument
+    depth = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    try:
+        net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **depth)
+    except TypeError as error:
+        if depth and "drop_path_rate" in str(error):
+            raise UserInputError(f"bad value for drop_path_rate: {name} has no stochastic depth to set") from None
+        raise
     if pretrained_path:
         load_local_weights(net, Path(pretrained_path))
     for module in net.modules():
@@ -86,9 +99,14 @@ def load_local_weights(net: nn.Module, path: Path) -> None:
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def create_model(cfg, num_classes: int, *, dual_bn: bool) -> Normalized:
+def create_model(cfg, num_classes: int, *, dual_norm: bool) -> Normalized:
+    """dual_norm: give every norm layer an auxiliary twin (after bn_momentum/bn_eps, so both copies
+    have them); a model with no norm layer (NFNets) cannot, and is refused."""
     net = create_net(cfg.model, num_classes, pretrained_path=cfg.pretrained_path,
-                     drop_rate=cfg.drop_rate, bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps)
-    if dual_bn:
-        convert_dual_bn(net)
+                     drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, bn_momentum=cfg.bn_momentum,
+                     bn_eps=cfg.bn_eps)
+    if dual_norm and not dual_norm_layers(convert_dual_norm(net)):
+        raise UserInputError(f"method={cfg.method} gives every normalisation layer an auxiliary twin, but "
+                             f"{cfg.model} has no {NORM_NAMES} layer: train it with vanilla, adv_train "
+                             f"or goodfellow_mix")
     return Normalized(net, cfg.normalization)

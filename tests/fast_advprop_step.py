@@ -52,7 +52,7 @@ def main(digits: Path, out: Path) -> None:
     accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     rank = accelerator.process_index
     torch.manual_seed(0)
-    model = create_model(cfg, 10, dual_bn=True).to(memory_format=torch.channels_last)
+    model = create_model(cfg, 10, dual_norm=True).to(memory_format=torch.channels_last)
     names = [name for name, _ in model.named_parameters()]
     optimizer = RecordingSGD(model.parameters(), lr=0.1)
     model, optimizer = accelerator.prepare(model, optimizer)

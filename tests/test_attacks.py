@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import digits_val_batch, load_exported
-from models.dual_bn import convert_dual_bn, use_bn
+from models.dual_norm import convert_dual_norm, use_norm
 from models.factory import Normalized
 from train.attacks import pgd, random_wrong_class
 
@@ -24,9 +24,9 @@ def batch(digits_root):
     return digits_val_batch(digits_root, 32)
 
 
-def random_model():
+def random_model(name="resnet18"):
     torch.manual_seed(0)
-    return Normalized(timm.create_model("resnet18", num_classes=10)).eval()
+    return Normalized(timm.create_model(name, num_classes=10)).eval()
 
 
 @pytest.mark.parametrize("targeted", [False, True])
@@ -68,17 +68,19 @@ def test_untargeted_raises_loss_and_targeted_reaches_targets(trained_model, batc
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_no_side_effects(batch, mode):
+@pytest.mark.parametrize("name", ["resnet18", "test_vit", "test_convnext", "test_efficientnet_gn"])
+def test_no_side_effects(batch, mode, name):
+    """On dual norms of every kind: BatchNorm (running statistics), LayerNorm, GroupNorm (none)."""
     images, labels = batch
-    model = random_model()
-    convert_dual_bn(model.net)
+    model = random_model(name)
+    convert_dual_norm(model.net)
     model.train(mode == "train")
-    model.net.fc.weight.requires_grad_(False)  # a frozen head must stay frozen
+    model.net.get_classifier().weight.requires_grad_(False)  # a frozen head must stay frozen
     F.cross_entropy(model(images), labels).backward()  # existing grads must survive untouched
     before = copy.deepcopy(model.state_dict())
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    with use_bn(model, "aux"):
+    with use_norm(model, "aux"):
         pgd(model, images, labels, eps=EPS, step_size=STEP, steps=2)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN buffers

@@ -11,6 +11,7 @@ from conftest import run_train
     ("attack.eps=-1", "attack.eps"), ("data.nonsense=3", "nonsense"), ("epochs", "key=value"),
     ("model=resnet_18", "closest: resnet18"), ("pretrained_path=/nonexistent/w.pth", "pretrained_path"),
     ("eval_attack.targeted=true", "targeted"),
+    ("model=test_nfnet", "test_nfnet has no BatchNorm, LayerNorm"),  # advprop needs norms to duplicate
 ])
 def test_bad_config_is_one_clear_error(override, named, tmp_path):
     result = run_train(override, f"output_dir={tmp_path / 'run'}", check=False)

@@ -1,7 +1,7 @@
 """fast_advprop's step equals the Fast AdvProp authors' step (meijieru/fast_advprop), computed
 here by hand on a fixed batch, on one process and on two (gloo on CPU): per-sample losses summed
 with their weights (clean 1, attack ½, adversarial ½), each parameter's gradient divided by the
-weighted number of images that reached it (shared: all B, main BNs: the clean ones, aux BNs: the
+weighted number of images that reached it (shared: all B, main norms: the clean ones, aux norms: the
 attacked ones), the adversarial rows shuffled across processes before their forward."""
 import os
 import subprocess
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO
-from models.dual_bn import AUX, use_bn
+from models.dual_norm import AUX, use_norm
 from models.factory import create_model
 from train.attacks import pgd_step
 from train.config import load_config
@@ -39,14 +39,14 @@ def official_gradients(digits_root, processes: int, trained_on: list, shuffle: b
     from fast_advprop_step import OVERRIDES, batch
     cfg = load_config([f"data.root={digits_root}", *OVERRIDES])
     torch.manual_seed(0)
-    model = create_model(cfg, 10, dual_bn=True).to(memory_format=torch.channels_last).train()
+    model = create_model(cfg, 10, dual_norm=True).to(memory_format=torch.channels_last).train()
     images, labels = batch(digits_root)
     eps, step = 4 / 255, 1 / 255
     shards = [(images[p * ROWS:(p + 1) * ROWS], labels[p * ROWS:(p + 1) * ROWS]) for p in range(processes)]
     attack_sums, adversarial = [], []
-    for x, y in shards:  # the attack step: a training forward through the aux BNs, from the clean image
+    for x, y in shards:  # the attack step: a training forward through the aux norms, from the clean image
         source = x[CLEAN:].clone().requires_grad_(True)
-        with use_bn(model, AUX):
+        with use_norm(model, AUX):
             attack_sum = F.cross_entropy(model(source), y[CLEAN:], reduction="sum")
         (grad,) = torch.autograd.grad(attack_sum, source, retain_graph=True)
         attack_sums.append(attack_sum)
@@ -62,7 +62,7 @@ def official_gradients(digits_root, processes: int, trained_on: list, shuffle: b
             flipped = (trained_on[p] - everyone[rows]).abs() > 1e-6
             assert flipped.float().mean() < 0.02 and (trained_on[p] - everyone[rows]).abs().max() <= 2.01 * step
         clean_sum = F.cross_entropy(model(x[:CLEAN]), y[:CLEAN], reduction="sum")
-        with use_bn(model, AUX):
+        with use_norm(model, AUX):
             adv_sum = F.cross_entropy(model(trained_on[p] if shuffle else everyone[rows]), everyone_labels[rows],
                                       reduction="sum")
         aux_sum = 0.5 * attack_sums[p] + 0.5 * adv_sum

@@ -11,7 +11,7 @@ from models.factory import create_model
 from train.checkpoint import TrainState
 from train.faults import NonFiniteLoss
 from train.loop import train_step
-from train.methods import METHODS, USES_DUAL_BN, StepContext
+from train.methods import METHODS, USES_DUAL_NORM, StepContext
 from train.optim import create_optimizer, create_schedule
 from train.step_guard import StepGuard
 
@@ -26,7 +26,7 @@ def step_parts(demo_cfg, digits_root):
         cfg = demo_cfg(f"method={method}", "attack.steps=1", "batch_size=20",
                        *(["attack.targeted=false"] if method == "fast_advprop" else []), *overrides)
         torch.manual_seed(0)
-        model = create_model(cfg, 10, dual_bn=method in USES_DUAL_BN)
+        model = create_model(cfg, 10, dual_norm=method in USES_DUAL_NORM)
         accelerator = Accelerator(cpu=True)
         optimizer = create_optimizer(cfg, model, 1)
         model, optimizer = accelerator.prepare(model, optimizer)

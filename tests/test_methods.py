@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torchvision.datasets import ImageFolder
 from torchvision.transforms.functional import pil_to_tensor
 
-from models.dual_bn import AUX, MAIN, DualBatchNorm, convert_dual_bn, use_bn
+from models.dual_norm import AUX, MAIN, DualNorm, convert_dual_norm, use_norm
 from models.factory import create_model
 from train.attacks import random_wrong_class
 from train.loop import scale_gradients
-from train.methods import METHODS, USES_DUAL_BN, StepContext
+from train.methods import METHODS, USES_DUAL_NORM, StepContext
 from train.optim import create_optimizer
 
 CLASSES = 10
@@ -41,7 +41,7 @@ def digits(digits_root):
 
 def build(cfg):
     torch.manual_seed(0)
-    model = create_model(cfg, CLASSES, dual_bn=cfg.method in USES_DUAL_BN)
+    model = create_model(cfg, CLASSES, dual_norm=cfg.method in USES_DUAL_NORM)
     return model.to(memory_format=torch.channels_last).train()
 
 
@@ -96,9 +96,9 @@ def test_advprop_routes_clean_to_main_and_adversarial_to_aux(demo_cfg, digits):
     reference = copy.deepcopy(model)
     images, labels = digits[0][0][:32], digits[0][1][:32]
     out = step(model, cfg, images, labels)
-    with torch.no_grad(), use_bn(reference, MAIN):
+    with torch.no_grad(), use_norm(reference, MAIN):
         reference(images)  # main BNs: the clean batch and nothing else
-    with torch.no_grad(), use_bn(reference, AUX):
+    with torch.no_grad(), use_norm(reference, AUX):
         reference(out.adversarial)  # aux BNs: the adversarial batch and nothing else
     for route in (MAIN, AUX):
         ours, expected = bn_buffers(model, route), bn_buffers(reference, route)
@@ -115,7 +115,7 @@ def test_fast_advprop_keeps_adversarial_rows_out_of_main_bns(demo_cfg, digits):
     reference = copy.deepcopy(model)
     images, labels = digits[0][0][:30], digits[0][1][:30]
     step(model, cfg, images, labels)
-    with torch.no_grad(), use_bn(reference, MAIN):
+    with torch.no_grad(), use_norm(reference, MAIN):
         reference(images[:24])  # 4:1 split: the first 24 rows are the clean part
     ours, expected = bn_buffers(model, MAIN), bn_buffers(reference, MAIN)
     for name in ours:
@@ -124,11 +124,11 @@ def test_fast_advprop_keeps_adversarial_rows_out_of_main_bns(demo_cfg, digits):
 
 @pytest.mark.parametrize("method", ["vanilla", "adv_train", "goodfellow_mix"])
 def test_single_bn_methods_use_one_bn_set(method, demo_cfg, digits):
-    """Not converted by the factory, and even on a dual-BN model they touch only the main BNs."""
+    """Not converted by the factory, and even on a dual-norm model they touch only the main norms."""
     cfg = demo_cfg(f"method={method}", *ATTACK)
-    assert not any(isinstance(m, DualBatchNorm) for m in build(cfg).modules())
+    assert not any(isinstance(m, DualNorm) for m in build(cfg).modules())
     model = build(cfg)
-    convert_dual_bn(model.net)
+    convert_dual_norm(model.net)
     aux_before, main_before = bn_buffers(model, AUX), bn_buffers(model, MAIN)
     step(model, cfg, digits[0][0][:32], digits[0][1][:32])
     aux_after, main_after = bn_buffers(model, AUX), bn_buffers(model, MAIN)
@@ -173,8 +173,8 @@ def grads_by_group(model, losses: dict) -> dict:
 
 
 def test_advprop_gradient_is_the_per_group_average(demo_cfg, digits):
-    """Shared weights: every image once, (Σ clean + w·Σ adv) / (B + w·B); main BNs: the clean mean;
-    aux BNs: the adversarial mean (train/methods.py)."""
+    """Shared weights: every image once, (Σ clean + w·Σ adv) / (B + w·B); main norms: the clean mean;
+    aux norms: the adversarial mean (train/methods.py)."""
     cfg = demo_cfg("method=advprop", *ATTACK, "attack.random_start=false", "advprop.adv_weight=0.7")
     model = build(cfg)
     reference = copy.deepcopy(model)
@@ -184,11 +184,11 @@ def test_advprop_gradient_is_the_per_group_average(demo_cfg, digits):
 
     torch.manual_seed(1)
     targets = random_wrong_class(labels, CLASSES)
-    with use_bn(reference, AUX):
+    with use_norm(reference, AUX):
         adversarial = naive_pgd(reference, images, targets, eps=4 / 255, step_size=1 / 255, steps=2, targeted=True)
     torch.testing.assert_close(out.adversarial, adversarial, rtol=0, atol=1e-6)
     clean_sum = F.cross_entropy(reference(images), labels, reduction="sum")
-    with use_bn(reference, AUX):
+    with use_norm(reference, AUX):
         adv_sum = F.cross_entropy(reference(adversarial), labels, reduction="sum")
     n = len(images)
     assert_same_grads(model, grads_by_group(reference, {
@@ -197,7 +197,7 @@ def test_advprop_gradient_is_the_per_group_average(demo_cfg, digits):
 
 def test_fast_advprop_gradient_is_the_per_group_average(demo_cfg, digits):
     """Two attack steps (the reused one, then a plain PGD step), random start: the official
-    normalisation (shared: (Σ clean + ½Σ attack + ½Σ adv) / B; main BNs: the clean mean; aux BNs:
+    normalisation (shared: (Σ clean + ½Σ attack + ½Σ adv) / B; main norms: the clean mean; aux norms:
     (½Σ attack + ½Σ adv) / n_adv); tests/test_fast_advprop_official.py checks it across processes."""
     cfg = demo_cfg(*FAST, *ATTACK)
     model = build(cfg)
@@ -210,7 +210,7 @@ def test_fast_advprop_gradient_is_the_per_group_average(demo_cfg, digits):
     clean, source, clean_labels, adv_labels = images[:32], images[32:], labels[:32], labels[32:]
     torch.manual_seed(1)
     start = (source + torch.empty_like(source).uniform_(-eps, eps)).clamp(0, 1).requires_grad_(True)
-    with use_bn(reference, AUX):
+    with use_norm(reference, AUX):
         attack_sum = F.cross_entropy(reference(start), adv_labels, reduction="sum")
         (grad,) = torch.autograd.grad(attack_sum, start, retain_graph=True)
         first = (source + (start + step_size * grad.sign() - source).clamp(-eps, eps)).clamp(0, 1).detach()

@@ -3,12 +3,16 @@
 import pytest
 import timm
 import torch
+from PIL import Image
 from timm.layers import BatchNormAct2d, convert_sync_batchnorm
 
 from conftest import REPO
-from models.dual_bn import DualBatchNorm, convert_dual_bn
+from models.dual_norm import NORM_TYPES, DualNorm, convert_dual_norm
+from models.factory import create_model, create_net
+from pipelines.errors import UserInputError
+from pipelines.torchvision_loader import image_transform
 from train.config import ConfigError, load_config
-from train.optim import create_optimizer
+from train.optim import create_optimizer, global_batch
 
 RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.stem.endswith("_base"))
 
@@ -42,6 +46,52 @@ def test_resnet50_recipes_read_ffcv_betons_at_ffcv_imagenet_storage():
         assert storage.progressive.min_res == 0  # the paper's fixed 224 px unless asked
 
 
+def recipe(name: str, *overrides: str):
+    return load_config([f"config={REPO / 'configs' / f'{name}.yaml'}", *overrides])
+
+
+@pytest.mark.parametrize("name, batch, lr, warmup, ema", [
+    ("deit_s_advprop", 1024, 5e-4 * 1024 / 512, 5, 0.0),  # DeiT: lr 5e-4 per 512, no EMA
+    ("convnext_t_advprop", 4096, 4e-3, 20, 0.9999),  # ConvNeXt-T: lr 4e-3 at 4096
+])
+def test_transformer_era_recipes_follow_their_papers(name, batch, lr, warmup, ema):
+    c = recipe(name)
+    assert (c.method, c.optimizer.name, c.optimizer.weight_decay, c.schedule.name) == ("advprop", "adamw", 0.05, "cosine")
+    assert (c.epochs, c.label_smoothing, c.drop_path_rate, c.drop_rate) == (300, 0.1, 0.1, 0.0)
+    assert (c.schedule.warmup_epochs, c.ema_decay, c.normalization) == (warmup, ema, "imagenet")
+    assert global_batch(c, 8) == batch  # on 8 GPUs, as the papers
+    assert create_optimizer(c, torch.nn.Linear(4, 2), 8).param_groups[0]["lr"] == pytest.approx(lr)
+    assert (c.loader, c.data.auto_augment, c.data.image_size) == ("torchvision", "rand-m9-mstd0.5-inc1", 224)
+    augment = image_transform(c, "train")  # timm's RandAugment parses the recipe's policy
+    assert augment(Image.new("RGB", (300, 260), (90, 120, 30))).shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize("name", ["deit_s_advprop", "convnext_t_advprop"])
+def test_transformer_era_recipes_build_dual_norms_stochastic_depth_and_decay_groups(name):
+    cfg = recipe(name)
+    model = create_model(cfg, 1000, dual_norm=True)
+    duals = [m for m in model.modules() if isinstance(m, DualNorm)]
+    assert duals and all(isinstance(d.main, torch.nn.LayerNorm) for d in duals)
+    assert sum(isinstance(m, NORM_TYPES) for m in model.modules()) == 2 * len(duals)  # every norm is twinned
+    drop_path = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert drop_path and max(drop_path) == pytest.approx(0.1)
+    no_decay = next(g for g in create_optimizer(cfg, model, 1).param_groups if g["weight_decay"] == 0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    excluded = {names[id(p)] for p in no_decay["params"]}
+    assert all(p.ndim <= 1 or names[id(p)] in ("net.pos_embed", "net.cls_token") for p in no_decay["params"])
+    if name.startswith("deit"):  # timm's ViT no_weight_decay(), through our input-normalising wrapper
+        assert {"net.pos_embed", "net.cls_token"} <= excluded
+
+
+def test_drop_path_rate_reaches_timm_or_is_refused():
+    assert not [m for m in create_net("test_vit", 10).modules() if getattr(m, "drop_prob", 0) > 0]  # 0: off
+    deepest = max(m.drop_prob for m in create_net("test_vit", 10, drop_path_rate=0.2).modules()
+                  if type(m).__name__ == "DropPath")
+    assert deepest == pytest.approx(0.2)
+    with pytest.raises(UserInputError, match="drop_path_rate: dla46_c has no stochastic depth"):
+        create_net("dla46_c", 10, drop_path_rate=0.1)
+
+
 def test_lr_scales_with_the_global_batch():
     cfg = load_config([f"config={REPO / 'configs' / 'effnet_b0_advprop.yaml'}"])
     model = torch.nn.Linear(4, 2)
@@ -58,8 +108,8 @@ def test_base_must_exist(tmp_path):
 
 
 def test_sync_bn_keeps_dual_routes_and_activations():
-    model = convert_sync_batchnorm(convert_dual_bn(timm.create_model("efficientnet_b0", num_classes=10)))
-    duals = [m for m in model.modules() if isinstance(m, DualBatchNorm)]
+    model = convert_sync_batchnorm(convert_dual_norm(timm.create_model("efficientnet_b0", num_classes=10)))
+    duals = [m for m in model.modules() if isinstance(m, DualNorm)]
     assert duals and all(isinstance(d.main, torch.nn.SyncBatchNorm) or "Sync" in type(d.main).__name__
                          for d in duals)
     acts = [type(d.aux.act).__name__ for d in duals if hasattr(d.aux, "act")]

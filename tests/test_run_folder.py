@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import REPO, run_train
+from train.resume_rules import ResumeMismatch, check_same_run
 
 QUICK = ["tracker=none", "attack.steps=2", "eval_robust=false"]
 
@@ -59,6 +61,15 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(finished_run,
     message = refused(result, named, "new output_dir")
     assert "damaged" not in result.stdout + result.stderr and "epoch_0008" in message
     assert fingerprint(finished_run) == before
+
+
+def test_a_key_newer_than_the_run_counts_as_its_default(demo_cfg):
+    """A run saved before drop_path_rate existed continues, unless the command sets the new key."""
+    saved = OmegaConf.to_container(demo_cfg())
+    del saved["drop_path_rate"]
+    check_same_run(saved, demo_cfg(), where="an older run")
+    with pytest.raises(ResumeMismatch, match=r"drop_path_rate \(0.0 → 0.1\)"):
+        check_same_run(saved, demo_cfg("drop_path_rate=0.1"), where="an older run")
 
 
 def test_resume_none_into_a_run_is_refused(finished_run, digits_root):

@@ -34,7 +34,7 @@ from train.checkpoint import TrainState
 from train.compile import compile_model
 from train.config import load_config
 from train.loop import train_step
-from train.methods import USES_DUAL_BN, StepContext
+from train.methods import USES_DUAL_NORM, StepContext
 from train.optim import create_optimizer, create_schedule
 from train.step_guard import StepGuard
 
@@ -60,7 +60,7 @@ def build_case(overrides: list[str], args, accelerator: Accelerator):
                        f"channels_last={not args.no_channels_last}", f"nonfinite_check={args.nonfinite_check}",
                        *overrides])
     torch.manual_seed(0)  # the same initial weights for every method
-    model = create_model(cfg, NUM_CLASSES, dual_bn=cfg.method in USES_DUAL_BN)
+    model = create_model(cfg, NUM_CLASSES, dual_norm=cfg.method in USES_DUAL_NORM)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:

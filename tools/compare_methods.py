@@ -7,7 +7,7 @@
 
 Each run is a separate `train/run.py` process writing to <out>/<run name>; a run whose summary.json
 already exists is not trained again (delete its folder to redo it). The table reads each run's
-summary.json: clean top-1 and robust top-1 (main BNs, the sweep's eval_attack), and the cost per
+summary.json: clean top-1 and robust top-1 (main norms, the sweep's eval_attack), and the cost per
 training step as vanilla's training throughput over the run's (data loading included).
 With W&B (the default, offline without a login) the runs share one group (--group, default
 compare_methods-<out folder name>) and a last run of that group, "comparison", holds the table and

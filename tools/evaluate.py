@@ -7,7 +7,7 @@ r"""Robustness report for a trained model: clean, PGD, ImageNet-C, -A, -R and St
         --imagenet-c imagenet-c --imagenet-a imagenet-a --imagenet-r imagenet-r --stylized sin/val
 
 CHECKPOINT: a run folder (its checkpoints/best, else last), a checkpoint folder, an exported
-main-BN .safetensors (tools/export.py), or a plain timm state dict (.safetensors/.pth) with
+main-norm .safetensors (tools/export.py), or a plain timm state dict (.safetensors/.pth) with
 --model NAME. Nothing is downloaded. Images go through the training run's val transform (resize
 the shorter side, center crop). Sizes of --attack are pixel units (/255) like the training config.
 A set that cannot be evaluated is reported as FAILED with the reason, the others still run and are
@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.dual_bn import dual_bn_layers
+from models.dual_norm import dual_norm_layers
 from pipelines.errors import UserInputError
 from pipelines.loader import find_classes
 from tools.robustness import imagenet_c, report as reporting, sets
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--imagenet-a", type=Path, help="ImageNet-A root (<wnid>/ folders, 200 classes)")
     parser.add_argument("--imagenet-r", type=Path, help="ImageNet-R root (<wnid>/ folders, 200 classes)")
     parser.add_argument("--stylized", type=Path, help="Stylized-ImageNet val ImageFolder")
-    parser.add_argument("--bn", choices=("main", "aux"), default="main", help="BNs of a dual-BN checkpoint")
+    parser.add_argument("--bn", choices=("main", "aux"), default="main", help="norms of a dual-norm checkpoint")
     parser.add_argument("--image-size", type=int, help="val crop size (default: the run's or timm's)")
     parser.add_argument("--crop-ratio", type=float, help="val crop ratio (default: the run's or timm's)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         attacks = [parse_attack(tokens) for tokens in args.attack or []]
         model, cfg, classes = load_any(args.checkpoint, model_name=args.model)
         classes = model_classes(classes, model, args.data)
-        if args.bn == "aux" and not dual_bn_layers(model):
-            raise UserInputError(f"--bn aux: {args.checkpoint} has no auxiliary BNs (a dual-BN method's "
-                                 f"checkpoint folder has them; exports keep the main BNs only)")
+        if args.bn == "aux" and not dual_norm_layers(model):
+            raise UserInputError(f"--bn aux: {args.checkpoint} has no auxiliary norms (a dual-norm method's "
+                                 f"checkpoint folder has them; exports keep the main norms only)")
     except (UserInputError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a training checkpoint as plain timm weights (main BNs only, safetensors).
+"""Export a training checkpoint as plain timm weights (main norms only, safetensors).
 
     python tools/export.py runs/demo runs/demo/best_main_bn.safetensors           # the run's best checkpoint
     python tools/export.py runs/demo/checkpoints/epoch_0004 epoch4.safetensors    # a given checkpoint
@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from models.export import export_settings, save_main_bn
+from models.export import export_settings, save_main_norm
 from pipelines.errors import UserInputError
 from tools.output_guard import check_output_file
 from train.checkpoint import checkpoint_folder, load_checkpoint_model
@@ -35,7 +35,7 @@ def main() -> None:
     folder = checkpoint_folder(args.checkpoint)
     check_output_file(args.out, inputs=[folder], overwrite=args.overwrite, example="model_main_bn.safetensors")
     model, cfg, classes = load_checkpoint_model(folder)
-    save_main_bn(model.net, args.out, **export_settings(cfg, classes))
+    save_main_norm(model.net, args.out, **export_settings(cfg, classes))
     print(f"wrote {args.out} from {folder}: {cfg.model}, {len(classes)} classes, normalization={cfg.normalization}")
 
 

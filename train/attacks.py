@@ -10,7 +10,10 @@ Speed and correctness:
 - parameters are frozen during the attack: only the input gradient is computed (most of the cost
   of a training step's backward is the weight gradients);
 - BN running statistics are not updated (BN still normalises with batch statistics in train mode;
-  `bn_eval` makes the attack see running statistics instead);
+  `bn_eval` makes the attack see running statistics instead). Of the norms a dual-norm model
+  duplicates (models/dual_norm.py) only BatchNorm keeps running statistics: LayerNorm, GroupNorm
+  and RMSNorm normalise each image by itself, the same in train and eval mode, so freezing their
+  parameters is all they need;
 - the loss is summed, not averaged, and taken in fp32: only the gradient's sign matters, and under
   fp16/bf16 autocast a 1/N-scaled gradient underflows to zero. The input stays an fp32 leaf, so
   the gradient reaching it is fp32 and the step is taken in fp32;

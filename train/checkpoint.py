@@ -285,6 +285,6 @@ def load_checkpoint_model(folder: Path):
     except Exception as error:  # missing file, bad YAML/JSON, truncated safetensors
         raise CheckpointError(f"checkpoint {folder} is unreadable: {type(error).__name__}: {error}") from None
     dual = any(".main." in key for key in state)
-    model = create_model(OmegaConf.merge(cfg, {"pretrained_path": ""}), len(classes), dual_bn=dual)
+    model = create_model(OmegaConf.merge(cfg, {"pretrained_path": ""}), len(classes), dual_norm=dual)
     model.load_state_dict(state, strict=True)
     return model.eval(), cfg, classes

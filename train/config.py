@@ -159,6 +159,7 @@ class Config:
     pretrained_path: str = ""  # local weights file (timm/safetensors state dict); "" → random init
     normalization: str = "imagenet"  # imagenet (torchvision stats) | inception (mean = std = 0.5)
     drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth: timm's drop_path_rate (the deepest block's drop probability)
     bn_momentum: Optional[float] = None  # torch convention (TF's 0.99 is 0.01); None → timm default
     bn_eps: Optional[float] = None
     # method
@@ -184,7 +185,7 @@ class Config:
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 3, weights untouched) | skip the batch
     nonfinite_check: str = "auto"  # host: check each loss before backward | device: no per-step sync (CUDA) | auto
     # evaluation
-    eval_aux_bn: bool = False  # also validate through the auxiliary BNs each epoch
+    eval_aux_bn: bool = False  # also validate through the auxiliary norms each epoch (dual-norm methods)
     eval_robust: bool = True  # robust top-1 under eval_attack (untargeted) at the end
     eval_attack: Optional[EvalAttackConfig] = None  # e.g. eval_attack=pgd5 (one attack for all methods); None → attack
     # logging and checkpoints
@@ -292,6 +293,7 @@ def validate(cfg: DictConfig) -> None:
         (cfg.data.dali.threads >= 1, "data.dali.threads", "must be ≥ 1"),
         (cfg.data.dali.prefetch >= 1, "data.dali.prefetch", "must be ≥ 1"),
         (0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
+        (0 <= cfg.drop_path_rate < 1, "drop_path_rate", "must be in [0, 1)"),
         (cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be ≥ 1"),
         (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be ≥ 0"),
         (cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip"),

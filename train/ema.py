@@ -12,7 +12,7 @@ EMA_FILE = "ema.safetensors"
 
 
 def create_ema(model, decay: float, device) -> ModelEmaV3 | None:
-    """model: the unwrapped training model (its dual BNs are averaged too). decay 0 → no EMA."""
+    """model: the unwrapped training model (its dual norms are averaged too). decay 0 → no EMA."""
     return ModelEmaV3(model, decay=decay, device=device) if decay > 0 else None
 
 

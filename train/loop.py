@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from models.dual_bn import use_bn
+from models.dual_norm import use_norm
 from train.attacks import pgd
 from train.faults import NonFiniteLoss
 from train.methods import BACKWARDS, METHODS, StepContext, StepOutput
@@ -105,7 +105,7 @@ def train_step(ctx: StepContext, accelerator, optimizer, scheduler, state, x, la
 
 
 def scale_gradients(grad_scales: list[tuple[list[torch.Tensor], float]]) -> None:
-    """A method's per-group gradient factors (train/methods.py: each BN set averaged over its images)."""
+    """A method's per-group gradient factors (train/methods.py: each norm set averaged over its images)."""
     with torch.no_grad():
         for params, factor in grad_scales:
             grads = [p.grad for p in params if p.grad is not None]
@@ -197,7 +197,7 @@ def evaluate(model, loader, accelerator, *, route: str = "main", attack=None, de
     totals = torch.zeros(4, device=accelerator.device)  # top1 hits, top5 hits, loss sum, images
     loader.set_epoch(0)
     bar = tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
-    with use_bn(model, route):
+    with use_norm(model, route):
         for images, labels in bar:
             x = to_float(images)
             if attack is not None:

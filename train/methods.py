@@ -6,24 +6,24 @@ Backward(terms): the loop (train/loop.py) owns everything that follows: the fini
 every term, loss scaling, gradient accumulation, DDP synchronisation, the optimizer step. Most
 methods yield once; fast_advprop yields twice, because the input gradient of its first backward
 makes its adversarial examples. A new method is a generator here plus its entry in METHODS (the
-config's `method=` names are METHODS' keys) and, if it routes BNs, in USES_DUAL_BN.
+config's `method=` names are METHODS' keys) and, if it routes norms, in USES_DUAL_NORM.
 
     vanilla         cross-entropy on clean images
-    adv_train       Madry et al. 2018: cross-entropy on PGD examples only; one BN set
-    goodfellow_mix  Goodfellow et al. 2015: α·J(x) + (1 − α)·J(x_adv); one BN set that sees clean and
+    adv_train       Madry et al. 2018: cross-entropy on PGD examples only; one norm set
+    goodfellow_mix  Goodfellow et al. 2015: α·J(x) + (1 − α)·J(x_adv); one norm set that sees clean and
                     adversarial images in one batch (the AdvProp paper's "adversarial training")
-    advprop         Xie et al. 2020: J(x; main BNs) + w·J(x_adv; aux BNs), the attack through aux BNs
+    advprop         Xie et al. 2020: J(x; main norms) + w·J(x_adv; aux norms), the attack through aux norms
     fast_advprop    Mei et al. 2022: 4:1 clean:adv split of the batch, one attack step whose forward
-                    and backward also train the weights (aux BNs), loss weights 1 / ½ / ½
+                    and backward also train the weights (aux norms), loss weights 1 / ½ / ½
 
-Loss scale of the dual-BN methods (advprop, fast_advprop), as the Fast AdvProp authors' code
+Loss scale of the dual-norm methods (advprop, fast_advprop), as the Fast AdvProp authors' code
 (meijieru/fast_advprop, imagenet.py train(), fast_advprop.py: "synchronizing parameter updating
 speed") computes it: per-sample losses are summed with their weights, and each parameter's
 gradient is divided by the weighted number of images that reached it:
 
     shared weights  Σ_i w_i·ℓ_i / Σ_i w_i           (every image counts once: vanilla's scale)
-    main BNs        mean over the clean images      (their only images)
-    aux BNs         Σ_adv w_i·ℓ_i / Σ_adv w_i       (the attacked and adversarial images)
+    main norms      mean over the clean images      (their only images)
+    aux norms       Σ_adv w_i·ℓ_i / Σ_adv w_i       (the attacked and adversarial images)
 
 For advprop (w = 1 for clean, advprop.adv_weight for adversarial images) this is the paper's
 objective J(x) + w·J(x_adv) with the shared weights' gradient divided by 1 + w, as the public
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.dual_bn import AUX, MAIN, route_parameters, use_bn
+from models.dual_norm import AUX, MAIN, route_parameters, use_norm
 from train.attacks import bn_eval, pgd, pgd_step, random_start_point, random_wrong_class
 
 
@@ -92,10 +92,10 @@ def attack_kwargs(attack_cfg) -> dict:
 
 def make_adversarial(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor,
                      route: str = MAIN) -> torch.Tensor:
-    """The configured attack on images, through the BNs of `route`."""
+    """The configured attack on images, through the norms of `route`."""
     attack = ctx.cfg.attack
     targets = random_wrong_class(labels, ctx.num_classes) if attack.targeted else labels
-    with use_bn(ctx.attack_model, route), bn_eval(ctx.attack_model, attack.bn_mode == "eval"):
+    with use_norm(ctx.attack_model, route), bn_eval(ctx.attack_model, attack.bn_mode == "eval"):
         return pgd(ctx.attack_model, images, targets, targeted=attack.targeted, **attack_kwargs(attack))
 
 
@@ -112,7 +112,7 @@ def two_part_metrics(clean_loss, adv_loss, clean_logits, adv_logits, clean_label
             "acc/clean": accuracy(clean_logits, clean_labels), "acc/adv": accuracy(adv_logits, adv_labels)}
 
 
-# ----------------------------------------------------------------------------- one BN set
+# ----------------------------------------------------------------------------- one norm set
 
 def vanilla(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> MethodSteps:
     logits = ctx.model(images)
@@ -140,22 +140,22 @@ def goodfellow_mix(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor)
     return StepOutput(two_part_metrics(clean_loss, adv_loss, logits[:n], logits[n:], labels, labels), adversarial)
 
 
-# ----------------------------------------------------------------------------- dual BN
+# ----------------------------------------------------------------------------- dual norms
 
-# Clean and adversarial images take two forwards (main, then aux BNs) and one backward rather than
-# one concatenated forward with a split route: splitting and re-joining the batch at every BN layer
+# Clean and adversarial images take two forwards (main, then aux norms) and one backward rather than
+# one concatenated forward with a split route: splitting and re-joining the batch at every norm layer
 # costs ~20% of a step on CPU, for no fewer FLOPs.
 
 def main_and_aux_forward(ctx: StepContext, clean: torch.Tensor, adversarial: torch.Tensor):
     clean_logits = ctx.model(clean)
-    with use_bn(ctx.attack_model, AUX):
+    with use_norm(ctx.attack_model, AUX):
         adv_logits = ctx.model(adversarial)
     return clean_logits, adv_logits
 
 
 def per_group_scales(ctx: StepContext, shared: float, main: float, aux: float) -> list:
-    """Gradient factors that turn a backward of Σ w·ℓ / shared into each BN set's own average:
-    main BNs divided by their weighted image count `main`, aux BNs by `aux` (module doc)."""
+    """Gradient factors that turn a backward of Σ w·ℓ / shared into each norm set's own average:
+    main norms divided by their weighted image count `main`, aux norms by `aux` (module doc)."""
     scales = [(route_parameters(ctx.attack_model, MAIN), shared / main)]
     if aux > 0:
         scales.append((route_parameters(ctx.attack_model, AUX), shared / aux))
@@ -197,7 +197,7 @@ def fast_advprop(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -
 
     adversarial = pgd_step(start, source, start.grad, eps=attack["eps"], step_size=attack["step_size"],
                            targeted=False)
-    with use_bn(ctx.attack_model, AUX):
+    with use_norm(ctx.attack_model, AUX):
         if attack["steps"] > 1:  # further steps are plain PGD steps (frozen weights)
             adversarial = pgd(ctx.attack_model, source, adv_labels, eps=attack["eps"],
                               step_size=attack["step_size"], steps=attack["steps"] - 1, start=adversarial)
@@ -228,8 +228,8 @@ METHODS: dict[str, Callable[[StepContext, torch.Tensor, torch.Tensor], MethodSte
     "advprop": advprop,
     "fast_advprop": fast_advprop,
 }
-USES_DUAL_BN = {"advprop", "fast_advprop"}
+USES_DUAL_NORM = {"advprop", "fast_advprop"}
 # Backward requests a method yields per step (the others: one). The loop runs all but the last
 # without DDP synchronisation, and DDP must then allow parameters unused by the last one (the
-# main BNs take no part in fast_advprop's adversarial forward).
+# main norms take no part in fast_advprop's adversarial forward).
 BACKWARDS = {"fast_advprop": 2}

@@ -18,7 +18,8 @@ def create_optimizer(cfg, model, num_processes: int):
     opt = cfg.optimizer
     extra = {} if opt.eps is None else {"eps": opt.eps}
     lr = opt.lr_per_256 * global_batch(cfg, num_processes) / 256
-    # timm applies weight decay to parameters with ndim ≥ 2 only (no biases, no norm weights)
+    # timm applies weight decay to parameters with ndim ≥ 2 only (no biases, no norm weights), and not
+    # to those the model names in no_weight_decay() (ViT: position embedding, class token)
     return create_optimizer_v2(model, opt=opt.name, lr=lr, weight_decay=opt.weight_decay,
                                momentum=opt.momentum, **extra)
 

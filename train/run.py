@@ -26,7 +26,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 from timm.layers import convert_sync_batchnorm
 
-from models.export import export_settings, save_main_bn
+from models.export import export_settings, save_main_norm
 from models.factory import create_model
 from pipelines.errors import UserInputError
 from pipelines.loader import build_loader, prepare_dataset
@@ -37,7 +37,7 @@ from train.ema import create_ema
 from train.environment import describe
 from train.faults import NonFiniteLoss, StoppedAfterTraining, StopRequest
 from train.loop import evaluate, train_one_epoch
-from train.methods import BACKWARDS, USES_DUAL_BN, StepContext
+from train.methods import BACKWARDS, USES_DUAL_NORM, StepContext
 from train.model_artifacts import ModelArtifacts
 from train.optim import create_optimizer, create_schedule
 from train.run_plot import PLOT_FILE, plot_run
@@ -67,15 +67,15 @@ def validate_epoch(ctx, accelerator, val_loader, ema=None) -> dict:
     if ema is not None:
         averaged = evaluate(ema.module, val_loader, accelerator, desc="val (EMA)")
         metrics.update({f"val_ema/{k}": v for k, v in averaged.items() if k != "images"})
-    if ctx.cfg.eval_aux_bn and ctx.cfg.method in USES_DUAL_BN:
-        aux = evaluate(ctx.attack_model, val_loader, accelerator, route="aux", desc="val (aux BN)")
+    if ctx.cfg.eval_aux_bn and ctx.cfg.method in USES_DUAL_NORM:
+        aux = evaluate(ctx.attack_model, val_loader, accelerator, route="aux", desc="val (aux norms)")
         metrics.update({f"val_aux/{k}": v for k, v in aux.items() if k != "images"})
     return metrics
 
 
 def build_model(cfg, accelerator, num_classes: int):
-    """The model (dual BN for methods that need it), its optimizer, both prepared by Accelerate."""
-    model = create_model(cfg, num_classes, dual_bn=cfg.method in USES_DUAL_BN)
+    """The model (dual norms for methods that need them), its optimizer, both prepared by Accelerate."""
+    model = create_model(cfg, num_classes, dual_norm=cfg.method in USES_DUAL_NORM)
     if cfg.sync_bn and accelerator.num_processes > 1:
         if accelerator.device.type != "cuda":
             raise UserInputError("sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
@@ -186,9 +186,9 @@ def finish(ctx, accelerator, val_loader, state, log, run_dir: Path, classes: lis
             state.step)
     if accelerator.is_main_process:
         export = export_settings(cfg, classes)
-        save_main_bn(ctx.attack_model.net, run_dir / "final_main_bn.safetensors", **export)
+        save_main_norm(ctx.attack_model.net, run_dir / "final_main_bn.safetensors", **export)
         if ema is not None:
-            save_main_bn(ema.module.net, run_dir / "final_ema_main_bn.safetensors", **export)
+            save_main_norm(ema.module.net, run_dir / "final_ema_main_bn.safetensors", **export)
         (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
         artifacts.final(report, state.epoch, best_is_last=state.best_epoch == state.epoch)
         plot_run(run_dir)

@@ -33,8 +33,8 @@ def throughput(state: TrainState) -> dict:
 def print_table(cfg, report: dict) -> None:
     environment = report["environment"]
     rows = [("method", cfg.method), ("model", cfg.model),
-            ("clean top-1 (main BN)", f"{report['clean_top1']:.2f} %"),
-            ("clean top-5 (main BN)", f"{report['clean_top5']:.2f} %")]
+            ("clean top-1 (main norms)", f"{report['clean_top1']:.2f} %"),
+            ("clean top-5 (main norms)", f"{report['clean_top5']:.2f} %")]
     if "robust_top1" in report:
         rows.append((f"robust top-1 ({report['robust_attack']})", f"{report['robust_top1']:.2f} %"))
     steady = report["steady_img_per_s"] is not None

@@ -2,7 +2,7 @@
 
     model, cfg, classes = load_any("runs/demo")                                  # run → checkpoints/best
     model, cfg, classes = load_any("runs/demo/checkpoints/epoch_0008")           # a checkpoint folder
-    model, cfg, classes = load_any("runs/demo/final_main_bn.safetensors")        # our main-BN export
+    model, cfg, classes = load_any("runs/demo/final_main_bn.safetensors")        # our main-norm export
     model, cfg, classes = load_any("b0_ap.pth", model_name="tf_efficientnet_b0.ap_in1k")  # plain timm
 
 model: a `Normalized` (takes [0, 1] images) in eval mode. cfg: a run config (train/config.py)

@@ -27,7 +27,7 @@ class EvalContext:
     cfg: object  # the model's run config: its val resize/crop
     classes: list[str]  # the model's class name per output
     accelerator: object
-    route: str = "main"  # which BNs of a dual-BN model
+    route: str = "main"  # which norms of a dual-norm model
     batch_size: int = 64
     workers: int = 2
     limit: int = 0  # > 0: about this many images per set (a quick look, not a result)
