@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from models.export import export_settings, save_main_bn
+from models.export import export_settings, save_main_norm
 from train.checkpoint import checkpoint_folder, read_state
 
 RECORD = "wandb_artifacts.json"
@@ -72,7 +72,7 @@ class ModelArtifacts:
         if self.run is None or last or policy == "none" or (policy == "best" and not is_best):
             return
         with tempfile.TemporaryDirectory(dir=self.run_dir) as folder:
-            path = save_main_bn(net, Path(folder) / "model.safetensors", **export_settings(self.cfg, self.classes))
+            path = save_main_norm(net, Path(folder) / "model.safetensors", **export_settings(self.cfg, self.classes))
             self.log(f"epoch_{epoch:04d}", self.name, path, [f"epoch-{epoch}"] + (["best"] if is_best else []),
                      self.metadata(epoch=epoch, val_top1=metrics["val/top1"], val_top5=metrics["val/top5"]))
 
