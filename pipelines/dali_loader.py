@@ -15,7 +15,9 @@ time, and DALI's threads read and decode them. So
   - the order is a function of (seed, epoch), shards are disjoint, equally long for train;
   - mid-epoch resume starts the list after the consumed batches instead of decoding them;
   - val counts every image once: the last batch is simply shorter (no padding to cut off).
-Random crops and flips come from the pipeline's generator, seeded by (seed, rank) and the position
+AutoAugment/RandAugment (data.auto_augment) runs inside the train pipeline, on the GPU after
+nvJPEG or on the CPU: pipelines/dali_auto_augment.py.
+Random crops, flips and AutoAugment draws come from the pipeline's generator, seeded by (seed, rank) and the position
 the pipeline was built at: a run from scratch is reproducible; a resumed epoch sees the right images
 in the right order, with freshly drawn crops (DALI's RNG cannot skip the consumed samples). An
 epoch abandoned half-way (DALI cannot reset mid-epoch) makes the next pass build afresh.
@@ -27,6 +29,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from pipelines.dali_auto_augment import DaliAutoAugment
 from pipelines.image_folder import list_image_folder
 from pipelines.loader import ShardSampler, report_skipped, split_folder, to_device_batch
 
@@ -68,8 +71,8 @@ def read_files(source: EpochFiles, gpu: bool):
     return fn.io.file.read(paths), labels.gpu() if gpu else labels
 
 
-@pipeline_def
-def train_pipeline(source, *, size, min_scale, hflip, decode_device):
+@pipeline_def(enable_conditionals=True)  # AutoAugment draws operations per image with `if`
+def train_pipeline(source, *, size, min_scale, hflip, auto_augment, decode_device):
     encoded, labels = read_files(source, gpu=decode_device == "mixed")
     extra = MIXED_DECODER_MEMORY if decode_device == "mixed" else {}
     # Decodes only the random crop window (torchvision's RandomResizedCrop rule: area, aspect 3/4–4/3).
@@ -79,6 +82,8 @@ def train_pipeline(source, *, size, min_scale, hflip, decode_device):
     images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
     if hflip:
         images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+    if auto_augment is not None:  # after crop and flip, as timm's transforms order them
+        images = auto_augment(images)
     return images, labels
 
 
@@ -162,8 +167,9 @@ class DaliLoader:
                       seed=pipeline_seed(cfg.seed, self.rank, self.sampler.epoch, self.sampler.start_batch),
                       decode_device="mixed" if cuda else "cpu")
         if self.train:
+            policy = DaliAutoAugment(data.auto_augment, data.image_size) if data.auto_augment else None
             pipe = train_pipeline(self.source, size=data.image_size, min_scale=data.min_scale, hflip=data.hflip,
-                                  **common)
+                                  auto_augment=policy, **common)
         else:
             size = data.val_image_size or data.image_size
             pipe = val_pipeline(self.source, size=size, resize_to=round(size / data.crop_ratio), **common)

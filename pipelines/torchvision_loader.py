@@ -4,10 +4,12 @@ from __future__ import annotations
 import random
 import signal
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from pipelines.augment_policy import timm_transform
 from pipelines.image_folder import list_image_folder
 from pipelines.loader import ShardSampler, report_skipped, split_folder, to_device_batch
 
@@ -18,15 +20,6 @@ def ignore_interrupts(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def augment_policy(name: str, image_size: int):
-    """timm's AutoAugment ("v0", "original", ...) or RandAugment ("rand-m9-mstd0.5") on PIL images."""
-    from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
-    hparams = dict(translate_const=int(image_size * 0.45), img_mean=(124, 116, 104))
-    if name.startswith("rand"):
-        return rand_augment_transform(name, hparams)
-    return auto_augment_transform(name, hparams)
-
-
 def image_transform(cfg, split: str) -> transforms.Compose:
     data = cfg.data
     if split == "train":
@@ -34,7 +27,7 @@ def image_transform(cfg, split: str) -> transforms.Compose:
         if data.hflip:
             steps.append(transforms.RandomHorizontalFlip())
         if data.auto_augment:
-            steps.append(augment_policy(data.auto_augment, data.image_size))
+            steps.append(timm_transform(data.auto_augment, data.image_size))
     else:
         size = data.val_image_size or data.image_size
         steps = [transforms.Resize(round(size / data.crop_ratio)), transforms.CenterCrop(size)]
@@ -64,14 +57,17 @@ class SeededImageFolder(datasets.ImageFolder):
 
     def __getitem__(self, index: int):
         seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
-        python_state = random.getstate()  # timm's AutoAugment draws from python's random
+        # timm's AutoAugment draws from python's random, its RandAugment also from numpy's
+        python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone (workers=0)
             torch.manual_seed(seed)
             random.seed(seed)
+            np.random.seed(seed % 2**32)
             try:
                 return super().__getitem__(index)
             finally:
                 random.setstate(python_state)
+                np.random.set_state(numpy_state)
 
 
 class TorchvisionLoader:

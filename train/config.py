@@ -16,6 +16,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipelines.augment_policy import timm_transform
 from pipelines.errors import UserInputError
 from pipelines.ffcv_writer import WRITE_MODES, StorageSettings
 from train.methods import METHODS as METHOD_FUNCTIONS
@@ -26,6 +27,7 @@ DEFAULT_RECIPE = REPO_ROOT / "configs" / "demo.yaml"
 
 METHODS = tuple(METHOD_FUNCTIONS)  # the names are train/methods.py's registry keys
 LOADERS = ("torchvision", "ffcv", "dali")
+AUTO_AUGMENT_LOADERS = ("torchvision", "dali")  # FFCV's pipelines have no AutoAugment
 
 
 class ConfigError(UserInputError):
@@ -124,7 +126,7 @@ class DataConfig:
     crop_ratio: float = 0.875  # val: resize shorter side to size/crop_ratio, center crop (224/256)
     min_scale: float = 0.08  # RandomResizedCrop area scale lower bound
     hflip: bool = True
-    auto_augment: str = ""  # timm policy, torchvision loader: v0 (TF EfficientNet), original, rand-m9-mstd0.5
+    auto_augment: str = ""  # timm policy (torchvision, dali loaders): v0 (TF EfficientNet), original, rand-m9-mstd0.5
     workers: int = 2  # decode workers (torchvision, ffcv) per process
     ffcv: FfcvConfig = field(default_factory=FfcvConfig)
     dali: DaliConfig = field(default_factory=DaliConfig)
@@ -299,8 +301,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip"),
         (cfg.nonfinite_check in ("auto", "host", "device"), "nonfinite_check", "must be auto, host or device"),
         (0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1)"),
-        (not cfg.data.auto_augment or cfg.loader == "torchvision", "data.auto_augment",
-         "is applied by loader=torchvision only"),
+        (not cfg.data.auto_augment or cfg.loader in AUTO_AUGMENT_LOADERS, "data.auto_augment",
+         f"is applied by loader={' or loader='.join(AUTO_AUGMENT_LOADERS)} only"),
         (cfg.advprop.adv_weight >= 0, "advprop.adv_weight", "must be ≥ 0"),
         (0 <= cfg.goodfellow_mix.alpha <= 1, "goodfellow_mix.alpha", "must be in [0, 1]"),
         (0 < fast.adv_fraction < 1, "fast_advprop.adv_fraction", "must be in (0, 1)"),
@@ -334,6 +336,8 @@ def validate(cfg: DictConfig) -> None:
     for ok, key, problem in checks:
         if not ok:
             raise ConfigError(f"bad value for {key}: {OmegaConf.select(cfg, key)!r} {problem}")
+    if cfg.data.auto_augment:
+        timm_transform(cfg.data.auto_augment, cfg.data.image_size)  # timm parses the name, or one-line error
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
