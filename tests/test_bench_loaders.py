@@ -30,6 +30,21 @@ def test_bench_loaders_measures_each_backend_on_the_same_images(digits_root, tmp
         assert list(tmp_path.glob("val-r500-proportion-p0.5-q90.beton"))
 
 
+def test_bench_loaders_applies_auto_augment_where_the_backend_can(digits_root, tmp_path):
+    backends = ["torchvision", "ffcv"] + (["dali"] if importlib.util.find_spec("nvidia.dali") else [])
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_loaders.py"), "--data", str(digits_root / "val"),
+         "--backends", *backends, "--workers", "1", "--epochs", "2", "--batch-size", "32", "--image-size", "32",
+         "--auto-augment", "v0", "--cache-dir", str(tmp_path), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["auto_augment"] == "v0"
+    assert "loader=torchvision or loader=dali only" in summary["skipped"]["ffcv"]  # nothing converted for it
+    assert [run["backend"] for run in summary["runs"]] == [b for b in backends if b != "ffcv"]
+    assert not list(tmp_path.glob("*.beton"))
+
+
 def test_bench_loaders_rejects_a_missing_folder(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_loaders.py"), "--data", str(tmp_path / "x")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)

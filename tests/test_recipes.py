@@ -32,7 +32,8 @@ def test_effnet_recipes_follow_the_tf_recipe():
         assert (c.optimizer.name, c.optimizer.eps, c.optimizer.lr_per_256) == ("rmsproptf", 1e-3, 0.016)
         assert (c.schedule.name, c.schedule.decay_epochs, c.schedule.decay_rate) == ("step", 2.4, 0.97)
         assert (c.label_smoothing, c.bn_momentum, c.bn_eps, c.ema_decay) == (0.1, 0.01, 1e-3, 0.9999)
-        assert c.normalization == "inception" and c.data.auto_augment and c.method == "advprop"
+        assert c.normalization == "inception" and c.data.auto_augment == "v0" and c.method == "advprop"
+        assert c.loader == "dali"  # AutoAugment on the GPU pipeline
     assert (configs[0].attack.steps, configs[0].attack.eps) == (1, 1)  # PGD1 for the small model
     assert (configs[-1].attack.steps, configs[-1].attack.eps) == (5, 4)  # PGD5 for the big one
 

@@ -5,8 +5,10 @@
     python tools/bench_loaders.py --data ~/imagenet/train --workers 1 2 --json
     python tools/bench_loaders.py --photos 18000 --workers 16 --backends torchvision dali
     python tools/bench_loaders.py --backends ffcv --ffcv-max-resolution 500 --ffcv-write-mode jpg
+    python tools/bench_loaders.py --auto-augment v0 --workers 2   # + timm's TF EfficientNet AutoAugment
 
-Train pipeline (random-resized-crop 224 + flip, uint8 out, on the device), batch 64. Each backend
+Train pipeline (random-resized-crop 224 + flip, uint8 out, on the device), batch 64; with
+--auto-augment NAME every backend that can applies timm's policy NAME too (FFCV cannot: skipped). Each backend
 runs --epochs epochs; the first is excluded (numba compiles, caches warm); img/s is the mean over
 the rest (± std). Ratios are to torchvision at the same worker count, measured in the same run.
 A backend that cannot be imported here is skipped with the reason. --json prints one JSON
@@ -53,6 +55,8 @@ def parse_args(argv):
     parser.add_argument("--ffcv-write-mode", default=STORAGE.write_mode, choices=WRITE_MODES)
     parser.add_argument("--ffcv-compress-probability", type=float, default=STORAGE.compress_probability)
     parser.add_argument("--ffcv-jpeg-quality", type=int, default=STORAGE.jpeg_quality)
+    parser.add_argument("--auto-augment", default="", metavar="NAME",
+                        help="timm AutoAugment/RandAugment policy after crop and flip (v0, original, rand-m9-mstd0.5)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     args = parser.parse_args(argv)
     if args.epochs < 2:
@@ -69,9 +73,10 @@ def bench_config(args, folder: Path, backend: str, workers: int):
         f"batch_size={args.batch_size}", "tracker=none",
         f"data.ffcv.max_resolution={args.ffcv_max_resolution}", f"data.ffcv.write_mode={args.ffcv_write_mode}",
         f"data.ffcv.compress_probability={args.ffcv_compress_probability}",
-        f"data.ffcv.jpeg_quality={args.ffcv_jpeg_quality}",
+        f"data.ffcv.jpeg_quality={args.ffcv_jpeg_quality}", f"data.auto_augment={args.auto_augment}",
     ]
     if backend == "ffcv":
+        load_config(overrides)  # refuses what FFCV cannot do (AutoAugment) before converting anything
         beton = ffcv_beton(args, folder)
         overrides += [f"data.ffcv.train_beton={beton}", f"data.ffcv.val_beton={beton}"]
     return load_config(overrides)
@@ -153,6 +158,7 @@ def main(argv) -> int:
     if args.json:
         last = [r for r in runs if r["workers"] == args.workers[-1]]
         summary = {"workers": args.workers[-1], "data": str(folder), "image_size": args.image_size,
+                   "auto_augment": args.auto_augment,
                    "ffcv_storage": {"max_resolution": args.ffcv_max_resolution, "write_mode": args.ffcv_write_mode,
                                     "compress_probability": args.ffcv_compress_probability,
                                     "jpeg_quality": args.ffcv_jpeg_quality},
