@@ -124,12 +124,21 @@ def warp(data, matrix, *, size, fill):
 
 
 @augmentation
-def color(data, factor):
-    """PIL's ImageEnhance.Color: blend with the image's greyscale (ITU-R 601-2 luma)."""
-    pixels = fn.cast(data, dtype=types.FLOAT)
-    luma = types.Constant(np.array([0.299, 0.587, 0.114], dtype=np.float32))
-    grey = fn.reductions.sum(pixels * luma, axis_names="C", keep_dims=True)
-    return fn.cast(grey + (pixels - grey) * factor, dtype=types.UINT8)
+def color_matrix(data, matrix):
+    """A per-pixel colour matrix (PIL's Color blend is one), rounded and saturated to uint8."""
+    return fn.coord_transform(data, M=matrix, dtype=types.UINT8)
+
+
+def colour_blend_matrix(factor: float) -> np.ndarray:
+    """PIL's ImageEnhance.Color as a matrix: blend of the image and its ITU-R 601-2 luma grey."""
+    luma = np.array([0.299, 0.587, 0.114])
+    return (factor * np.eye(3) + (1 - factor) * np.outer(np.ones(3), luma)).astype(np.float32)
+
+
+@augmentation(param_device="auto")
+def solarize(data, threshold):
+    """PIL's ImageOps.solarize: invert pixels ≥ threshold (x ^ 255 == 255 - x for uint8)."""
+    return data ^ ((data >= threshold) * types.Constant(255, dtype=types.UINT8))
 
 
 @augmentation
@@ -151,10 +160,12 @@ def _parameter(name: str, hparams: dict, size: int):
     if name.startswith("Solarize"):
         if name == "SolarizeAdd":
             return dali_ops.solarize_add, lambda add: np.uint8(add)
-        return dali_ops.solarize, lambda threshold: np.int32(threshold)
+        return solarize, lambda threshold: np.int32(threshold)
     if name.startswith("Sharpness"):
         return sharpness, sharpness_kernel
-    enhance = {"Color": color, "Contrast": dali_ops.contrast, "Brightness": dali_ops.brightness}
+    if name.startswith("Color"):
+        return color_matrix, colour_blend_matrix
+    enhance = {"Contrast": dali_ops.contrast, "Brightness": dali_ops.brightness}
     for prefix, op in enhance.items():
         if name.startswith(prefix):
             return op, lambda factor: np.float32(factor)
@@ -172,5 +183,4 @@ def dali_augmentation(name: str, hparams: dict, levels: np.ndarray, size: int):
         mag_range=levels, randomly_negate=negate, name=name,
         mag_to_param=lambda level: to_parameter(timm_argument(name, level, hparams)),
         # arithmetic and filter parameters must live where the images do
-        param_device="auto" if base in (dali_ops.posterize, dali_ops.solarize, dali_ops.solarize_add,
-                                        sharpness) else "cpu")
+        param_device="auto" if base in (dali_ops.posterize, solarize, dali_ops.solarize_add, sharpness) else "cpu")

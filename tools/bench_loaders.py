@@ -73,7 +73,7 @@ def bench_config(args, folder: Path, backend: str, workers: int):
         f"batch_size={args.batch_size}", "tracker=none",
         f"data.ffcv.max_resolution={args.ffcv_max_resolution}", f"data.ffcv.write_mode={args.ffcv_write_mode}",
         f"data.ffcv.compress_probability={args.ffcv_compress_probability}",
-        f"data.ffcv.jpeg_quality={args.ffcv_jpeg_quality}", f"data.auto_augment={args.auto_augment}",
+        f"data.ffcv.jpeg_quality={args.ffcv_jpeg_quality}", f"data.auto_augment='{args.auto_augment}'",
     ]
     if backend == "ffcv":
         load_config(overrides)  # refuses what FFCV cannot do (AutoAugment) before converting anything
