@@ -151,7 +151,7 @@ def sharpness(data, kernel):
     return fn.filter(data, kernel)  # DALI's suite's op, without the deprecated alias
 
 
-def _parameter(name: str, hparams: dict, size: int):
+def _parameter(name: str, size: int):
     """(DALI augmentation, argument → its parameter) for a timm operation name."""
     if name in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"):
         return warp, lambda argument: affine_matrix(name, argument, size)
@@ -175,7 +175,7 @@ def _parameter(name: str, hparams: dict, size: int):
 
 def dali_augmentation(name: str, hparams: dict, levels: np.ndarray, size: int):
     """The DALI augmentation for timm operation `name`, with `levels` as its magnitude bins."""
-    base, to_parameter = _parameter(name, hparams, size)
+    base, to_parameter = _parameter(name, size)
     if to_parameter is None:  # no magnitude
         return base.augmentation(name=name)
     negate = TIMM_ARGUMENT[name][1]
