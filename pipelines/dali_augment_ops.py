@@ -178,9 +178,7 @@ def dali_augmentation(name: str, hparams: dict, levels: np.ndarray, size: int):
     base, to_parameter = _parameter(name, size)
     if to_parameter is None:  # no magnitude
         return base.augmentation(name=name)
-    negate = TIMM_ARGUMENT[name][1]
-    return base.augmentation(
-        mag_range=levels, randomly_negate=negate, name=name,
-        mag_to_param=lambda level: to_parameter(timm_argument(name, level, hparams)),
-        # arithmetic and filter parameters must live where the images do
-        param_device="auto" if base in (dali_ops.posterize, solarize, dali_ops.solarize_add, sharpness) else "cpu")
+    # param_device stays the operation's own: "auto" (beside the images) where arithmetic or a
+    # filter uses the parameter, CPU for operator arguments
+    return base.augmentation(mag_range=levels, randomly_negate=TIMM_ARGUMENT[name][1], name=name,
+                             mag_to_param=lambda level: to_parameter(timm_argument(name, level, hparams)))
