@@ -9,6 +9,8 @@ PIL applies, implemented with DALI operators (tested against timm pixel by pixel
   - geometric operations are one affine warp with PIL's destination→source matrix; the image is
     first padded with a 1-pixel border of the fill colour, because DALI fills with one value for
     all channels and timm fills with the per-channel ImageNet mean;
+  - on CPU pipelines the warp and the colour matrix are numba kernels computing the same
+    (pipelines/dali_cpu_kernels.py): DALI's CPU operators for them are ~3× slower;
   - DALI warps bilinearly; timm picks bilinear or bicubic at random per operation;
   - equalize follows OpenCV's lookup table (PIL's rounds a little differently); sharpness filters
     the 1-pixel border too (PIL leaves it as it was).
@@ -22,7 +24,10 @@ import math
 import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali.auto_aug import augmentations as dali_ops
-from nvidia.dali.auto_aug.core import augmentation
+from nvidia.dali.auto_aug.core import _Augmentation, augmentation
+from nvidia.dali.pipeline import do_not_convert
+
+from pipelines import dali_cpu_kernels
 
 LEVEL_DENOM = 10  # timm's _LEVEL_DENOM: level 10 is an operation's full strength
 
@@ -118,6 +123,13 @@ def posterize_mask(bits: int) -> np.ndarray:
 
 @augmentation
 def warp(data, matrix, *, size, fill):
+    if data.device == "cpu":  # DALI's CPU warp is ~3x slower than this kernel
+        return dali_cpu_kernels.warp(data, matrix, fill)
+    return warp_with_dali(data, matrix, size, fill)
+
+
+def warp_with_dali(data, matrix, size, fill):
+    """The warp with DALI's operators (what GPU pipelines run)."""
     padded = fn.crop(data, crop=(size + 2, size + 2), out_of_bounds_policy="pad", fill_values=fill)
     return fn.warp_affine(padded, matrix=matrix, size=(size, size), inverse_map=True,  # dst→src, like PIL
                           interp_type=types.INTERP_LINEAR)  # no fill_value: clamps to the border
@@ -126,6 +138,12 @@ def warp(data, matrix, *, size, fill):
 @augmentation
 def color_matrix(data, matrix):
     """A per-pixel colour matrix (PIL's Color blend is one), rounded and saturated to uint8."""
+    if data.device == "cpu":  # DALI's CPU coord_transform is ~3x slower than this kernel
+        return dali_cpu_kernels.transform_colours(data, matrix)
+    return transform_colours_with_dali(data, matrix)
+
+
+def transform_colours_with_dali(data, matrix):
     return fn.coord_transform(data, M=matrix, dtype=types.UINT8)
 
 
@@ -173,6 +191,16 @@ def _parameter(name: str, size: int):
             "Invert": dali_ops.invert}[name], None
 
 
+class TabulatedAugmentation(_Augmentation):
+    """DALI's augmentation, its table of parameters (one per level bin, 1,000 or more) computed
+    outside autograph: converted, every bin costs a converted call, ~20 s per RandAugment pipeline."""
+
+    @do_not_convert
+    def _map_mags_to_params(self, magnitudes):
+        return super()._map_mags_to_params(magnitudes)
+
+
+@do_not_convert  # builds no graph, and the lambda below must stay plain Python too
 def dali_augmentation(name: str, hparams: dict, levels: np.ndarray, size: int):
     """The DALI augmentation for timm operation `name`, with `levels` as its magnitude bins."""
     base, to_parameter = _parameter(name, size)
@@ -180,5 +208,6 @@ def dali_augmentation(name: str, hparams: dict, levels: np.ndarray, size: int):
         return base.augmentation(name=name)
     # param_device stays the operation's own: "auto" (beside the images) where arithmetic or a
     # filter uses the parameter, CPU for operator arguments
+    mag_to_param = do_not_convert(lambda level: to_parameter(timm_argument(name, level, hparams)))
     return base.augmentation(mag_range=levels, randomly_negate=TIMM_ARGUMENT[name][1], name=name,
-                             mag_to_param=lambda level: to_parameter(timm_argument(name, level, hparams)))
+                             mag_to_param=mag_to_param, augmentation_cls=TabulatedAugmentation)

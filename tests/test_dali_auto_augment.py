@@ -15,13 +15,15 @@ from skimage import data as photos
 
 pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (./setup.sh installs it)")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+from nvidia.dali.pipeline import do_not_convert  # noqa: E402
 from nvidia.dali.auto_aug.core import augmentation, signed_bin  # noqa: E402
 from timm.data import auto_augment as timm_aa  # noqa: E402
 
 from conftest import REPO, run_train  # noqa: E402
 
 from pipelines.augment_policy import IMAGENET_MEAN_255, timm_hparams, timm_transform  # noqa: E402
-from pipelines.dali_augment_ops import TIMM_ARGUMENT, dali_augmentation, timm_argument  # noqa: E402
+from pipelines.dali_augment_ops import (TIMM_ARGUMENT, TabulatedAugmentation, dali_augmentation,  # noqa: E402
+                                        timm_argument)
 from pipelines.dali_auto_augment import LEVEL_STEPS, DaliAutoAugment  # noqa: E402
 
 SIZE = 96
@@ -116,8 +118,9 @@ def probe_augmentation(name: str, code: int, levels: np.ndarray):
 
     if TIMM_ARGUMENT[name][0] is None:
         return augmentation(mark_without_level, name=name)
-    return augmentation(mark, mag_range=levels, randomly_negate=TIMM_ARGUMENT[name][1],
-                        mag_to_param=lambda level: np.float32(level), name=name)
+    return augmentation(mark, mag_range=levels, randomly_negate=TIMM_ARGUMENT[name][1], name=name,
+                        mag_to_param=do_not_convert(lambda level: np.float32(level)),
+                        augmentation_cls=TabulatedAugmentation)
 
 
 def dali_draws(policy_name: str, count: int = DRAWS) -> list[tuple]:

@@ -1,0 +1,73 @@
+"""The numba kernels CPU pipelines run for AutoAugment's warps and colour matrices compute what the
+DALI operators GPU pipelines run compute (both run here on the CPU), to within one grey level."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as photos
+
+pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (./setup.sh installs it)")
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+
+from pipelines import dali_cpu_kernels  # noqa: E402
+from pipelines.augment_policy import IMAGENET_MEAN_255  # noqa: E402
+from pipelines.dali_augment_ops import (affine_matrix, colour_blend_matrix, transform_colours_with_dali,  # noqa: E402
+                                        warp_with_dali)
+
+SIZE = 96
+FILL = [float(c) for c in IMAGENET_MEAN_255]
+WARPS = [("Rotate", 3.0), ("Rotate", -17.0), ("Rotate", 30.0), ("ShearX", 0.3), ("ShearY", -0.3),
+         ("TranslateXRel", 0.45), ("TranslateYRel", -0.2), ("TranslateX", 7.0), ("TranslateY", -2.5)]
+
+
+def sample_photos():
+    return [np.asarray(Image.fromarray(load()).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR))
+            for load in (photos.astronaut, photos.coffee, photos.chelsea)]
+
+
+def run_both(images, parameter, kernel, with_dali):
+    """(kernel output, DALI operators' output) for every image, the parameter given per sample."""
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=1)
+    def pipeline():
+        batch = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        per_sample = fn.external_source(source=lambda: [parameter] * len(images), batch=True)
+        return kernel(batch, per_sample), with_dali(batch, per_sample)
+
+    pipe = pipeline()
+    pipe.build()
+    ours, theirs = pipe.run()
+    stack = lambda out: np.stack([np.array(out[i]) for i in range(len(images))]).astype(int)  # noqa: E731
+    return stack(ours), stack(theirs)
+
+
+@pytest.mark.parametrize("name,argument", WARPS)
+def test_warp_kernel_is_dalis_warp(name, argument):
+    matrix = affine_matrix(name, argument, SIZE)
+    ours, dalis = run_both(sample_photos(), matrix, lambda im, m: dali_cpu_kernels.warp(im, m, FILL),
+                           lambda im, m: warp_with_dali(im, m, SIZE, FILL))
+    assert ours.shape == dalis.shape == (3, SIZE, SIZE, 3)
+    difference = np.abs(ours - dalis)
+    assert difference.max() <= 1, (name, argument, difference.max())  # 8-bit fixed point vs float
+    assert difference.mean() < 0.05, (name, argument, difference.mean())
+
+
+def test_warp_fills_uncovered_pixels_with_the_fill_colour():
+    """A translation by 10 pixels to the left leaves the right 9 columns to the fill colour (the
+    10th blends it with the border pixel)."""
+    images = sample_photos()
+    ours, _ = run_both(images, affine_matrix("TranslateX", 10.0, SIZE),
+                       lambda im, m: dali_cpu_kernels.warp(im, m, FILL), lambda im, m: warp_with_dali(im, m, SIZE, FILL))
+    assert (ours[:, :, -9:, :] == np.array(IMAGENET_MEAN_255)).all()
+    np.testing.assert_array_equal(ours[:, :, :-10, :], np.stack(images)[:, :, 10:, :])  # whole-pixel shift: exact
+
+
+@pytest.mark.parametrize("factor", [0.1, 0.7, 1.0, 1.9])
+def test_colour_matrix_kernel_is_dalis_coord_transform(factor):
+    ours, dalis = run_both(sample_photos(), colour_blend_matrix(factor), dali_cpu_kernels.transform_colours,
+                           transform_colours_with_dali)
+    difference = np.abs(ours - dalis)
+    assert difference.max() <= 1, (factor, difference.max())
+    if factor == 1.0:
+        np.testing.assert_array_equal(ours, np.stack(sample_photos()))
