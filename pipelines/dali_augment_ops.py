@@ -119,31 +119,24 @@ def posterize_mask(bits: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Operations DALI's suite does not have in PIL's form.
+# Operations. GPU pipelines run DALI's operators (`*_with_dali`, DALI's suite where it has PIL's
+# form); CPU pipelines run numba kernels computing the same where DALI's CPU operators are slow.
 
 @augmentation
 def warp(data, matrix, *, size, fill):
-    if data.device == "cpu":  # DALI's CPU warp is ~3x slower than this kernel
-        return dali_cpu_kernels.warp(data, matrix, fill)
+    if data.device == "cpu":
+        return dali_cpu_kernels.run("warp", data, matrix, types.Constant(np.asarray(fill, dtype=np.uint8)))
     return warp_with_dali(data, matrix, size, fill)
 
 
 def warp_with_dali(data, matrix, size, fill):
-    """The warp with DALI's operators (what GPU pipelines run)."""
     padded = fn.crop(data, crop=(size + 2, size + 2), out_of_bounds_policy="pad", fill_values=fill)
     return fn.warp_affine(padded, matrix=matrix, size=(size, size), inverse_map=True,  # dst→src, like PIL
                           interp_type=types.INTERP_LINEAR)  # no fill_value: clamps to the border
 
 
-@augmentation
-def color_matrix(data, matrix):
-    """A per-pixel colour matrix (PIL's Color blend is one), rounded and saturated to uint8."""
-    if data.device == "cpu":  # DALI's CPU coord_transform is ~3x slower than this kernel
-        return dali_cpu_kernels.transform_colours(data, matrix)
-    return transform_colours_with_dali(data, matrix)
-
-
 def transform_colours_with_dali(data, matrix):
+    """A per-pixel colour matrix (PIL's Color blend is one), rounded and saturated to uint8."""
     return fn.coord_transform(data, M=matrix, dtype=types.UINT8)
 
 
@@ -153,10 +146,25 @@ def colour_blend_matrix(factor: float) -> np.ndarray:
     return (factor * np.eye(3) + (1 - factor) * np.outer(np.ones(3), luma)).astype(np.float32)
 
 
-@augmentation(param_device="auto")
-def solarize(data, threshold):
+def solarize_with_dali(data, threshold):
     """PIL's ImageOps.solarize: invert pixels ≥ threshold (x ^ 255 == 255 - x for uint8)."""
     return data ^ ((data >= threshold) * types.Constant(255, dtype=types.UINT8))
+
+
+def kernel_on_cpu(kernel: str, with_dali, param_device: str = "cpu"):
+    """An augmentation running dali_cpu_kernels' `kernel` on CPU images, `with_dali` on GPU ones."""
+    def apply(data, parameter):
+        if data.device == "cpu":
+            return dali_cpu_kernels.run(kernel, data, *(() if parameter is None else (parameter,)))
+        return with_dali(data, parameter)
+    return augmentation(apply, param_device=param_device)
+
+
+color_matrix = kernel_on_cpu("colour_matrix", transform_colours_with_dali)
+solarize = kernel_on_cpu("solarize", solarize_with_dali, param_device="auto")
+solarize_add = kernel_on_cpu("solarize_add", dali_ops.solarize_add.op, dali_ops.solarize_add.param_device)
+contrast = kernel_on_cpu("contrast", dali_ops.contrast.op, dali_ops.contrast.param_device)
+auto_contrast = kernel_on_cpu("auto_contrast", dali_ops.auto_contrast.op)
 
 
 @augmentation
@@ -177,17 +185,17 @@ def _parameter(name: str, size: int):
         return dali_ops.posterize, posterize_mask
     if name.startswith("Solarize"):
         if name == "SolarizeAdd":
-            return dali_ops.solarize_add, lambda add: np.uint8(add)
+            return solarize_add, lambda add: np.uint8(add)
         return solarize, lambda threshold: np.int32(threshold)
     if name.startswith("Sharpness"):
         return sharpness, sharpness_kernel
     if name.startswith("Color"):
         return color_matrix, colour_blend_matrix
-    enhance = {"Contrast": dali_ops.contrast, "Brightness": dali_ops.brightness}
+    enhance = {"Contrast": contrast, "Brightness": dali_ops.brightness}
     for prefix, op in enhance.items():
         if name.startswith(prefix):
             return op, lambda factor: np.float32(factor)
-    return {"AutoContrast": dali_ops.auto_contrast, "Equalize": equalize,
+    return {"AutoContrast": auto_contrast, "Equalize": equalize,
             "Invert": dali_ops.invert}[name], None
 
 

@@ -1,5 +1,6 @@
-"""The numba kernels CPU pipelines run for AutoAugment's warps and colour matrices compute what the
-DALI operators GPU pipelines run compute (both run here on the CPU), to within one grey level."""
+"""The numba kernels CPU pipelines run for AutoAugment (warps, colour matrices, solarize,
+solarize-add, contrast, autocontrast) compute what the DALI operators GPU pipelines run compute
+(both run here on the CPU), to within one grey level."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,8 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from pipelines import dali_cpu_kernels  # noqa: E402
 from pipelines.augment_policy import IMAGENET_MEAN_255  # noqa: E402
-from pipelines.dali_augment_ops import (affine_matrix, colour_blend_matrix, transform_colours_with_dali,  # noqa: E402
-                                        warp_with_dali)
+from pipelines.dali_augment_ops import (affine_matrix, colour_blend_matrix, dali_ops,  # noqa: E402
+                                        solarize_with_dali, transform_colours_with_dali, warp_with_dali)
 
 SIZE = 96
 FILL = [float(c) for c in IMAGENET_MEAN_255]
@@ -27,12 +28,14 @@ def sample_photos():
 
 
 def run_both(images, parameter, kernel, with_dali):
-    """(kernel output, DALI operators' output) for every image, the parameter given per sample."""
+    """(kernel output, DALI operators' output) for every image, the parameter (if any) per sample."""
 
     @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=1)
     def pipeline():
         batch = fn.external_source(source=lambda: images, batch=True, layout="HWC")
-        per_sample = fn.external_source(source=lambda: [parameter] * len(images), batch=True)
+        per_sample = None
+        if parameter is not None:
+            per_sample = fn.external_source(source=lambda: [parameter] * len(images), batch=True)
         return kernel(batch, per_sample), with_dali(batch, per_sample)
 
     pipe = pipeline()
@@ -42,10 +45,18 @@ def run_both(images, parameter, kernel, with_dali):
     return stack(ours), stack(theirs)
 
 
+def warp_kernel(images, matrix):
+    return dali_cpu_kernels.run("warp", images, matrix, types.Constant(np.array(IMAGENET_MEAN_255, dtype=np.uint8)))
+
+
+def kernel(name):
+    return lambda images, parameter: dali_cpu_kernels.run(name, images, *([] if parameter is None else [parameter]))
+
+
 @pytest.mark.parametrize("name,argument", WARPS)
 def test_warp_kernel_is_dalis_warp(name, argument):
     matrix = affine_matrix(name, argument, SIZE)
-    ours, dalis = run_both(sample_photos(), matrix, lambda im, m: dali_cpu_kernels.warp(im, m, FILL),
+    ours, dalis = run_both(sample_photos(), matrix, warp_kernel,
                            lambda im, m: warp_with_dali(im, m, SIZE, FILL))
     assert ours.shape == dalis.shape == (3, SIZE, SIZE, 3)
     difference = np.abs(ours - dalis)
@@ -58,16 +69,44 @@ def test_warp_fills_uncovered_pixels_with_the_fill_colour():
     10th blends it with the border pixel)."""
     images = sample_photos()
     ours, _ = run_both(images, affine_matrix("TranslateX", 10.0, SIZE),
-                       lambda im, m: dali_cpu_kernels.warp(im, m, FILL), lambda im, m: warp_with_dali(im, m, SIZE, FILL))
+                       warp_kernel, lambda im, m: warp_with_dali(im, m, SIZE, FILL))
     assert (ours[:, :, -9:, :] == np.array(IMAGENET_MEAN_255)).all()
     np.testing.assert_array_equal(ours[:, :, :-10, :], np.stack(images)[:, :, 10:, :])  # whole-pixel shift: exact
 
 
 @pytest.mark.parametrize("factor", [0.1, 0.7, 1.0, 1.9])
 def test_colour_matrix_kernel_is_dalis_coord_transform(factor):
-    ours, dalis = run_both(sample_photos(), colour_blend_matrix(factor), dali_cpu_kernels.transform_colours,
+    ours, dalis = run_both(sample_photos(), colour_blend_matrix(factor), kernel("colour_matrix"),
                            transform_colours_with_dali)
     difference = np.abs(ours - dalis)
     assert difference.max() <= 1, (factor, difference.max())
     if factor == 1.0:
         np.testing.assert_array_equal(ours, np.stack(sample_photos()))
+
+
+def low_contrast_photos():
+    """The photos squeezed into 60–180 and one with a constant (zero-range) blue channel."""
+    images = [(60 + im.astype(np.float32) * 120 / 255).astype(np.uint8) for im in sample_photos()]
+    images[0] = images[0].copy()
+    images[0][..., 2] = 77
+    return images
+
+
+LOOKUPS = [("solarize", solarize_with_dali, np.int32(t)) for t in (0, 100, 128, 256)]
+LOOKUPS += [("solarize_add", dali_ops.solarize_add.op, np.uint8(a)) for a in (0, 50, 110)]
+LOOKUPS += [("contrast", dali_ops.contrast.op, np.float32(f)) for f in (0.1, 0.55, 1.0, 1.9)]
+LOOKUPS += [("auto_contrast", dali_ops.auto_contrast.op, None)]
+
+
+@pytest.mark.parametrize("name,with_dali,parameter", LOOKUPS, ids=[f"{n}-{p}" for n, _, p in LOOKUPS])
+def test_lookup_kernels_are_dalis_operators(name, with_dali, parameter):
+    images = low_contrast_photos()
+    ours, dalis = run_both(images, parameter, kernel(name), with_dali)
+    difference = np.abs(ours - dalis)
+    assert difference.max() <= 1, (name, parameter, difference.max())
+    assert difference.mean() < 0.05, (name, parameter, difference.mean())
+    if name == "auto_contrast":  # stretched to the full range, the constant channel left alone
+        assert ours[1:].min() == 0 and ours[1:].max() == 255
+        assert (ours[0, ..., 2] == 77).all() and ours[0, ..., :2].min() == 0
+    if name == "solarize" and parameter == 256:
+        np.testing.assert_array_equal(ours, np.stack(images))
