@@ -119,7 +119,7 @@ def contrast(out, image, factor):
 
 
 @numba.njit(cache=True)
-def auto_contrast(out, image, _unused):
+def auto_contrast(out, image):
     """Each channel stretched to 0–255 (a constant channel kept as it is)."""
     low, high = np.full(3, 255, dtype=np.int32), np.zeros(3, dtype=np.int32)
     for y in range(image.shape[0]):
@@ -163,7 +163,7 @@ def _run_contrast(out, image, factor):
 
 
 def _run_auto_contrast(out, image):
-    auto_contrast(out, image, 0)
+    auto_contrast(out, image)
 
 
 # operation → (runner, DALI type and dimensions of each per-sample parameter after the image)
