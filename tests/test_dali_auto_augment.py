@@ -9,6 +9,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy import stats
 from skimage import data as photos
@@ -51,21 +52,22 @@ def sample_photos():
             for load in (photos.astronaut, photos.coffee, photos.chelsea)]
 
 
-def dali_operation(name: str, level: float, images: list[np.ndarray]) -> np.ndarray:
+def dali_operation(name: str, level: float, images: list[np.ndarray], device: str = "cpu") -> np.ndarray:
     levels = np.arange(0, 10 * LEVEL_STEPS + 1) / LEVEL_STEPS
     op = dali_augmentation(name, timm_hparams(SIZE), levels, SIZE)
 
-    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=1)
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=0 if device == "gpu" else None, seed=1)
     def pipeline():
-        batch = fn.external_source(source=lambda: images, batch=True, layout="HWC")
-        positive = fn.random.uniform(values=[0], dtype=types.INT32)
-        magnitude = signed_bin(round(level * LEVEL_STEPS), random_sign=positive)
+        batch = fn.external_source(source=lambda: images, batch=True, layout="HWC", device=device)
+        negated = fn.random.uniform(values=[int(level < 0)], dtype=types.INT32)  # the sign timm drew
+        magnitude = signed_bin(round(abs(level) * LEVEL_STEPS), random_sign=negated)
         return op(batch, magnitude_bin=magnitude, num_magnitude_bins=len(levels), size=SIZE,
                   fill=[float(c) for c in IMAGENET_MEAN_255])
 
     pipe = pipeline()
     pipe.build()
     (out,) = pipe.run()
+    out = out.as_cpu() if device == "gpu" else out
     return np.stack([np.array(out[i]) for i in range(len(images))]).astype(int)
 
 
@@ -84,13 +86,26 @@ FAR_SHARE = collections.defaultdict(lambda: 0.02, Equalize=0.25)  # pixels more 
 
 def test_each_operation_matches_timms_pixels():
     images, failures = sample_photos(), []
-    for name, (level_to_argument, _) in TIMM_ARGUMENT.items():
-        for level in (3, 7, 10) if level_to_argument else (0,):
+    for name, (level_to_argument, negated) in TIMM_ARGUMENT.items():
+        for level in ((3, 7, 10) + ((-7,) if negated else ())) if level_to_argument else (0,):
             difference = np.abs(dali_operation(name, level, images) - timm_operation(name, level, images))
             far = np.mean(difference > 8)
             if difference.mean() > MEAN_TOLERANCE[name] or far > FAR_SHARE[name]:
                 failures.append(f"{name}@{level}: mean |Δ| {difference.mean():.2f}, {far:.1%} pixels > 8 apart")
     assert not failures, failures
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_pipelines_compute_what_cpu_pipelines_compute():
+    """GPU pipelines run DALI's operators where CPU pipelines run numba kernels: on the same
+    images, every operation at both signs gives the same pixels within rounding."""
+    images = sample_photos()
+    for name, (_, negated) in TIMM_ARGUMENT.items():
+        for level in (-7.0, 7.0) if negated else (7.0,):
+            difference = np.abs(dali_operation(name, level, images, "gpu") - dali_operation(name, level, images))
+            assert difference.max() <= 2 and difference.mean() < 0.1, (name, level, difference.max(), difference.mean())
 
 
 def test_a_wrong_sign_or_level_is_visible():
