@@ -39,9 +39,10 @@ def warp_bilinear(out, image, matrix, fill):
             weight_x = int((clamped_x - x0) * ONE + 0.5)
             weight_y = int((clamped_y - y0) * ONE + 0.5)
             if 1 <= x0 < width and 1 <= y0 < height:  # all four neighbours are image pixels
+                row0, row1 = image[y0 - 1], image[y0]
                 for c in range(3):
-                    top = np.int32(image[y0 - 1, x0 - 1, c]) * (ONE - weight_x) + np.int32(image[y0 - 1, x0, c]) * weight_x
-                    bottom = np.int32(image[y0, x0 - 1, c]) * (ONE - weight_x) + np.int32(image[y0, x0, c]) * weight_x
+                    top = np.int32(row0[x0 - 1, c]) * (ONE - weight_x) + np.int32(row0[x0, c]) * weight_x
+                    bottom = np.int32(row1[x0 - 1, c]) * (ONE - weight_x) + np.int32(row1[x0, c]) * weight_x
                     out[y, x, c] = (top * (ONE - weight_y) + bottom * weight_y + HALF) >> SHIFT
             else:  # a neighbour is on the fill border (or clamped to it)
                 x1, y1 = min(x0 + 1, width + 1), min(y0 + 1, height + 1)
