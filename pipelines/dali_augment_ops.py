@@ -9,8 +9,8 @@ PIL applies, implemented with DALI operators (tested against timm pixel by pixel
   - geometric operations are one affine warp with PIL's destination→source matrix; the image is
     first padded with a 1-pixel border of the fill colour, because DALI fills with one value for
     all channels and timm fills with the per-channel ImageNet mean;
-  - on CPU pipelines the warp and the colour matrix are numba kernels computing the same
-    (pipelines/dali_cpu_kernels.py): DALI's CPU operators for them are ~3× slower;
+  - on CPU pipelines the warp, colour matrix, solarize(-add), contrast and autocontrast are numba
+    kernels computing the same (pipelines/dali_cpu_kernels.py): DALI's CPU operators are 2–7× slower;
   - DALI warps bilinearly; timm picks bilinear or bicubic at random per operation;
   - equalize follows OpenCV's lookup table (PIL's rounds a little differently); sharpness filters
     the 1-pixel border too (PIL leaves it as it was).
