@@ -79,3 +79,12 @@ def digits_val_batch(digits_root: Path, n: int = 64):
     data = datasets.ImageFolder(digits_root / "val", transform=transforms.ToTensor())
     picks = [data[i] for i in range(0, len(data), max(1, len(data) // n))][:n]
     return torch.stack([p[0] for p in picks]), torch.tensor([p[1] for p in picks])
+
+
+def small_photos(size: int) -> list:
+    """Three scikit-image photos (astronaut, coffee, cat) as size × size RGB uint8 arrays."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as photos
+    return [np.asarray(Image.fromarray(load()).convert("RGB").resize((size, size), Image.BILINEAR))
+            for load in (photos.astronaut, photos.coffee, photos.chelsea)]

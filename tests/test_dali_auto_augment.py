@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 from scipy import stats
-from skimage import data as photos
 
 pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (./setup.sh installs it)")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
@@ -20,7 +19,7 @@ from nvidia.dali.pipeline import do_not_convert  # noqa: E402
 from nvidia.dali.auto_aug.core import augmentation, signed_bin  # noqa: E402
 from timm.data import auto_augment as timm_aa  # noqa: E402
 
-from conftest import REPO, run_train  # noqa: E402
+from conftest import REPO, run_train, small_photos  # noqa: E402
 
 from pipelines.augment_policy import IMAGENET_MEAN_255, timm_hparams, timm_transform  # noqa: E402
 from pipelines.dali_augment_ops import (TIMM_ARGUMENT, TabulatedAugmentation, dali_augmentation,  # noqa: E402
@@ -46,11 +45,6 @@ def test_level_arguments_are_timms(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # Each operation, at a fixed magnitude, against timm's PIL operation
-
-def sample_photos():
-    return [np.asarray(Image.fromarray(load()).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR))
-            for load in (photos.astronaut, photos.coffee, photos.chelsea)]
-
 
 def dali_operation(name: str, level: float, images: list[np.ndarray], device: str = "cpu") -> np.ndarray:
     levels = np.arange(0, 10 * LEVEL_STEPS + 1) / LEVEL_STEPS
@@ -85,7 +79,7 @@ FAR_SHARE = collections.defaultdict(lambda: 0.02, Equalize=0.25)  # pixels more 
 
 
 def test_each_operation_matches_timms_pixels():
-    images, failures = sample_photos(), []
+    images, failures = small_photos(SIZE), []
     for name, (level_to_argument, negated) in TIMM_ARGUMENT.items():
         for level in ((3, 7, 10) + ((-7,) if negated else ())) if level_to_argument else (0,):
             difference = np.abs(dali_operation(name, level, images) - timm_operation(name, level, images))
@@ -101,7 +95,7 @@ def test_each_operation_matches_timms_pixels():
 def test_gpu_pipelines_compute_what_cpu_pipelines_compute():
     """GPU pipelines run DALI's operators where CPU pipelines run numba kernels: on the same
     images, every operation at both signs gives the same pixels within rounding."""
-    images = sample_photos()
+    images = small_photos(SIZE)
     for name, (_, negated) in TIMM_ARGUMENT.items():
         for level in (-7.0, 7.0) if negated else (7.0,):
             difference = np.abs(dali_operation(name, level, images, "gpu") - dali_operation(name, level, images))
@@ -110,7 +104,7 @@ def test_gpu_pipelines_compute_what_cpu_pipelines_compute():
 
 def test_a_wrong_sign_or_level_is_visible():
     """The pixel comparison has power: the opposite rotation, or one level less, is beyond tolerance."""
-    images = sample_photos()
+    images = small_photos(SIZE)
     rotated = timm_operation("Rotate", 7, images)
     assert np.abs(dali_operation("Rotate", 7, images) - rotated).mean() < 1
     assert np.abs(timm_operation("Rotate", -7, images) - rotated).mean() > 20

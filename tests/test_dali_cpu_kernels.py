@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
-from skimage import data as photos
 
 pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (./setup.sh installs it)")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+
+from conftest import small_photos  # noqa: E402
 
 from pipelines import dali_cpu_kernels  # noqa: E402
 from pipelines.augment_policy import IMAGENET_MEAN_255  # noqa: E402
@@ -20,11 +20,6 @@ SIZE = 96
 FILL = [float(c) for c in IMAGENET_MEAN_255]
 WARPS = [("Rotate", 3.0), ("Rotate", -17.0), ("Rotate", 30.0), ("ShearX", 0.3), ("ShearY", -0.3),
          ("TranslateXRel", 0.45), ("TranslateYRel", -0.2), ("TranslateX", 7.0), ("TranslateY", -2.5)]
-
-
-def sample_photos():
-    return [np.asarray(Image.fromarray(load()).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR))
-            for load in (photos.astronaut, photos.coffee, photos.chelsea)]
 
 
 def run_both(images, parameter, kernel, with_dali):
@@ -56,7 +51,7 @@ def kernel(name):
 @pytest.mark.parametrize("name,argument", WARPS)
 def test_warp_kernel_is_dalis_warp(name, argument):
     matrix = affine_matrix(name, argument, SIZE)
-    ours, dalis = run_both(sample_photos(), matrix, warp_kernel,
+    ours, dalis = run_both(small_photos(SIZE), matrix, warp_kernel,
                            lambda im, m: warp_with_dali(im, m, SIZE, FILL))
     assert ours.shape == dalis.shape == (3, SIZE, SIZE, 3)
     difference = np.abs(ours - dalis)
@@ -67,7 +62,7 @@ def test_warp_kernel_is_dalis_warp(name, argument):
 def test_warp_fills_uncovered_pixels_with_the_fill_colour():
     """A translation by 10 pixels to the left leaves the right 9 columns to the fill colour (the
     10th blends it with the border pixel)."""
-    images = sample_photos()
+    images = small_photos(SIZE)
     ours, _ = run_both(images, affine_matrix("TranslateX", 10.0, SIZE),
                        warp_kernel, lambda im, m: warp_with_dali(im, m, SIZE, FILL))
     assert (ours[:, :, -9:, :] == np.array(IMAGENET_MEAN_255)).all()
@@ -76,17 +71,17 @@ def test_warp_fills_uncovered_pixels_with_the_fill_colour():
 
 @pytest.mark.parametrize("factor", [0.1, 0.7, 1.0, 1.9])
 def test_colour_matrix_kernel_is_dalis_coord_transform(factor):
-    ours, dalis = run_both(sample_photos(), colour_blend_matrix(factor), kernel("colour_matrix"),
+    ours, dalis = run_both(small_photos(SIZE), colour_blend_matrix(factor), kernel("colour_matrix"),
                            transform_colours_with_dali)
     difference = np.abs(ours - dalis)
     assert difference.max() <= 1, (factor, difference.max())
     if factor == 1.0:
-        np.testing.assert_array_equal(ours, np.stack(sample_photos()))
+        np.testing.assert_array_equal(ours, np.stack(small_photos(SIZE)))
 
 
 def low_contrast_photos():
     """The photos squeezed into 60–180 and one with a constant (zero-range) blue channel."""
-    images = [(60 + im.astype(np.float32) * 120 / 255).astype(np.uint8) for im in sample_photos()]
+    images = [(60 + im.astype(np.float32) * 120 / 255).astype(np.uint8) for im in small_photos(SIZE)]
     images[0] = images[0].copy()
     images[0][..., 2] = 77
     return images
