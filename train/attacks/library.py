@@ -62,10 +62,11 @@ def standard_autoattack(model: nn.Module, eps: float, num_classes: int, seed: in
 
 
 def run_quietly(attack, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """A torchattacks attack with frozen parameters and the caller's RNG state restored after."""
+    """A torchattacks attack with frozen parameters and the caller's RNG state restored after; it
+    gets NCHW-contiguous images (FAB views them flat) and returns the caller's layout."""
     devices = [images.device] if images.device.type == "cuda" else []
     with frozen(model), torch.random.fork_rng(devices=devices):
-        adversarial = attack(images, labels)
+        adversarial = attack(images.contiguous(), labels)
     return adversarial.detach().contiguous(memory_format=memory_format(images))
 
 
@@ -107,8 +108,7 @@ def build_apgd(node, *, targeted: bool = False, loss=None):
 
 
 def describe_autoattack(node) -> tuple[str, str]:
-    return (f"autoattack_eps{node.eps:g}",
-            f"AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) eps={node.eps:g}/255")
+    return f"autoattack_eps{node.eps:g}", f"AutoAttack standard eps={node.eps:g}/255"  # APGD-CE, APGD-T, FAB-T, Square
 
 
 def describe_apgd(node) -> tuple[str, str]:
