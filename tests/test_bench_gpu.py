@@ -44,16 +44,16 @@ def test_dry_run_runs_every_part_and_brings_back_what_the_device_would(tmp_path)
     assert "tests.xml" in names and "train_run/summary.json" in names
     session_log = (out / "session.log").read_text()
     assert "== versions" in session_log and "== tools/bench_gpu.py" in session_log and "== done" in session_log
+    assert "could not install" not in session_log and "install failed" not in session_log  # a carry here: checked
 
 
 def test_parts_the_budget_no_longer_holds_are_reported_not_run(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_gpu.py"), "--dry-run", "--out", str(tmp_path),
-                             "--only", "versions", "steps", "train", "--budget", "10"],
+                             "--only", "steps", "train", "--budget", "5"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     parts = json.loads((tmp_path / "results.json").read_text())["parts"]
-    assert parts == {"versions": {"status": "ok", "seconds": 0.0},
-                     "steps": {"status": "not run (out of time)", "seconds": 0.0},
+    assert parts == {"steps": {"status": "not run (out of time)", "seconds": 0.0},
                      "train": {"status": "not run (out of time)", "seconds": 0.0}}
     cells = measured_cells((tmp_path / "table.md").read_text())
     assert cells["vanilla ResNet-50 b256 bf16 channels-last, model only, img/s: eager / compiled"] == \

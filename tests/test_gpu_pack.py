@@ -33,8 +33,8 @@ def cuobjdump() -> str | None:
 
 def entries(path: Path) -> list[tuple[int, int, bytes]]:
     data = path.read_bytes()
-    return [(kind, arch, data[offset:offset + size]) for _, _, _, found in fatbin_blobs(data, *sections(data)[".nv_fatbin"])
-            for offset, size, kind, arch in found]
+    blobs = fatbin_blobs(data, *sections(data)[".nv_fatbin"])
+    return [(kind, arch, data[offset:offset + size]) for _, _, _, found in blobs for offset, size, kind, arch in found]
 
 
 def test_slimmed_library_keeps_what_the_loader_and_an_sm90_gpu_read(tmp_path):

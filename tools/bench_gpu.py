@@ -20,14 +20,15 @@ that fails or runs out of time is reported, not fatal; one the budget no longer 
                   method × vanilla, vanilla img/s, one attack step
   effnet          the same for EfficientNet-B0 (advprop PGD-1/5, fast_advprop)
   loaders_small, loaders_large, loaders_small_v0, loaders_large_v0
-                  tools/bench_loaders.py (1,800 and 18,000 photos), 16 workers, RandomResizedCrop-224 (+ AutoAugment v0) to the GPU,
-                  torchvision and DALI
+                  tools/bench_loaders.py, 1,800 and 18,000 photos, 16 workers, RandomResizedCrop-224
+                  (+ AutoAugment v0) to the GPU, torchvision and DALI
   train           train/run.py vanilla ResNet-50, loader=dali, 18,000 photos, bf16: steady img/s
   steps_host_check  advprop PGD-1 with the host-side non-finite check (a device→host sync per step)
   compiled        tools/bench_step.py --compile (compile=true): ratios and compile time
   effnet_compiled the same for EfficientNet-B0
 --dry-run runs every part on this CPU with tiny models (timm's test_resnet/test_efficientnet), a
-few photos, one or two epochs, DALI's CPU pipeline and compile switched off (TORCH_COMPILE_DISABLE:
+few photos, one or two epochs, DALI's CPU pipeline (the EfficientNet epochs without v0: see DRY)
+and compile switched off (TORCH_COMPILE_DISABLE:
 compiling is tests/test_compile.py's business; here it would cost minutes): a wrong path, flag or
 key fails here, not on the GPU machine. Writes out/results.json and out/table.md after every part
 and out/logs.tar.gz (every part's log, JUnit XML, the runs' summaries; no checkpoints).
@@ -135,8 +136,8 @@ def plan(sizes: Sizes, work: Path, cache: Path) -> list[Part]:
     return [
         effnet_epoch("effnet_epoch_compiled", True),
         effnet_epoch("effnet_epoch", False),
-        Part("tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-                       f"--junitxml={work / 'tests.xml'}", *tests], 240, 60, "tests"),
+        Part("tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                       "--continue-on-collection-errors", f"--junitxml={work / 'tests.xml'}", *tests], 240, 60, "tests"),
         Part("steps", resnet, 150, 40),
         Part("effnet", effnet, 120, 30),
         loaders(small, ""), loaders(large, ""), loaders(small, "v0"), loaders(large, "v0"),
@@ -232,6 +233,7 @@ class Session:
 def versions() -> dict:
     """What the measurements ran on; a package that does not import says why."""
     import importlib
+    import importlib.metadata
     import platform
 
     import torch
@@ -243,11 +245,18 @@ def versions() -> dict:
                                          capture_output=True, text=True, timeout=30).stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         found["driver"] = None
-    for name in ("nvidia.dali", "ffcv", "timm", "accelerate", "triton", "numpy", "PIL", "numba", "omegaconf"):
+    distributions = {"nvidia.dali": "nvidia-dali-cuda130", "ffcv": "ffcv", "timm": "timm", "accelerate": "accelerate",
+                     "triton": "triton", "numpy": "numpy", "PIL": "pillow", "numba": "numba", "omegaconf": "omegaconf"}
+    for name, distribution in distributions.items():
         try:
-            found[name] = getattr(importlib.import_module(name), "__version__", "installed")
+            module = importlib.import_module(name)
         except Exception as error:  # noqa: BLE001 (a missing or broken package is a finding, not a crash)
             found[name] = f"not importable ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+            continue
+        try:  # the installed distribution's version (ffcv 1.0.2 calls itself 0.0.3rc1)
+            found[name] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:  # carried as files (DALI)
+            found[name] = getattr(module, "__version__", "installed")
     return found
 
 

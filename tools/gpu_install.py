@@ -58,8 +58,8 @@ def join_dali(folders: list[Path], target: Path) -> bool:
             digest.update(data)
             size += len(data)
     if (size, digest.hexdigest()) != expected:
-        say(f"DALI: the parts {sorted(parts)} make {size} bytes, not the {expected[0]} packed (a call's carry missing?): "
-            "loader=dali unavailable")
+        say(f"DALI: the parts {sorted(parts)} make {size} bytes, not the {expected[0]} packed "
+            "(a call's carry missing?): loader=dali unavailable")
         return False
     return True
 
@@ -67,8 +67,10 @@ def join_dali(folders: list[Path], target: Path) -> bool:
 def pip_install(wheels: list[Path], site: Path, for_python: str | None) -> None:
     if not wheels:
         return
-    foreign = ["--python-version", for_python, "--only-binary=:all:", "--implementation", "cp", "--platform",
-               "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64"] if for_python else []
+    # linux_x86_64: FFCV's wheel, built here
+    platforms = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64")
+    foreign = ["--python-version", for_python, "--only-binary=:all:", "--implementation", "cp",
+               *(f"--platform={p}" for p in platforms)] if for_python else []
     names = ", ".join(w.name.split("-")[0] for w in wheels)
     done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                            "--no-cache-dir", "--upgrade", "--target", str(site), *foreign, *map(str, wheels)],
@@ -107,8 +109,9 @@ def install(site: Path, for_python: str | None, candidates=CARRIED) -> list[str]
                 archive.extractall(site / "ffcv-libs", filter="tar")
             libraries.append(site / "ffcv-libs" / "lib")
     libraries.append(site / "nvidia" / "cu13" / "lib")  # nvJPEG, for nvImageCodec
+    search = ":".join(shlex.quote(str(p)) for p in libraries)
     return [f"export PYTHONPATH={shlex.quote(str(REPO))}:{shlex.quote(str(site))}",
-            "export LD_LIBRARY_PATH=" + ":".join(shlex.quote(str(p)) for p in libraries) + "${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"]
+            f"export LD_LIBRARY_PATH={search}" + "${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"]
 
 
 def main(argv: list[str]) -> int:

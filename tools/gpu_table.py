@@ -71,7 +71,8 @@ def table(results: dict) -> str:
     not_ok = {name: p["status"] for name, p in parts.items() if p["status"] != "ok"}
     if not_ok:
         lines += ["", "Parts that did not finish: " + "; ".join(f"{k}: {v}" for k, v in not_ok.items())]
-    failed = [name for name, outcome in ((results.get("tests") or {}).get("tests") or {}).items() if outcome == "failed"]
+    outcomes = (results.get("tests") or {}).get("tests") or {}
+    failed = [name for name, outcome in outcomes.items() if outcome == "failed"]
     if failed:
         lines += ["", "Failed GPU tests: " + ", ".join(failed)]
     return "\n".join(lines)
