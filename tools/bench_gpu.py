@@ -243,8 +243,9 @@ def versions() -> dict:
     try:
         found["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                          capture_output=True, text=True, timeout=30).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        found["driver"] = None
+    except (OSError, subprocess.TimeoutExpired):  # no nvidia-smi on the PATH: the kernel module says it
+        version = Path("/proc/driver/nvidia/version")
+        found["driver"] = version.read_text().splitlines()[0].strip() if version.is_file() else None
     distributions = {"nvidia.dali": "nvidia-dali-cuda130", "ffcv": "ffcv", "timm": "timm", "accelerate": "accelerate",
                      "triton": "triton", "numpy": "numpy", "PIL": "pillow", "numba": "numba", "omegaconf": "omegaconf"}
     for name, distribution in distributions.items():
