@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}; out=.device; cache=$out/cache; limit_mib=${PART_MIB:-62}
-keep_sm=${KEEP_SM:-90}  # the GPU's compute capability × 10 (H100 and H200: 90)
+keep_sm=${KEEP_SM:-90}  # the GPU's compute capability × 10 (H100 and H200: 90); 0 keeps every GPU architecture
 mkdir -p "$cache/dl" "$cache/ffcv"
 grep -qx '/.device/' .gitignore || echo '/.device/' >> .gitignore
 
@@ -27,7 +27,8 @@ download nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjp
   terminaltables==3.1.10 fastargs==0.3.0 pytorch_pfn_extras==0.9.0
 
 # --- DALI: only what one sm_90 GPU under Python 3.12 loads, as one xz tar -------------------------
-dali_key=$(cat "$cache"/dl/nvidia_{dali,nvimgcodec,nvjpeg}*.whl tools/slim_elf.py tools/pack_gpu.sh | sha256sum | cut -c1-16)
+recipe=1  # bump when what the tree leaves out changes (the key: the wheels, tools/slim_elf.py, this, KEEP_SM)
+dali_key=$( { cat "$cache"/dl/nvidia_{dali,nvimgcodec,nvjpeg}*.whl tools/slim_elf.py; echo "$recipe"; } | sha256sum | cut -c1-16)
 if [ "$(cat "$cache/dali.key" 2>/dev/null)" != "$dali_key-$keep_sm" ]; then
   tree=$cache/tree; rm -rf "$tree" "$cache/dali.tar.xz"; mkdir -p "$tree"
   for wheel in "$cache"/dl/nvidia_{dali,nvimgcodec,nvjpeg}*.whl; do "$py" -m zipfile -e "$wheel" "$tree"; done
