@@ -37,7 +37,8 @@ def test_standard_autoattack_is_the_papers():
     assert (type(apgd_t), apgd_t.steps, apgd_t.n_restarts, apgd_t.n_target_classes) == (torchattacks.APGDT, 100, 1, 9)
     assert (type(fab_t), fab_t.steps, fab_t.n_restarts, fab_t.multi_targeted, fab_t.n_target_classes) == (
         torchattacks.FAB, 100, 1, True, 9)
-    assert (type(square), square.n_queries, square.p_init, square.rescale_schedule) == (torchattacks.Square, 5000, 0.8, False)
+    assert (type(square), square.n_queries, square.p_init, square.rescale_schedule) == (
+        torchattacks.Square, 5000, 0.8, False)
     theirs = torchattacks.AutoAttack(model, norm="Linf", eps=4 / 255, version="standard", n_classes=1000, seed=0)
     library_apgd, library_apgd_t, _, library_square = theirs._autoattack.attacks
     assert (library_apgd.steps, library_apgd_t.n_target_classes, library_square.rescale_schedule) == (10, 999, True)
@@ -61,7 +62,8 @@ def test_library_attacks_leave_the_model_and_the_random_state_as_found(digits_ro
     for part in parts:
         adversarial = run_quietly(part, model, images, labels)
         assert adversarial.shape == images.shape and adversarial.is_contiguous(memory_format=torch.channels_last)
-        assert (adversarial - images).abs().max() <= 16 / 255 + 1e-6 and 0 <= adversarial.min() <= adversarial.max() <= 1
+        assert (adversarial - images).abs().max() <= 16 / 255 + 1e-6
+        assert 0 <= adversarial.min() <= adversarial.max() <= 1
         assert (adversarial != images).any()
         assert all(torch.equal(grads[name], p.grad) and p.requires_grad for name, p in model.named_parameters())
         assert torch.equal(torch.get_rng_state(), rng) and not model.training

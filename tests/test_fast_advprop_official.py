@@ -91,7 +91,8 @@ def authors_gradients(digits_root, processes: int, steps: int, recorded: list, s
         use_param_sets(split, counts if p == 0 else dict.fromkeys(counts, 0), ["shared", "clean"],
                        CLEAN * LOSS_STRATEGY["clean"])
         with use_norm(model, MAIN):  # to_clean_status
-            backward(p, (F.cross_entropy(model(inputs[0]), targets[0], reduction="none") * LOSS_STRATEGY["clean"]).sum())
+            losses = F.cross_entropy(model(inputs[0]), targets[0], reduction="none")
+            backward(p, (losses * LOSS_STRATEGY["clean"]).sum())
         inputs_attack = inputs[1].clone().detach()  # attack_init, start from the clean image
         for iteration in range(steps):
             if iteration > 0:

@@ -138,7 +138,8 @@ def test_a_continued_run_keeps_the_attack_it_was_made_with(digits_root, tmp_path
     assert continued_settings(load_config(args)).attack.bn_mode == "train"
 
     continued = load_config(args, continuing=continued_settings)
-    assert (continued.attack.bn_mode, continued.attack.start_rule, continued.attack.reach_eps) == ("train", "image", False)
+    attack = continued.attack
+    assert (attack.bn_mode, attack.start_rule, attack.reach_eps) == ("train", "image", False)
     check_resume(one_process, continued, run_dir)  # the same command continues it
     with pytest.raises(ResumeMismatch, match=r"attack\.bn_mode \('train' → 'eval'\)"):
         check_resume(one_process, load_config(args), run_dir)  # with today's defaults it would change the attack
