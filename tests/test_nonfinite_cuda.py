@@ -16,7 +16,7 @@ from models.factory import create_model
 from test_faults import PARTS, assert_unchanged, everything, poisoned
 from train.checkpoint import TrainState
 from train.loop import train_step
-from train.methods import METHODS, USES_DUAL_NORM, StepContext
+from train.methods import METHODS, StepContext
 from train.optim import create_optimizer, create_schedule
 from train.step_guard import StepGuard
 
@@ -24,9 +24,9 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 # train/run.py with the loss term `adv` of the third step made NaN (as tests/test_faults.py's poisoned)
 RUN_WITH_A_NAN = """
-import runpy, sys
+import dataclasses, runpy, sys
 from train import methods
-original, calls = methods.METHODS["advprop"], [0]
+original, calls = methods.METHODS["advprop"].step, [0]
 def poisoned(ctx, images, labels):
     calls[0] += 1
     steps = original(ctx, images, labels)
@@ -38,7 +38,7 @@ def poisoned(ctx, images, labels):
             yield request
     except StopIteration as done:
         return done.value
-methods.METHODS["advprop"] = poisoned
+methods.METHODS["advprop"] = dataclasses.replace(methods.METHODS["advprop"], step=poisoned)
 sys.argv = ["train/run.py", *sys.argv[1:]]
 runpy.run_path("train/run.py", run_name="__main__")
 """
@@ -52,7 +52,7 @@ def test_a_nan_in_a_cuda_step_leaves_everything_as_it_was(demo_cfg, digits_root,
     cfg = demo_cfg(f"method={method}", "attack.steps=1", "batch_size=20", "model=test_resnet", "on_nonfinite=skip",
                    *(["attack.targeted=false"] if method == "fast_advprop" else []))
     torch.manual_seed(0)
-    model = create_model(cfg, 10, dual_norm=method in USES_DUAL_NORM).to(memory_format=torch.channels_last)
+    model = create_model(cfg, 10, dual_norm=METHODS[method].dual_norm).to(memory_format=torch.channels_last)
     accelerator = Accelerator(mixed_precision="bf16")
     optimizer = create_optimizer(cfg, model, 1)
     model, optimizer = accelerator.prepare(model, optimizer)
