@@ -3,6 +3,7 @@ step runs as a no-op on the device (weights, optimizer state and BN statistics k
 bit for bit) and the run says so at its next report. The run-level test runs here on the CPU with
 nonfinite_check=device as well, so it is known to fail when the guard stays silent."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -87,5 +88,7 @@ def test_a_run_with_a_nan_step_says_so_and_trains_on(digits_root, tmp_path, devi
     assert result.returncode == 0, output[-3000:]
     warnings = [line for line in output.splitlines() if "non-finite loss" in line]
     assert len(warnings) == 1 and "skipped 1 step(s)" in warnings[0] and "up to step 5" in warnings[0], warnings
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["clean_top1"] > 10  # the other steps trained: better than chance (10 classes)
+    # the other steps trained (one epoch leaves val accuracy near chance, so the training loss says it)
+    losses = [json.loads(line).get("train/loss/clean") for line in (run_dir / "metrics.jsonl").open()]
+    losses = [loss for loss in losses if loss is not None]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < 0.6 * losses[0], losses
