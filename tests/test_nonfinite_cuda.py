@@ -3,6 +3,7 @@ step runs as a no-op on the device (weights, optimizer state and BN statistics k
 bit for bit) and the run says so at its next report. The run-level test runs here on the CPU with
 nonfinite_check=device as well, so it is known to fail when the guard stays silent."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from models.factory import create_model
 from test_faults import PARTS, assert_unchanged, everything, poisoned
 from train.checkpoint import TrainState
 from train.loop import train_step
-from train.methods import METHODS, USES_DUAL_NORM, StepContext
+from train.methods import METHODS, StepContext
 from train.optim import create_optimizer, create_schedule
 from train.step_guard import StepGuard
 
@@ -24,9 +25,9 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 # train/run.py with the loss term `adv` of the third step made NaN (as tests/test_faults.py's poisoned)
 RUN_WITH_A_NAN = """
-import runpy, sys
+import dataclasses, runpy, sys
 from train import methods
-original, calls = methods.METHODS["advprop"], [0]
+original, calls = methods.METHODS["advprop"].step, [0]
 def poisoned(ctx, images, labels):
     calls[0] += 1
     steps = original(ctx, images, labels)
@@ -38,7 +39,7 @@ def poisoned(ctx, images, labels):
             yield request
     except StopIteration as done:
         return done.value
-methods.METHODS["advprop"] = poisoned
+methods.METHODS["advprop"] = dataclasses.replace(methods.METHODS["advprop"], step=poisoned)
 sys.argv = ["train/run.py", *sys.argv[1:]]
 runpy.run_path("train/run.py", run_name="__main__")
 """
@@ -52,7 +53,7 @@ def test_a_nan_in_a_cuda_step_leaves_everything_as_it_was(demo_cfg, digits_root,
     cfg = demo_cfg(f"method={method}", "attack.steps=1", "batch_size=20", "model=test_resnet", "on_nonfinite=skip",
                    *(["attack.targeted=false"] if method == "fast_advprop" else []))
     torch.manual_seed(0)
-    model = create_model(cfg, 10, dual_norm=method in USES_DUAL_NORM).to(memory_format=torch.channels_last)
+    model = create_model(cfg, 10, dual_norm=METHODS[method].dual_norm).to(memory_format=torch.channels_last)
     accelerator = Accelerator(mixed_precision="bf16")
     optimizer = create_optimizer(cfg, model, 1)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -87,5 +88,7 @@ def test_a_run_with_a_nan_step_says_so_and_trains_on(digits_root, tmp_path, devi
     assert result.returncode == 0, output[-3000:]
     warnings = [line for line in output.splitlines() if "non-finite loss" in line]
     assert len(warnings) == 1 and "skipped 1 step(s)" in warnings[0] and "up to step 5" in warnings[0], warnings
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["clean_top1"] > 10  # the other steps trained: better than chance (10 classes)
+    # the other steps trained (one epoch leaves val accuracy near chance, so the training loss says it)
+    losses = [json.loads(line).get("train/loss/clean") for line in (run_dir / "metrics.jsonl").open()]
+    losses = [loss for loss in losses if loss is not None]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < 0.6 * losses[0], losses

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from accelerate.utils import gather_object
+from omegaconf import OmegaConf
 
+from train.attacks import PGDConfig, build_attack, describe
 from train.checkpoint import TrainState
 from train.environment import summary_line
-from train.loop import evaluate, robust_attack
+from train.loop import evaluate
 
 
 def final_report(ctx, accelerator, train_loader, val_loader, state: TrainState, environment: dict) -> dict:
@@ -13,14 +15,25 @@ def final_report(ctx, accelerator, train_loader, val_loader, state: TrainState, 
     clean = evaluate(ctx.attack_model, val_loader, accelerator, desc="final val")
     report = {"clean_top1": clean["top1"], "clean_top5": clean["top5"], "val_images": clean["images"],
               "images_left_out": {"train": images_left_out(train_loader), "val": images_left_out(val_loader)}}
-    attack = cfg.eval_attack or cfg.attack
+    attack = robust_attack(cfg)
     if cfg.eval_robust and attack.steps > 0:
-        robust = evaluate(ctx.attack_model, val_loader, accelerator, attack=robust_attack(cfg), desc="robust val")
+        robust = evaluate(ctx.attack_model, val_loader, accelerator, attack=build_attack(attack), desc="robust val")
         report["robust_top1"] = robust["top1"]
-        report["robust_attack"] = f"PGD-{attack.steps} eps={attack.eps:g}/255 untargeted"
+        report["robust_attack"] = describe(attack)[1]
     report.update(throughput(state))
     report["environment"] = environment
     return report
+
+
+def robust_attack(cfg):
+    """The attack of the final robust accuracy: eval_attack, else untargeted PGD of the training
+    attack's strength (its ε, steps and step rule), every image from a random start (when
+    random_start), whatever the training attack's start rule; on the eval-mode model."""
+    if cfg.eval_attack is not None:
+        return cfg.eval_attack
+    training = cfg.attack
+    return OmegaConf.structured(PGDConfig(eps=training.eps, step_size=training.step_size, steps=training.steps,
+                                          random_start=training.random_start, reach_eps=training.reach_eps))
 
 
 def images_left_out(loader) -> int:
