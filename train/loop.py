@@ -23,6 +23,7 @@ from models.dual_norm import use_norm
 from train.attacks import pgd
 from train.faults import NonFiniteLoss
 from train.methods import BACKWARDS, METHODS, StepContext, StepOutput
+from train.step_guard import ADVICE
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -92,15 +93,17 @@ def train_step(ctx: StepContext, accelerator, optimizer, scheduler, state, x, la
             if not guard.check(request.terms):
                 steps.close()
                 guard.abort()
-                return skip_or_stop(cfg, accelerator, state, request.terms)
+                values = ", ".join(f"{name} {value.item():.4g}" for name, value in request.terms.items())
+                return skip_or_stop(cfg, accelerator, state, f"the loss is not finite ({values})")
             accelerator.backward(sum(request.terms.values()) / cfg.grad_accum_steps)
     try:
         next(steps)
         raise RuntimeError(f"method {cfg.method} yields more than {passes} Backward requests (BACKWARDS)")
     except StopIteration as done:
         out = done.value
-    if sync:
-        optimizer_step(ctx, optimizer, scheduler, state, out, guard, ema)
+    if sync and not optimizer_step(ctx, optimizer, scheduler, state, out, guard, ema):
+        return skip_or_stop(cfg, accelerator, state, "the optimizer step made weights or optimizer state non-finite "
+                            "(the loss was finite: an LR too high for them, or a division by zero)")
     return out
 
 
@@ -113,25 +116,30 @@ def scale_gradients(grad_scales: list[tuple[list[torch.Tensor], float]]) -> None
                 torch._foreach_mul_(grads, factor)
 
 
-def optimizer_step(ctx, optimizer, scheduler, state, out: StepOutput, guard, ema) -> None:
+def optimizer_step(ctx, optimizer, scheduler, state, out: StepOutput, guard, ema) -> bool:
+    """False: the guard did not keep the step (host mode); it is not counted."""
     scale_gradients(out.grad_scales)
     saved = guard.before_step()
     optimizer.step()
-    guard.after_step(saved)
+    kept = guard.after_step(saved)
     optimizer.zero_grad(set_to_none=True)
+    if not kept:
+        return False
     state.step += 1
     scheduler.step_update(state.step)
     if ema is not None:
         ema.update(ctx.attack_model, step=state.step)
+    return True
 
 
-def skip_or_stop(cfg, accelerator, state, terms: dict) -> None:
-    values = ", ".join(f"{name} {value.item():.4g}" for name, value in terms.items())
+def skip_or_stop(cfg, accelerator, state, problem: str) -> None:
+    """A step the guard did not keep: stop (NonFiniteLoss) or skip it, saying so."""
     where = f"step {state.step + 1} (epoch {state.epoch + 1}, batch {state.batch + 1})"
+    kept = f"step {state.step}" if state.step else "the start (no step kept yet)"
     if cfg.on_nonfinite == "stop":
-        raise NonFiniteLoss(f"loss is not finite at {where} ({values}); the weights are still those of the "
-                            f"step before. Lower the LR or set on_nonfinite=skip.")
-    accelerator.print(f"warning: skipping batch with a non-finite loss at {where} ({values})")
+        raise NonFiniteLoss(f"at {where} {problem}: that step is not kept and nothing saves it; the last kept "
+                            f"weights are those of {kept}. {ADVICE}")
+    accelerator.print(f"warning: skipping {where}: {problem}; the weights stay those of {kept}")
     return None
 
 
