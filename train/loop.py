@@ -195,18 +195,20 @@ class MetricWindow:
         return report
 
 
-def evaluate(model, loader, accelerator, *, route: str = "main", attack=None, desc: str = "val") -> dict:
+def evaluate(model, loader, accelerator, *, route: str = "main", attack=None, desc: str = "val", stop=None) -> dict:
     """Top-1/top-5 (percent) and loss over the whole val set, every image counted once.
 
     attack: None for clean accuracy, or kwargs for pgd() (untargeted) to measure robust accuracy.
+    stop: a StopRequest, checked every few batches (StopInValidation when a stop was asked).
     """
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, device=accelerator.device)  # top1 hits, top5 hits, loss sum, images
     loader.set_epoch(0)
+    polls = stop.validation_polls(accelerator, len(loader)) if stop is not None else range(0)
     bar = tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
     with use_norm(model, route):
-        for images, labels in bar:
+        for batch, (images, labels) in enumerate(bar, 1):
             x = to_float(images)
             if attack is not None:
                 x = pgd(model, x, labels, targeted=False, **attack)
@@ -216,6 +218,8 @@ def evaluate(model, loader, accelerator, *, route: str = "main", attack=None, de
             totals += torch.stack([
                 (top5[:, 0] == labels).sum().float(), (top5 == labels[:, None]).any(1).sum().float(),
                 F.cross_entropy(logits, labels, reduction="sum"), torch.tensor(len(labels), device=x.device)])
+            if batch in polls:
+                stop.stop_validation_if_asked(accelerator)
     model.train(was_training)
     top1, top5, loss, count = accelerator.reduce(totals, "sum").tolist()
     return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count, "images": int(count)}
