@@ -1,4 +1,5 @@
-"""Faults: preemption by signal, non-finite losses and weights (never saved), damaged or tampered checkpoints, a crash in validation."""
+"""Faults: preemption by signal, non-finite losses and weights (never saved), damaged or tampered
+checkpoints, a crash in validation."""
 import json
 import shutil
 
