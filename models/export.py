@@ -1,6 +1,7 @@
 """Plain-model weights out of a trained (possibly dual-norm) model: main norms only, as safetensors
 that `timm.create_model(name, num_classes=n)` loads with strict=True. The file's metadata names
-the model, its input normalisation and its classes, so tools can rebuild it without our config."""
+the model, its input normalisation and its classes, so tools can rebuild it without our config.
+Weights with a NaN or an infinity are never written (NonFiniteWeights)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,24 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.dual_norm import export_main_norm
+
+
+class NonFiniteWeights(ValueError):
+    """Weights with a NaN or an infinity: never written (a checkpoint or an export of them is lost work
+    that looks like a model)."""
+
+
+def non_finite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors holding a NaN or an infinity."""
+    return [name for name, tensor in tensors.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    bad = non_finite_names(tensors)
+    if bad:
+        raise NonFiniteWeights(f"not writing {what}: {len(bad)} of its tensors hold NaN or infinite values "
+                               f"({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}); nothing was written")
 
 
 def export_settings(cfg, classes: list[str]) -> dict:
@@ -26,6 +45,7 @@ def save_main_norm(net: torch.nn.Module, path: Path, *, model_name: str, normali
     image_size/crop_ratio: the val geometry (0: unknown), so evaluation can match it without the run."""
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in export_main_norm(net).items()}
+    refuse_non_finite(state, str(path))
     metadata = {"model": model_name, "normalization": normalization, "num_classes": str(len(classes)),
                 "classes": json.dumps(classes), "format": "advprop-main-bn"}
     if image_size:

@@ -6,6 +6,8 @@ statistics for torchvision-style weights, mean = std = 0.5 for the TF EfficientN
 from __future__ import annotations
 
 import difflib
+import pickle
+import re
 from pathlib import Path
 
 import timm
@@ -67,6 +69,14 @@ def create_net(name: str, num_classes: int, *, pretrained_path: str = "", drop_r
     return net
 
 
+def refused_pickle(error: Exception) -> str:
+    """What torch.load(weights_only=True) refused, without torch's advice to load it unsafely (that
+    would run whatever the file holds)."""
+    call = re.search(r"GLOBAL (\S+)", str(error))
+    return f"holds pickled objects other than tensors{f' (it would call {call.group(1)})' if call else ''}: " \
+           f"refused, never run"
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors or a torch file (weights_only: no pickled code runs)."""
     try:
@@ -75,7 +85,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated file, not a tensor file, pickled objects
+    except pickle.UnpicklingError as error:
+        raise UserInputError(f"cannot read weights {path}: it {refused_pickle(error)}") from None
+    except Exception as error:  # truncated file, not a tensor file
         raise UserInputError(f"cannot read weights {path}: {type(error).__name__}: {error}") from None
     state = state["state_dict"] if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) else state
     if not isinstance(state, dict):

@@ -14,10 +14,12 @@ from train.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_train(*args: str, launcher: list[str] | None = None, check: bool = True, timeout: int = 900):
-    """Run train/run.py in a subprocess (as a user would); returns the CompletedProcess."""
+def run_train(*args: str, launcher: list[str] | None = None, check: bool = True, timeout: int = 900,
+              env: dict | None = None):
+    """Run train/run.py in a subprocess (as a user would); returns the CompletedProcess.
+    env: variables set on top of os.environ and WANDB_MODE=offline."""
     command = (launcher or [sys.executable]) + [str(REPO / "train" / "run.py"), *args]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
@@ -39,6 +41,13 @@ def image_check_cache(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = previous
 
 
+def with_code(code: str) -> list[str]:
+    """A run_train launcher that runs `code` (a fault to inject: it may replace a function of a
+    train/ module) in the training process, then train/run.py as the script."""
+    return [sys.executable, "-c", f"{code}\nimport runpy, sys\nsys.argv = sys.argv[1:]\n"
+                                  f"runpy.run_path(sys.argv[0], run_name='__main__')"]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small models on a shared 2-core machine: with other processes busy, two OpenMP threads
@@ -53,6 +62,20 @@ def one_thread():
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     return build_digits_imagefolder(tmp_path_factory.mktemp("data") / "digits")
+
+
+@pytest.fixture(scope="session")
+def few_digits(digits_root, tmp_path_factory) -> Path:
+    """The digits set with 20 train images per class (200: runs of a few steps) and the whole val split."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("data") / "few_digits"
+    for folder in sorted((digits_root / "train").iterdir()):
+        (root / "train" / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:20]:
+            shutil.copy(image, root / "train" / folder.name / image.name)
+    shutil.copytree(digits_root / "val", root / "val")
+    return root
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Faults: preemption by signal, non-finite losses, damaged checkpoints."""
+"""Faults: preemption by signal, non-finite losses and weights (never saved), damaged or tampered
+checkpoints, a crash in validation."""
 import json
 import shutil
 from dataclasses import replace
@@ -7,7 +8,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from conftest import digits_val_batch, run_train
+from conftest import digits_val_batch, run_train, with_code
 from models.factory import create_model
 from train.checkpoint import TrainState
 from train.faults import NonFiniteLoss
@@ -107,6 +108,91 @@ def test_stop_policy_raises_naming_the_step(step_parts, monkeypatch, check):
     assert_unchanged(before, everything(ctx, optimizer))
 
 
+@pytest.mark.parametrize("check", ["host", "device"])
+@pytest.mark.parametrize("first", [True, False], ids=["first step", "later step"])
+def test_an_optimizer_step_that_makes_weights_non_finite_is_not_kept(step_parts, check, first):
+    """A finite loss, but an LR of NaN: the step would write NaN weights and momentum."""
+    ctx, accelerator, optimizer, scheduler, guard, images, labels = step_parts(
+        "advprop", f"nonfinite_check={check}", "on_nonfinite=skip")
+    state = TrainState()
+    if not first:  # the optimizer has its state (momentum) to give back
+        train_step(ctx, accelerator, optimizer, scheduler, state, images, labels, True, guard)
+    before = everything(ctx, optimizer)
+    for group in optimizer.param_groups:
+        group["lr"] = float("nan")
+    out = train_step(ctx, accelerator, optimizer, scheduler, state, images, labels, True, guard)
+    assert_unchanged(before, everything(ctx, optimizer))
+    steps_before = 0 if first else 1
+    if check == "host" or first:  # given back at once, not counted
+        assert out is None and state.step == steps_before and guard.report("here") == 0
+    else:  # a no-op on the device, counted as skipped at the report
+        assert state.step == 2 and guard.report("here") == 1
+
+
+@pytest.mark.parametrize("check", ["host", "device"])
+def test_stop_policy_names_the_step_that_made_weights_non_finite(step_parts, check):
+    ctx, accelerator, optimizer, scheduler, guard, images, labels = step_parts(
+        "vanilla", f"nonfinite_check={check}", "on_nonfinite=stop")
+    state = TrainState()
+    train_step(ctx, accelerator, optimizer, scheduler, state, images, labels, True, guard)
+    optimizer.param_groups[0]["lr"] = float("inf")
+    if check == "host":
+        with pytest.raises(NonFiniteLoss, match=r"at step 2 \(epoch 1, batch 1\) the optimizer step made weights.*"
+                                                r"not kept.*those of step 1\."):
+            train_step(ctx, accelerator, optimizer, scheduler, state, images, labels, True, guard)
+    else:
+        before = everything(ctx, optimizer)
+        train_step(ctx, accelerator, optimizer, scheduler, state, images, labels, True, guard)
+        assert_unchanged(before, everything(ctx, optimizer))
+        with pytest.raises(NonFiniteLoss, match=r"not finite in 1 step\(s\) up to step 2; those steps were undone"):
+            guard.report("step 2")
+
+
+def test_no_checkpoint_or_export_of_non_finite_weights_is_written(step_parts, tmp_path):
+    from models.export import NonFiniteWeights, save_main_norm
+    from train.checkpoint import save_checkpoint
+
+    ctx, accelerator, optimizer, *_ = step_parts("advprop")
+    with torch.no_grad():
+        ctx.attack_model.net.fc.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeights, match=r"not writing checkpoint epoch_0001 .*1 of its tensors hold NaN.*"
+                                               r"net\.fc\.weight"):
+        save_checkpoint(accelerator, tmp_path / "run", "epoch_0001", TrainState(epoch=1), ctx.cfg, list("0123456789"),
+                        is_best=True, keep=2)
+    with pytest.raises(NonFiniteWeights, match=r"final_main_bn.safetensors: 1 of its tensors .*fc\.weight"):
+        save_main_norm(ctx.attack_model.net, tmp_path / "final_main_bn.safetensors", model_name="resnet18",
+                       normalization="imagenet", classes=list("0123456789"))
+    assert list(tmp_path.iterdir()) == []  # no folder, no file, no temporary
+
+
+OVERFLOWING_LR = ["model=test_resnet", "method=vanilla", "epochs=1", "tracker=none", "eval_robust=false",
+                  "log_every=1", "optimizer.lr_per_256=1.3e39"]  # finite, but LR × gradient overflows float32
+
+
+def all_tensors_finite(path) -> bool:
+    from safetensors.torch import load_file
+    return all(bool(torch.isfinite(t).all()) for t in load_file(str(path)).values() if t.is_floating_point())
+
+
+def test_a_run_whose_steps_would_overflow_the_weights_never_saves_them(few_digits, tmp_path):
+    skipped = run_train(f"data.root={few_digits}", f"output_dir={tmp_path / 'skip'}", *OVERFLOWING_LR,
+                        "on_nonfinite=skip", "nonfinite_check=device")  # the first step at warm-up LR, then huge
+    # step 1 at the warm-up LR is kept; step 2 (the full LR) is the first undone: its weights, not a later loss
+    assert "skipped 1 step(s) with a non-finite loss or weights up to step 2" in skipped.stdout + skipped.stderr
+    files = sorted((tmp_path / "skip").rglob("*.safetensors"))
+    assert {p.name for p in files} == {"model.safetensors", "final_main_bn.safetensors"}
+    assert all(all_tensors_finite(p) for p in files), files
+
+    stopped = run_train(f"data.root={few_digits}", f"output_dir={tmp_path / 'stop'}", *OVERFLOWING_LR,
+                        "schedule.warmup_epochs=0", "nonfinite_check=host", check=False)
+    assert stopped.returncode == 3, stopped.stderr[-3000:]
+    errors = [line for line in stopped.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in stopped.stderr
+    assert "at step 1 (epoch 1, batch 1) the optimizer step made weights or optimizer state non-finite" in errors[0]
+    assert "the last kept weights are those of the start" in errors[0]
+    assert not (tmp_path / "stop" / "checkpoints").exists() and not list((tmp_path / "stop").rglob("*.safetensors"))
+
+
 def test_a_nan_image_stops_before_the_weights_change(step_parts):
     ctx, accelerator, optimizer, scheduler, guard, images, labels = step_parts("vanilla")
     images[3, 0, 5, 5] = float("nan")  # one bad pixel poisons the batch's loss
@@ -162,5 +248,45 @@ def test_checkpoint_pickles_load_weights_only(trained_demo_run, digits_root, tmp
     result = run_train(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "epochs=9",
                        f"resume={folder}", check=False)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert f"checkpoint {folder} cannot be loaded" in result.stderr and "weights_only" in result.stderr
+    line = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert f"checkpoint {folder} cannot be loaded: {victim} holds pickled objects" in line
+    assert "it would call posix.system" in line and "refused, never run" in line
+    assert "weights_only=False" not in result.stderr  # no advice to load it unsafely
     assert not marker.exists()
+
+
+CRASH_IN_FIRST_VALIDATION = """
+import train.loop
+evaluate, calls = train.loop.evaluate, []
+def crashing(*args, **kwargs):  # the first validation meets an image it cannot decode
+    calls.append(1)
+    if len(calls) == 1:
+        raise OSError("image file is truncated (3 bytes not processed)")
+    return evaluate(*args, **kwargs)
+train.loop.evaluate = crashing
+"""
+
+
+def test_a_crash_in_validation_keeps_the_epochs_training_and_the_rerun_validates_it(few_digits, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"data.root={few_digits}", f"output_dir={run_dir}", "model=test_resnet", "method=vanilla", "epochs=2",
+            "tracker=none", "eval_robust=false", "log_every=1"]
+    crashed = run_train(*args, launcher=with_code(CRASH_IN_FIRST_VALIDATION), check=False)
+    assert crashed.returncode == 1 and "image file is truncated" in crashed.stderr
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_0001", "last"]  # no best yet
+    saved = json.loads((checkpoints / "last" / "train_state.json").read_text())
+    assert (saved["epoch"], saved["step"], saved["validated"]) == (1, 3, False)
+    trained = (checkpoints / "epoch_0001" / "model.safetensors").read_bytes()
+
+    resumed = run_train(*args)
+    assert "epoch 1: its training is saved, its validation is not: validating it" in resumed.stdout
+    assert (checkpoints / "epoch_0001" / "model.safetensors").read_bytes() == trained  # not trained again
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines if "val/top1" in line] == [1, 2]  # each epoch validated once
+    assert [line["step"] for line in lines if "train/loss/clean" in line] == [1, 2, 3, 4, 5, 6]
+    states = {n: json.loads((checkpoints / n / "train_state.json").read_text()) for n in ("epoch_0001", "epoch_0002")}
+    assert all(state["validated"] for state in states.values())
+    best = f"epoch_{states['epoch_0002']['best_epoch']:04d}"
+    assert (checkpoints / "best").resolve().name == best and (checkpoints / "last").resolve().name == "epoch_0002"
+    assert (run_dir / "summary.json").exists()

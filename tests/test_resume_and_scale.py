@@ -55,17 +55,30 @@ def straight_run(digits_root, tmp_path_factory):
     return run_dir
 
 
+TIMINGS = ("perf/", "epoch_seconds", "final/train_seconds", "final/train_img_per_s", "final/steady_img_per_s",
+           "final/data_wait_fraction")
+
+
+def logged_lines(run_dir):
+    """metrics.jsonl without its timings (they differ between any two runs)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if not k.startswith(TIMINGS)} for line in lines]
+
+
 def test_resume_after_kill_equals_uninterrupted_run(digits_root, straight_run, tmp_path):
     args = [f"data.root={digits_root}", *SHORT]
     run_dir = tmp_path / "killed"
     process = start_run(args, run_dir)
-    wait_for(lambda: (run_dir / "checkpoints" / "epoch_0001").exists(), process, "the first checkpoint")
+    # killed in epoch 2, a few steps after the first checkpoint: those steps' lines are in metrics.jsonl
+    wait_for(lambda: (run_dir / "checkpoints" / "epoch_0001").exists() and max(train_losses(run_dir)) >= 25,
+             process, "step 25")
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (run_dir / "checkpoints" / "epoch_0003").exists()
     resumed = run_train(*args, f"output_dir={run_dir}")
-    assert "resuming from" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "metrics.jsonl: dropped its last" in resumed.stdout
     assert_same_run(straight_run, run_dir)
+    assert logged_lines(run_dir) == logged_lines(straight_run)  # one line per step, none twice
 
 
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(digits_root, straight_run, tmp_path):
@@ -95,13 +108,15 @@ TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gp
 
 
 def worker_of_rank(launcher: subprocess.Popen, rank: int):
+    """The training process of `rank` (not one of its DataLoader workers, which share its command line)."""
     import psutil
 
     deadline = time.time() + 120
     while time.time() < deadline:
         for child in psutil.Process(launcher.pid).children(recursive=True):
             try:
-                if "train/run.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+                if "train/run.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank) \
+                        and child.parent().environ().get("RANK") is None:  # its parent is the launcher
                     return child
             except psutil.Error:  # a short-lived helper process
                 continue
@@ -153,3 +168,103 @@ def test_two_cpu_processes_shard_and_log_once(digits_root, tmp_path):
     alone = run_train(f"data.root={digits_root}", f"output_dir={tmp_path}", "tracker=none", "epochs=2",
                       "attack.steps=1", check=False)
     assert alone.returncode == 2 and "processes (2 → 1" in alone.stderr, alone.stderr[-2000:]
+
+
+FEW_STEPS = ["model=test_resnet", "method=vanilla", "tracker=none", "eval_robust=false", "batch_size=16", "log_every=1"]
+
+
+def test_two_processes_a_sigterm_in_validation_stops_it_and_the_resumed_run_validates(few_digits, tmp_path):
+    """Rank 1 is preempted as its first validation begins (its training is saved): both stop within
+    a few validation batches, not after the whole validation; the same command then validates."""
+    wrapper = tmp_path / "preempted_in_validation.py"
+    wrapper.write_text(f"""
+import os, runpy, signal, sys
+import train.loop
+evaluate, sent = train.loop.evaluate, []
+def preempted(*args, **kwargs):
+    if os.environ["RANK"] == "1" and not sent:
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return evaluate(*args, **kwargs)
+train.loop.evaluate = preempted
+sys.argv[0] = {str(REPO / "train" / "run.py")!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+    run_dir = tmp_path / "run"
+    args = [f"data.root={few_digits}", f"output_dir={run_dir}", *FEW_STEPS, "epochs=2"]
+    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    stopped = subprocess.run([*TWO_PROCESSES, str(wrapper), *args], cwd=REPO, capture_output=True, text=True,
+                             env=env, timeout=900)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "before the validation of epoch 1 was done; its training is saved" in stopped.stdout
+    state = json.loads((run_dir / "checkpoints" / "last" / "train_state.json").read_text())
+    assert (state["epoch"], state["validated"]) == (1, False)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not [line for line in lines if "val/top1" in line]  # the validation was cut short
+
+    resumed = run_train(*args, launcher=TWO_PROCESSES)
+    assert "validating it" in resumed.stdout
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines if "val/top1" in line] == [1, 2]
+    assert json.loads((run_dir / "summary.json").read_text())["val_images"] == 360
+
+
+def start_two_processes(args):
+    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    return subprocess.Popen([*TWO_PROCESSES, str(REPO / "train" / "run.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def folder_lock_is_free(folder) -> bool:
+    import fcntl
+    import os
+
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(descriptor)
+
+
+def training_began(run_dir):
+    metrics = run_dir / "metrics.jsonl"
+    return lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2
+
+
+def test_a_frozen_process_stops_the_other_with_a_collective_timeout(few_digits, tmp_path):
+    import psutil
+
+    run_dir = tmp_path / "run"
+    process = start_two_processes([f"data.root={few_digits}", f"output_dir={run_dir}", *FEW_STEPS, "epochs=100",
+                                   "collective_timeout_s=20"])
+    wait_for(training_began(run_dir), process, "training")
+    launched = psutil.Process(process.pid).children(recursive=True)
+    worker_of_rank(process, 1).suspend()  # SIGSTOP: alive, holding its sockets, answering nothing
+    _, err = process.communicate(timeout=600)
+    assert process.returncode != 0
+    errors = [line for line in err.splitlines() if line.startswith("error: process 0 of 2 waited more than 20 s")]
+    assert len(errors) == 1, err[-3000:]
+    assert "(collective_timeout_s) for the other processes during training (epoch 1, step" in errors[0]
+    assert "frozen" in errors[0] and "continues from the last checkpoint" in errors[0]
+    _, alive = psutil.wait_procs(launched, timeout=60)
+    assert not alive and folder_lock_is_free(run_dir)
+
+
+def test_no_process_outlives_a_killed_launcher(few_digits, tmp_path):
+    """Even a frozen worker, which no SIGTERM reaches, ends with its launcher and frees the run's folder."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    process = start_two_processes([f"data.root={few_digits}", f"output_dir={run_dir}", *FEW_STEPS, "epochs=100"])
+    wait_for(training_began(run_dir), process, "training")
+    launched = psutil.Process(process.pid).children(recursive=True)
+    worker_of_rank(process, 1).suspend()
+    assert not folder_lock_is_free(run_dir)  # rank 0 holds it
+    process.kill()  # SIGKILL: the launcher cannot pass anything on
+    process.wait()
+    _, alive = psutil.wait_procs(launched, timeout=60)  # DataLoader workers end after their parent
+    assert not alive, [p.cmdline()[:3] for p in alive]
+    assert folder_lock_is_free(run_dir)

@@ -111,6 +111,13 @@ def test_second_run_into_a_busy_folder_is_refused_until_the_first_dies(digits_ro
     assert (run_dir / "summary.json").exists(), again.stdout[-2000:]
 
 
+def validated(checkpoint: Path) -> bool:
+    try:
+        return json.loads((checkpoint / "train_state.json").read_text())["validated"]
+    except (OSError, ValueError):  # not there yet, or being replaced
+        return False
+
+
 def test_sigterm_in_the_final_evaluation_stops_at_once_and_a_rerun_redoes_it(digits_root, tmp_path):
     run_dir = tmp_path / "run"
     # a robust evaluation that takes seconds: PGD-10 over the 360 val images
@@ -119,7 +126,7 @@ def test_sigterm_in_the_final_evaluation_stops_at_once_and_a_rerun_redoes_it(dig
     process = subprocess.Popen([sys.executable, str(REPO / "train" / "run.py"), *args], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "last").exists():  # the trained state is saved
+    while not validated(run_dir / "checkpoints" / "last"):  # the trained state is saved and validated
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.05)
     time.sleep(1)
@@ -228,3 +235,17 @@ def test_evaluate_refuses_a_model_name_that_contradicts_the_weights(trained_demo
     result = tool("evaluate.py", trained_demo_run / "final_main_bn.safetensors", "--data", digits_root / "val",
                   "--model", "resnet34")
     refused(result, "--model resnet34 does not match", "resnet18")
+
+
+def test_tools_refuse_a_checkpoint_whose_config_and_weights_are_different_models(finished_run, digits_root, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(finished_run / "checkpoints" / "best", mixed)  # resnet18 weights …
+    config = OmegaConf.load(mixed / "config.yaml")
+    config.model = "resnet34"  # … and the config of another run
+    OmegaConf.save(config, mixed / "config.yaml")
+    for result in (tool("export.py", mixed, tmp_path / "out.safetensors"),
+                   tool("evaluate.py", mixed, "--data", digits_root / "val")):
+        line = refused(result, f"checkpoint {mixed}: model.safetensors does not hold the model its config.yaml and "
+                               f"classes.json describe (resnet34, 10 classes)", "missing", "copy the whole checkpoint")
+        assert "state_dict" not in line
+    assert not (tmp_path / "out.safetensors").exists()

@@ -1,10 +1,14 @@
 """W&B as a user sees it, read from what W&B itself recorded in offline runs (no server, no mock):
 the model artifacts and their metadata, the metric definitions, the run's environment, a resumed
 run adding no duplicate artifact, evaluate.py naming the artifact it evaluated, compare_methods.py's
-group and comparison; and the run picture written without W&B."""
+group and comparison; the run picture written without W&B; and online W&B without a network (or
+with a local server that refuses every request) running offline after one warning."""
+import contextlib
+import http.server
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 from PIL import Image
@@ -119,3 +123,64 @@ def test_compare_methods_puts_its_runs_in_one_group_with_the_comparison(digits_r
     logged = logged_values(out)
     assert logged["comparison/table/_type"] == "table-file" and logged["comparison/table/nrows"] == 2
     assert logged["comparison/clean_vs_robust_table/_type"] == "table-file"  # the scatter plot's data
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound once, then released)."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def refusing_server():
+    """A local W&B server that answers every request 401 (an API key it does not know)."""
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"errors": [{"message": "user is not logged in"}]}')
+
+        do_GET = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("server, warned", [
+    ("unreachable", "the W&B server {url} cannot be reached (Connection refused)"),  # no network
+    ("refusing", "W&B refused the online run (CommError: "),  # … returned error 401 … user is not logged in
+])
+def test_online_w_and_b_that_cannot_be_used_runs_offline_after_one_warning(few_digits, tmp_path, server, warned):
+    run_dir = tmp_path / "run"
+    with refusing_server() if server == "refusing" else contextlib.nullcontext(f"http://127.0.0.1:{closed_port()}") \
+            as url:
+        result = run_train(f"data.root={few_digits}", f"output_dir={run_dir}", "model=test_resnet", "method=vanilla",
+                           "epochs=1", "tracker=wandb", "eval_robust=false",
+                           env={"WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": url})
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:") and "W&B" in line]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    assert warned.format(url=url) in warnings[0] and "logging to W&B offline instead" in warnings[0]
+    assert "W&B run (offline)" in result.stdout
+    assert records_of(run_dir, "run")  # the offline run is recorded, for `wandb sync`
+
+
+def test_reachability_of_a_server():
+    import socket
+
+    from train.tracking import unreachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert unreachable(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=5) is None
+    assert unreachable(f"http://127.0.0.1:{closed_port()}", timeout=5) == "Connection refused"

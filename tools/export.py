@@ -8,7 +8,8 @@ The output loads with `timm.create_model(name, num_classes=n).load_state_dict(..
 and gives the trained model's eval logits for inputs normalised as the file's metadata says
 (train/run.py also writes <output_dir>/final_main_bn.safetensors at the end of every run).
 OUT is never written inside the checkpoint (or any checkpoint folder), nor over a folder; an
-existing OUT is replaced only with --overwrite. Exit 2 with one line when it cannot export.
+existing OUT is replaced only with --overwrite. Exit 2 with one line when it cannot export, 3 when
+the checkpoint's weights hold a NaN or an infinity (nothing is written).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from models.export import export_settings, save_main_norm
+from models.export import NonFiniteWeights, export_settings, save_main_norm
 from pipelines.errors import UserInputError
 from tools.output_guard import check_output_file
 from train.checkpoint import checkpoint_folder, load_checkpoint_model
@@ -45,3 +46,6 @@ if __name__ == "__main__":
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteWeights as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,10 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file
 
-from models.factory import create_model
+from models.export import NonFiniteWeights, non_finite_names, refuse_non_finite
+from models.factory import create_model, refused_pickle
 from pipelines.errors import UserInputError
 from train.config import schema
 from train.ema import load_ema, save_ema
+from train.faults import any_process
 from train.resume_rules import ResumeMismatch, check_same_run
 
 STATE_FILE = "train_state.json"
@@ -47,6 +50,9 @@ class TrainState:
     steady_seconds: float = 0.0
     steady_wait_seconds: float = 0.0  # of steady_seconds, spent waiting for the loader
     processes: int = 0  # processes that trained it (0: not recorded); a resume must use as many
+    # False: an epoch's training saved before its validation; a resume validates it first
+    validated: bool = True
+    metrics_lines: int = -1  # lines of metrics.jsonl when it was saved (-1: not recorded); a resume drops later ones
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -55,7 +61,9 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def save_checkpoint(accelerator, run_dir: Path, name: str, state: TrainState, cfg, classes: list[str], *,
                     is_best: bool, keep: int, ema=None) -> Path:
-    """Every process must call this (each writes its RNG state)."""
+    """Every process must call this (each writes its RNG state). Weights or optimizer state with a
+    NaN or an infinity are refused (NonFiniteWeights) before anything is written."""
+    refuse_non_finite_state(accelerator, name, ema)
     root = checkpoint_dir(run_dir)
     final, staging = root / name, root / f".tmp-{name}"
     if accelerator.is_main_process:
@@ -81,6 +89,41 @@ def save_checkpoint(accelerator, run_dir: Path, name: str, state: TrainState, cf
         _prune(root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def refuse_non_finite_state(accelerator, name: str, ema=None) -> None:
+    """NonFiniteWeights on every process if a process's model, EMA or optimizer state is not finite."""
+    tensors = {}
+    for model in accelerator._models:
+        tensors.update({f"model {k}": v for k, v in accelerator.unwrap_model(model).state_dict().items()})
+    if ema is not None:
+        tensors.update({f"ema {k}": v for k, v in ema.module.state_dict().items()})
+    for optimizer in accelerator._optimizers:
+        for index, per_param in optimizer.state_dict()["state"].items():
+            tensors.update({f"optimizer {index}.{k}": v for k, v in per_param.items() if torch.is_tensor(v)})
+    bad = non_finite_names(tensors)
+    if any_process(bool(bad), accelerator):
+        refuse_non_finite(tensors, f"checkpoint {name} (the previous checkpoints are intact)")
+        raise NonFiniteWeights(f"not writing checkpoint {name}: another process holds non-finite values")
+
+
+def mark_validated(accelerator, run_dir: Path, name: str, state: TrainState, *, is_best: bool, keep: int) -> bool:
+    """After the validation of checkpoint `name` (saved with validated=False): record it (and the best
+    top-1) in its train_state.json, atomically, and point `best` at it if it is the best. False where
+    the checkpoint is not in this run folder (a resume=PATH from elsewhere): the caller saves anew."""
+    root = checkpoint_dir(run_dir)
+    folder = root / name
+    if not (folder / STATE_FILE).is_file():
+        return False
+    if accelerator.is_main_process:
+        temporary = folder / f".{STATE_FILE}.tmp"
+        temporary.write_text(json.dumps(asdict(state), indent=1))
+        os.replace(temporary, folder / STATE_FILE)
+        if is_best:
+            _point(root / "best", name)
+            _prune(root, keep)
+    accelerator.wait_for_everyone()
+    return True
 
 
 class DiskFull(RuntimeError):
@@ -184,9 +227,26 @@ def load_checkpoint(accelerator, folder: Path, ema=None) -> TrainState:
         if ema is not None and not load_ema(ema, folder):
             ema.module.load_state_dict(accelerator.unwrap_model(accelerator._models[0]).state_dict())
             accelerator.print(f"note: {folder} has no EMA weights; the EMA starts from its weights")
-    except Exception as error:  # safetensors/pickle/shape errors all mean the same thing here
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"checkpoint {folder} cannot be loaded: {refused_pickle_file(folder, error)}") from None
+    except Exception as error:  # safetensors/shape errors all mean the same thing here
         raise CheckpointError(f"checkpoint {folder} cannot be loaded: {type(error).__name__}: {error}") from None
     return state
+
+
+def refused_pickle_file(folder: Path, error: Exception) -> str:
+    """Which of the checkpoint's pickles torch.load(weights_only=True) refused, and why."""
+    from accelerate.utils import load
+
+    culprit = "a file"
+    for candidate in sorted(Path(folder).glob("*.bin")) + sorted(Path(folder).glob("*.pkl")):
+        try:
+            load(candidate)
+        except pickle.UnpicklingError:
+            culprit = candidate.name
+            break
+    return (f"{culprit} {refused_pickle(error)}. A checkpoint this trainer wrote holds none: this one was "
+            f"altered; resume from another checkpoint (resume=PATH) or a trusted copy")
 
 
 def read_run_settings(folder: Path) -> tuple[DictConfig, list[str] | None]:
@@ -305,5 +365,23 @@ def load_checkpoint_model(folder: Path):
         raise CheckpointError(f"checkpoint {folder} is unreadable: {type(error).__name__}: {error}") from None
     dual = any(".main." in key for key in state)
     model = create_model(OmegaConf.merge(cfg, {"pretrained_path": ""}), len(classes), dual_norm=dual)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise CheckpointError(f"checkpoint {folder}: {weights_mismatch(model.state_dict(), state, cfg, classes)}"
+                              ) from None
     return model.eval(), cfg, classes
+
+
+def weights_mismatch(expected: dict, saved: dict, cfg, classes: list[str]) -> str:
+    """One line: how the saved weights differ from the model that config.yaml and classes.json describe."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+              if k in saved and saved[k].shape != expected[k].shape]
+    parts = [f"{len(names)} {what} (e.g. {names[0]})" for names, what in (
+        (missing, "tensors of the model missing"), (unexpected, "unexpected tensors"),
+        (shapes, "of another shape (saved vs model)")) if names]
+    return (f"model.safetensors does not hold the model its config.yaml and classes.json describe ({cfg.model}, "
+            f"{len(classes)} classes): {', '.join(parts)}. The files come from different runs: copy the whole "
+            f"checkpoint folder from one run")

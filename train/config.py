@@ -9,10 +9,12 @@ Attack sizes are in pixel units like the paper (attack.eps=4 means 4/255 on [0, 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -175,18 +177,40 @@ class Config:
     resume: str = "auto"  # auto: newest valid checkpoint in output_dir, if any | none | PATH
     keep_checkpoints: int = 2  # newest checkpoints kept besides best
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N optimizer steps; 0 → off
+    # several processes: how long one waits for the others in a collective before the run stops with
+    # an error naming what it waited for (a frozen or lost process); the data's preparation is exempt
+    collective_timeout_s: int = 600
 
 
-def read_recipe(path: Path) -> DictConfig:
+def read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """A YAML recipe; `base: other.yaml` (relative to it) is read first and overridden by the rest."""
-    recipe = OmegaConf.load(path)
+    recipe = load_yaml_mapping(path)
     base = recipe.pop("base", None)
     if base is None:
         return recipe
-    base_path = path.parent / base
+    base_path = path.parent / str(base)
     if not base_path.is_file():
         raise ConfigError(f"{path}: base recipe {base_path} does not exist")
-    return OmegaConf.merge(read_recipe(base_path), recipe)
+    if base_path.resolve() in seen:
+        raise ConfigError(f"{path}: base recipe {base_path} is already one of its own bases (a loop)")
+    return OmegaConf.merge(read_recipe(base_path, seen + (path.resolve(),)), recipe)
+
+
+def load_yaml_mapping(path: Path) -> DictConfig:
+    """The recipe at path as a mapping of keys, or one ConfigError saying why it is not one."""
+    try:
+        recipe = OmegaConf.load(path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a YAML recipe: it is not text (UTF-8)") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"config file {path} is not valid YAML: {getattr(error, 'problem', None) or error}{at}"
+                          ) from None
+    if not isinstance(recipe, DictConfig):
+        raise ConfigError(f"config file {path} holds a {type(recipe).__name__.removesuffix('Config').lower()}, "
+                          f"not a mapping of keys (model: resnet18, epochs: 10, ...)")
+    return recipe
 
 
 def schema() -> DictConfig:
@@ -276,9 +300,38 @@ def attack_preset(key: str, name: str) -> dict:
     return {k: v for k, v in ATTACK_PRESETS[name].items() if k in fields}
 
 
+def non_finite_keys(node, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is a NaN or infinite float."""
+    if isinstance(node, dict):
+        return [key for name, value in node.items() for key in non_finite_keys(value, f"{prefix}{name}.")]
+    return [prefix.rstrip(".")] if isinstance(node, float) and not math.isfinite(node) else []
+
+
 def validate(cfg: DictConfig) -> None:
+    # no setting means anything as NaN or ±inf (an LR of nan would write NaN weights at the first step)
+    for key in non_finite_keys(OmegaConf.to_container(cfg, resolve=True)):
+        raise ConfigError(f"bad value for {key}: {OmegaConf.select(cfg, key)!r} must be a finite number")
     methods = tuple(METHOD_RECORDS)
+    opt, sched = cfg.optimizer, cfg.schedule
     checks = [
+        # settings a run only meets later (a step, a report, a loader): refused here, before any work
+        (opt.lr_per_256 >= 0, "optimizer.lr_per_256", "must be ≥ 0"),
+        (opt.weight_decay >= 0, "optimizer.weight_decay", "must be ≥ 0"),
+        (0 <= opt.momentum <= 1, "optimizer.momentum", "must be in [0, 1]"),
+        (opt.eps is None or opt.eps > 0, "optimizer.eps", "must be > 0 (it keeps a division finite)"),
+        (sched.warmup_epochs >= 0, "schedule.warmup_epochs", "must be ≥ 0"),
+        (sched.warmup_lr >= 0, "schedule.warmup_lr", "must be ≥ 0"),
+        (sched.min_lr >= 0, "schedule.min_lr", "must be ≥ 0"),
+        (sched.decay_epochs > 0, "schedule.decay_epochs", "must be > 0"),
+        (sched.decay_rate > 0, "schedule.decay_rate", "must be > 0"),
+        (cfg.log_every >= 1, "log_every", "must be ≥ 1 (steps between metric lines)"),
+        (cfg.image_log_every >= 0, "image_log_every", "must be ≥ 0 (0: no image panels)"),
+        (cfg.data.workers >= 0, "data.workers", "must be ≥ 0 (0: decode in the training process)"),
+        (cfg.data.val_image_size >= 0, "data.val_image_size", "must be ≥ 0 (0: data.image_size)"),
+        (0 <= cfg.drop_rate < 1, "drop_rate", "must be in [0, 1)"),
+        (cfg.bn_momentum is None or 0 <= cfg.bn_momentum <= 1, "bn_momentum", "must be in [0, 1]"),
+        (cfg.bn_eps is None or cfg.bn_eps > 0, "bn_eps", "must be > 0"),
+        (cfg.collective_timeout_s >= 1, "collective_timeout_s", "must be ≥ 1 (seconds)"),
         (cfg.method in methods, "method", f"must be one of {methods}"),
         (cfg.loader in LOADERS, "loader", f"must be one of {LOADERS}"),
         (cfg.data.dataset in ("digits", "imagefolder"), "data.dataset", "must be digits or imagefolder"),
@@ -316,11 +369,24 @@ def validate(cfg: DictConfig) -> None:
     checks.append((cfg.attack.bn_mode in BN_MODES, "attack.bn_mode", f"must be one of {BN_MODES}"))
     for record in METHOD_RECORDS.values():  # each method checks its options, and what it needs when chosen
         checks += record.checks(cfg)
+    checks += attack_size_checks(cfg)
     for ok, key, problem in checks:
         if not ok:
             raise ConfigError(f"bad value for {key}: {OmegaConf.select(cfg, key)!r} {problem}")
     if cfg.data.auto_augment:
         timm_transform(cfg.data.auto_augment, cfg.data.image_size)  # timm parses the name, or one-line error
+
+
+def attack_size_checks(cfg: DictConfig) -> list[tuple[bool, str, str]]:
+    """Attack settings that are numbers but mean no attack: a radius beyond the image range, or
+    no PGD step at all for a method that trains on adversarial examples."""
+    checks = [(cfg.get(key) is None or cfg[key].eps <= 255, f"{key}.eps",
+               "must be ≤ 255 (pixel units: 255 is the whole [0, 1] image range)") for key in ATTACK_NODES]
+    if cfg.method != "vanilla":  # every other method trains on attacked images
+        checks.append((cfg.attack.steps >= 1, "attack.steps",
+                       f"must be ≥ 1 with method={cfg.method} (0 steps make no adversarial example; "
+                       f"method=vanilla trains without an attack)"))
+    return checks
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

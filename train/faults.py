@@ -2,9 +2,11 @@
 
 SIGTERM/SIGINT (a scheduler preempting the job, Ctrl-C) only set a flag: the loop finishes the
 optimizer step it is in, run.py writes a checkpoint and exits 0, and `resume=auto` continues from
-that exact batch. A second Ctrl-C stops at once. Once training is finished and checkpointed, a
+that exact batch. A second Ctrl-C stops at once. An epoch's training is checkpointed before its
+validation, so a signal during a validation stops it within a few batches (StopInValidation, exit
+0) and the resumed run validates that epoch again. Once training is finished and checkpointed, a
 signal stops the final evaluation at once (exit 128 + signal number); the same command redoes it.
-A non-finite loss (NonFiniteLoss) never reaches the weights: train/step_guard.py.
+Non-finite values never reach the weights (NonFiniteLoss, train/step_guard.py).
 """
 from __future__ import annotations
 
@@ -15,7 +17,14 @@ import torch
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A step whose loss or resulting weights were not finite, with on_nonfinite=stop (exit 3)."""
+
+
+class StopInValidation(Exception):
+    """A stop was asked while an epoch whose training is saved was being validated."""
+
+
+POLL_EVERY = 8  # validation batches between two stop checks with several processes (each is a collective)
 
 
 class StoppedAfterTraining(Exception):
@@ -54,6 +63,18 @@ class StopRequest:
     def agreed(self, accelerator) -> bool:
         """True on every process once any process was asked to stop (they must stop together)."""
         return any_process(self.requested, accelerator)
+
+    def validation_polls(self, accelerator, batches: int) -> range:
+        """After which of its `batches` validation batches (1-based) to check for a stop: each, in
+        one process; with several, every POLL_EVERY-th of those all processes have."""
+        if accelerator.num_processes == 1:
+            return range(1, batches + 1)
+        common = int(accelerator.gather(torch.tensor([batches], device=accelerator.device)).min())
+        return range(POLL_EVERY, common + 1, POLL_EVERY)
+
+    def stop_validation_if_asked(self, accelerator) -> None:
+        if self.agreed(accelerator):
+            raise StopInValidation()
 
 
 def any_process(flag: bool, accelerator) -> bool:

@@ -23,6 +23,7 @@ from models.dual_norm import use_norm
 from train.attacks import Attack
 from train.faults import NonFiniteLoss
 from train.methods import StepContext, StepOutput, method_of
+from train.step_guard import ADVICE
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -95,15 +96,17 @@ def train_step(ctx: StepContext, accelerator, optimizer, scheduler, state, x, la
             if not guard.check(request.terms):
                 steps.close()
                 guard.abort()
-                return skip_or_stop(cfg, accelerator, state, request.terms)
+                values = ", ".join(f"{name} {value.item():.4g}" for name, value in request.terms.items())
+                return skip_or_stop(cfg, accelerator, state, f"the loss is not finite ({values})")
             accelerator.backward(sum(request.terms.values()) / cfg.grad_accum_steps)
     try:
         next(steps)
         raise RuntimeError(f"method {cfg.method} yields more than the {passes} Backward requests its record says")
     except StopIteration as done:
         out = done.value
-    if sync:
-        optimizer_step(ctx, optimizer, scheduler, state, out, guard, ema)
+    if sync and not optimizer_step(ctx, optimizer, scheduler, state, out, guard, ema):
+        return skip_or_stop(cfg, accelerator, state, "the optimizer step made weights or optimizer state non-finite "
+                            "(the loss was finite: an LR too high for them, or a division by zero)")
     return out
 
 
@@ -116,25 +119,30 @@ def scale_gradients(grad_scales: list[tuple[list[torch.Tensor], float]]) -> None
                 torch._foreach_mul_(grads, factor)
 
 
-def optimizer_step(ctx, optimizer, scheduler, state, out: StepOutput, guard, ema) -> None:
+def optimizer_step(ctx, optimizer, scheduler, state, out: StepOutput, guard, ema) -> bool:
+    """False: the guard did not keep the step (host mode); it is not counted."""
     scale_gradients(out.grad_scales)
     saved = guard.before_step()
     optimizer.step()
-    guard.after_step(saved)
+    kept = guard.after_step(saved)
     optimizer.zero_grad(set_to_none=True)
+    if not kept:
+        return False
     state.step += 1
     scheduler.step_update(state.step)
     if ema is not None:
         ema.update(ctx.attack_model, step=state.step)
+    return True
 
 
-def skip_or_stop(cfg, accelerator, state, terms: dict) -> None:
-    values = ", ".join(f"{name} {value.item():.4g}" for name, value in terms.items())
+def skip_or_stop(cfg, accelerator, state, problem: str) -> None:
+    """A step the guard did not keep: stop (NonFiniteLoss) or skip it, saying so."""
     where = f"step {state.step + 1} (epoch {state.epoch + 1}, batch {state.batch + 1})"
+    kept = f"step {state.step}" if state.step else "the start (no step kept yet)"
     if cfg.on_nonfinite == "stop":
-        raise NonFiniteLoss(f"loss is not finite at {where} ({values}); the weights are still those of the "
-                            f"step before. Lower the LR or set on_nonfinite=skip.")
-    accelerator.print(f"warning: skipping batch with a non-finite loss at {where} ({values})")
+        raise NonFiniteLoss(f"at {where} {problem}: that step is not kept and nothing saves it; the last kept "
+                            f"weights are those of {kept}. {ADVICE}")
+    accelerator.print(f"warning: skipping {where}: {problem}; the weights stay those of {kept}")
     return None
 
 
@@ -191,19 +199,21 @@ class MetricWindow:
 
 
 def evaluate(model, loader, accelerator, *, route: str = "main", attack: Attack | None = None,
-             desc: str = "val") -> dict:
+             desc: str = "val", stop=None) -> dict:
     """Top-1/top-5 (percent) and loss over the whole val set, every image counted once.
 
     attack: None for clean accuracy, or an attack (train/attacks/: build_attack(node)) made on the
     eval-mode model through `route`'s norms to measure robust accuracy (the bar shows its top-1 so far).
+    stop: a StopRequest, checked every few batches (StopInValidation when a stop was asked).
     """
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, device=accelerator.device)  # top1 hits, top5 hits, loss sum, images
     loader.set_epoch(0)
+    polls = stop.validation_polls(accelerator, len(loader)) if stop is not None else range(0)
     bar = tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
     with use_norm(model, route):
-        for images, labels in bar:
+        for batch, (images, labels) in enumerate(bar, 1):
             x = to_float(images)
             if attack is not None:
                 x = attack(model, x, labels)
@@ -215,6 +225,8 @@ def evaluate(model, loader, accelerator, *, route: str = "main", attack: Attack 
                 F.cross_entropy(logits, labels, reduction="sum"), torch.tensor(len(labels), device=x.device)])
             if attack is not None:  # an attacked batch takes long enough for one host read
                 bar.set_postfix(top1=f"{100 * totals[0].item() / totals[3].item():.1f}%")
+            if batch in polls:
+                stop.stop_validation_if_asked(accelerator)
     model.train(was_training)
     top1, top5, loss, count = accelerator.reduce(totals, "sum").tolist()
     return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count, "images": int(count)}

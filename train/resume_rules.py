@@ -9,7 +9,7 @@ watched, stored, evaluated or fed, not what it learns:
   epochs              extend (or shorten) the run; the LR schedule follows the new length
   name, output_dir, resume
   tracker, wandb_project, wandb_group, wandb_log_checkpoints, log_every, image_log_every
-  keep_checkpoints, checkpoint_every_steps, on_nonfinite
+  keep_checkpoints, checkpoint_every_steps, on_nonfinite, collective_timeout_s
   eval_aux_bn, eval_robust, eval_attack
   compile, channels_last, loader, data.root, data.train_dir, data.val_dir, data.workers,
   data.dali.*, data.ffcv.*       (where the data lives and how fast it is read; the classes
@@ -25,7 +25,7 @@ from train.config import schema
 MAY_CHANGE = (
     "epochs", "name", "output_dir", "resume",
     "tracker", "wandb_project", "wandb_group", "wandb_log_checkpoints", "log_every", "image_log_every",
-    "keep_checkpoints", "checkpoint_every_steps", "on_nonfinite",
+    "keep_checkpoints", "checkpoint_every_steps", "on_nonfinite", "collective_timeout_s",
     "eval_aux_bn", "eval_robust", "eval_attack",
     "compile", "channels_last", "loader", "data.root", "data.train_dir", "data.val_dir", "data.workers",
     "data.dali", "data.ffcv",

@@ -9,8 +9,11 @@ Leaves in output_dir (default runs/<name>): config.yaml, metrics.jsonl, checkpoi
 final_main_bn.safetensors (plain timm weights), panels/*.png, summary.json, wandb/.
 One run at a time writes an output_dir; rerunning the command continues it (train/resume_rules.py
 says which settings may change). Exit status: 0 finished, or stopped by a signal with a checkpoint
-saved; 2 bad input (nothing written); 3 non-finite loss; 4 disk full (previous checkpoints intact);
+saved; 2 bad input (nothing written); 3 non-finite loss or weights (none saved); 4 disk full
+(previous checkpoints intact); 5 another process did not answer within collective_timeout_s;
 128 + N: signal N during the final evaluation (training is saved; rerun to redo the evaluation).
+An epoch's training is checkpointed before its validation, which a resumed run redoes if it did
+not finish.
 """
 from __future__ import annotations
 
@@ -26,20 +29,23 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 from timm.layers import convert_sync_batchnorm
 
-from models.export import export_settings, save_main_norm
+from models.export import NonFiniteWeights, export_settings, save_main_norm
 from models.factory import create_model
 from pipelines.errors import UserInputError
 from pipelines.loader import build_loader, prepare_dataset
-from train.checkpoint import DiskFull, check_resume, continued_settings, restore, save_checkpoint
+from train.checkpoint import DiskFull, check_resume, continued_settings, mark_validated, restore, save_checkpoint
 from train.compile import compile_model, compiled_graphs
 from train.config import load_config, save_config
+from train.distributed import (die_with_launcher, doing, main_process_first_without_timeout, peer_timeout,
+                               process_group_kwargs)
 from train.ema import create_ema
 from train.environment import describe
-from train.faults import NonFiniteLoss, StoppedAfterTraining, StopRequest
+from train.faults import NonFiniteLoss, StopInValidation, StoppedAfterTraining, StopRequest
 from train.loop import evaluate, train_one_epoch
 from train.methods import StepContext, method_of
 from train.model_artifacts import ModelArtifacts
 from train.optim import create_optimizer, create_schedule
+from train.output_dir import check_output_dir
 from train.run_plot import PLOT_FILE, plot_run
 from train.run_lock import claim_run_folder
 from train.step_guard import StepGuard
@@ -48,7 +54,7 @@ from train.tracking import RunLog
 
 
 def build_loaders(cfg, accelerator):
-    with accelerator.main_process_first():
+    with main_process_first_without_timeout(accelerator):  # an FFCV conversion may take an hour
         prepare_dataset(cfg)
     shard = dict(rank=accelerator.process_index, world_size=accelerator.num_processes, device=accelerator.device)
     train_loader, val_loader = build_loader(cfg, "train", **shard), build_loader(cfg, "val", **shard)
@@ -61,14 +67,14 @@ def build_loaders(cfg, accelerator):
     return train_loader, val_loader
 
 
-def validate_epoch(ctx, accelerator, val_loader, ema=None) -> dict:
-    val = evaluate(ctx.attack_model, val_loader, accelerator)
+def validate_epoch(ctx, accelerator, val_loader, ema=None, stop=None) -> dict:
+    val = evaluate(ctx.attack_model, val_loader, accelerator, stop=stop)
     metrics = {f"val/{k}": v for k, v in val.items() if k != "images"}
     if ema is not None:
-        averaged = evaluate(ema.module, val_loader, accelerator, desc="val (EMA)")
+        averaged = evaluate(ema.module, val_loader, accelerator, desc="val (EMA)", stop=stop)
         metrics.update({f"val_ema/{k}": v for k, v in averaged.items() if k != "images"})
     if ctx.cfg.eval_aux_bn and method_of(ctx.cfg).dual_norm:
-        aux = evaluate(ctx.attack_model, val_loader, accelerator, route="aux", desc="val (aux norms)")
+        aux = evaluate(ctx.attack_model, val_loader, accelerator, route="aux", desc="val (aux norms)", stop=stop)
         metrics.update({f"val_aux/{k}": v for k, v in aux.items() if k != "images"})
     return metrics
 
@@ -89,15 +95,17 @@ def build_model(cfg, accelerator, num_classes: int):
 
 
 def main(argv: list[str]) -> None:
+    die_with_launcher()  # a killed launcher leaves no worker behind holding the output_dir
     cfg = load_config(argv, continuing=continued_settings)  # a continued run keeps its method defaults
     # cpu=True without CUDA: under torchrun (`accelerate launch --multi_gpu`) that gives real
     # multi-process CPU training over gloo; Accelerate would otherwise run each process alone.
     # A method with several backwards a step runs all but the last without DDP sync, and the last
     # may leave parameters out (train/methods/record.py): DDP must look for them.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=method_of(cfg).backwards(cfg) > 1)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp],
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp, process_group_kwargs(cfg)],
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     run_dir = Path(cfg.output_dir)
+    check_output_dir(accelerator, run_dir, cfg.tracker)  # a file, a read-only disk, /proc: refused here
     locked = claim_run_folder(accelerator, run_dir)  # a second run into the same folder stops here
     check_resume(accelerator, cfg, run_dir)  # so do settings that would overwrite or mix runs
     set_seed(cfg.seed)  # same initial weights on every process
@@ -127,29 +135,53 @@ def main(argv: list[str]) -> None:
               f"(epoch {state.epoch + 1}, batch {state.batch}, step {state.step})")
     accelerator.wait_for_everyone()
     environment = describe(accelerator, cfg)
-    log = RunLog(accelerator, cfg, run_dir, {**OmegaConf.to_container(cfg, resolve=True), "environment": environment})
+    log = RunLog(accelerator, cfg, run_dir, {**OmegaConf.to_container(cfg, resolve=True), "environment": environment},
+                 keep_lines=state.metrics_lines if resume_from else -1)  # the redone steps' lines go
     artifacts = ModelArtifacts(log.wandb_run, run_dir, cfg, classes)
 
     def save(name: str, is_best: bool = False) -> None:
+        before = doing(f"saving checkpoint {name}")
+        state.metrics_lines = log.lines
         save_checkpoint(accelerator, run_dir, name, state, cfg, classes, ema=ema, is_best=is_best,
                         keep=cfg.keep_checkpoints)
+        doing(before)
+
+    def validate_saved_epoch(epoch_start: float | None = None) -> None:
+        """Validate the epoch whose training is checkpointed, and record the outcome in that checkpoint."""
+        doing(f"the validation of epoch {state.epoch}")
+        metrics, is_best = end_epoch(ctx, accelerator, val_loader, state, log, ema, epoch_start, stop)
+        state.validated, state.metrics_lines = True, log.lines
+        name = f"epoch_{state.epoch:04d}"
+        if not mark_validated(accelerator, run_dir, name, state, is_best=is_best, keep=cfg.keep_checkpoints):
+            save(name, is_best)  # resumed from another run's checkpoint: this run's own copy
+        artifacts.epoch_end(ctx.attack_model.net, state.epoch, metrics, is_best, last=state.epoch == cfg.epochs)
 
     stop = StopRequest().install()
-    if state.epoch >= cfg.epochs:
-        accelerator.print(f"training finished at epoch {state.epoch}: redoing the final evaluation and exports")
-    while state.epoch < cfg.epochs:
-        epoch_start = time.perf_counter()
-        finished = train_one_epoch(ctx, accelerator, train_loader, optimizer, scheduler, state, log, guard, ema=ema,
-                                   stop=stop, save_mid_epoch=lambda: save(f"step_{state.step:08d}"))
-        if not finished:
-            save(f"step_{state.step:08d}")
-            return stopped(accelerator, state, log)
-        metrics, is_best = end_epoch(ctx, accelerator, val_loader, state, log, ema, epoch_start)
-        save(f"epoch_{state.epoch:04d}", is_best)
-        artifacts.epoch_end(ctx.attack_model.net, state.epoch, metrics, is_best, last=state.epoch == cfg.epochs)
-        if stop.agreed(accelerator):  # asked during validation: the epoch is saved, stop here
-            return stopped(accelerator, state, log)
+    try:
+        if not state.validated:  # the run before saved this epoch's training, then stopped or failed validating it
+            accelerator.print(f"epoch {state.epoch}: its training is saved, its validation is not: validating it")
+            validate_saved_epoch()
+        if state.epoch >= cfg.epochs:
+            accelerator.print(f"training finished at epoch {state.epoch}: redoing the final evaluation and exports")
+        while state.epoch < cfg.epochs:
+            epoch_start = time.perf_counter()
+            doing(lambda: f"training (epoch {state.epoch + 1}, step {state.step + 1})")
+            finished = train_one_epoch(ctx, accelerator, train_loader, optimizer, scheduler, state, log, guard,
+                                       ema=ema, stop=stop, save_mid_epoch=lambda: save(f"step_{state.step:08d}"))
+            if not finished:
+                save(f"step_{state.step:08d}")
+                return stopped(accelerator, state, log)
+            state.validated = False
+            save(f"epoch_{state.epoch:04d}")  # the epoch's training is safe before its validation can fail
+            if stop.agreed(accelerator):  # asked late in the epoch: a resumed run validates it
+                raise StopInValidation()
+            validate_saved_epoch(epoch_start)
+            if stop.agreed(accelerator):  # asked in a validation too short to check: the epoch is complete
+                return stopped(accelerator, state, log)
+    except StopInValidation:
+        return stopped(accelerator, state, log)
     stop.training_saved()
+    doing("the final evaluation")
     try:
         finish(ctx, accelerator, train_loader, val_loader, state, log, run_dir, classes, ema, environment, artifacts)
     except StoppedAfterTraining:
@@ -157,24 +189,30 @@ def main(argv: list[str]) -> None:
         raise
 
 
-def end_epoch(ctx, accelerator, val_loader, state, log, ema, epoch_start: float) -> tuple[dict, bool]:
-    """Validate the finished epoch, log it, keep track of the best; (metrics, is it the best)."""
-    metrics = validate_epoch(ctx, accelerator, val_loader, ema)
+def end_epoch(ctx, accelerator, val_loader, state, log, ema, epoch_start: float | None, stop) -> tuple[dict, bool]:
+    """Validate the finished epoch, log it, keep track of the best; (metrics, is it the best).
+    epoch_start: None where the epoch's training was done by an earlier run."""
+    metrics = validate_epoch(ctx, accelerator, val_loader, ema, stop)
     # a NaN loss never makes a checkpoint "best"
     is_best = math.isfinite(metrics["val/loss"]) and metrics["val/top1"] > state.best_top1
     if is_best:
         state.best_top1, state.best_epoch = metrics["val/top1"], state.epoch
     if ctx.cfg.compile:  # graphs compiled so far: flat after the first epoch, or something recompiles
         metrics["compile/graphs"] = compiled_graphs()
-    log.log({"epoch": state.epoch, **metrics, "epoch_seconds": time.perf_counter() - epoch_start}, state.step)
+    seconds = {} if epoch_start is None else {"epoch_seconds": time.perf_counter() - epoch_start}
+    log.log({"epoch": state.epoch, **metrics, **seconds}, state.step)
     accelerator.print(f"epoch {state.epoch}/{ctx.cfg.epochs}: val top-1 {metrics['val/top1']:.2f} % "
                       f"top-5 {metrics['val/top5']:.2f} % loss {metrics['val/loss']:.4f}")
     return metrics, is_best
 
 
 def stopped(accelerator, state, log) -> None:
-    accelerator.print(f"stopped at step {state.step} (epoch {state.epoch + 1}, batch {state.batch}); "
-                      "checkpoint saved: the same command continues from here (resume=auto)")
+    if state.validated:
+        accelerator.print(f"stopped at step {state.step} (epoch {state.epoch + 1}, batch {state.batch}); "
+                          "checkpoint saved: the same command continues from here (resume=auto)")
+    else:
+        accelerator.print(f"stopped at step {state.step}, before the validation of epoch {state.epoch} was done; its "
+                          "training is saved: the same command validates it and continues (resume=auto)")
     log.close()
 
 
@@ -205,12 +243,17 @@ if __name__ == "__main__":
     except (UserInputError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except NonFiniteLoss as error:
+    except (NonFiniteLoss, NonFiniteWeights) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(3)
     except DiskFull as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(4)
+    except RuntimeError as error:
+        if (timeout := peer_timeout(error)) is None:
+            raise
+        print(f"error: {timeout}", file=sys.stderr)
+        sys.exit(5)
     except StoppedAfterTraining as error:
         print(f"\n{error}", file=sys.stderr)
         sys.exit(error.exit_code)

@@ -61,17 +61,18 @@ def lock_holder(folder: Path) -> int | None:
 def claim_run_folder(accelerator, folder: Path) -> bool:
     """Lock folder on the main process if it exists there; every process raises RunFolderBusy if
     another run holds it. Returns, on every process alike, whether this run now holds the lock."""
-    from accelerate.utils import broadcast_object_list
+    from train.distributed import main_process_decides
 
-    outcome = ["", False]  # the refusal, if any; whether the lock is held
-    if accelerator.is_main_process and Path(folder).is_dir():
+    def try_lock() -> tuple[str, bool]:  # the refusal, if any; whether the lock is held
+        if not Path(folder).is_dir():
+            return "", False
         try:
             lock_run_folder(Path(folder))
-            outcome[1] = True
+            return "", True
         except RunFolderBusy as error:
-            outcome[0] = str(error)
-    if accelerator.num_processes > 1:
-        broadcast_object_list(outcome)
-    if outcome[0]:
-        raise RunFolderBusy(outcome[0])
-    return outcome[1]
+            return str(error), False
+
+    refusal, held = main_process_decides(accelerator, try_lock)
+    if refusal:
+        raise RunFolderBusy(refusal)
+    return held
