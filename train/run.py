@@ -34,7 +34,7 @@ from train.checkpoint import DiskFull, check_resume, restore, save_checkpoint
 from train.compile import compile_model, compiled_graphs
 from train.config import load_config, save_config
 from train.ema import create_ema
-from train.environment import describe
+from train.environment import describe, use_cpu_threads
 from train.faults import NonFiniteLoss, StoppedAfterTraining, StopRequest
 from train.loop import evaluate, train_one_epoch
 from train.methods import BACKWARDS, USES_DUAL_NORM, StepContext
@@ -101,6 +101,7 @@ def main(argv: list[str]) -> None:
     check_resume(accelerator, cfg, run_dir)  # so do settings that would overwrite or mix runs
     set_seed(cfg.seed)  # same initial weights on every process
     train_loader, val_loader = build_loaders(cfg, accelerator)
+    use_cpu_threads(accelerator.device)  # on a CPU; after the loaders, which may set torch's threads
     classes = train_loader.classes
     model, optimizer = build_model(cfg, accelerator, len(classes))
     scheduler = create_schedule(cfg, optimizer, len(train_loader) // cfg.grad_accum_steps)
