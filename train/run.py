@@ -39,7 +39,7 @@ from train.faults import NonFiniteLoss, StoppedAfterTraining, StopRequest
 from train.loop import evaluate, train_one_epoch
 from train.methods import BACKWARDS, USES_DUAL_NORM, StepContext
 from train.model_artifacts import ModelArtifacts
-from train.optim import create_optimizer, create_schedule
+from train.optim import create_optimizer, create_schedule, steps_per_epoch
 from train.run_plot import PLOT_FILE, plot_run
 from train.run_lock import claim_run_folder
 from train.step_guard import StepGuard
@@ -57,7 +57,8 @@ def build_loaders(cfg, accelerator):
                              f"{train_loader.classes[:5]}… vs {val_loader.classes[:5]}…")
     if len(train_loader) < cfg.grad_accum_steps:
         raise UserInputError(f"the train set gives {len(train_loader)} batches of {cfg.batch_size} per "
-                             f"process: too few for one optimizer step; lower batch_size")
+                             f"process, fewer than grad_accum_steps={cfg.grad_accum_steps}: lower batch_size "
+                             f"or grad_accum_steps")
     return train_loader, val_loader
 
 
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> None:
     use_cpu_threads(accelerator.device)  # on a CPU; after the loaders, which may set torch's threads
     classes = train_loader.classes
     model, optimizer = build_model(cfg, accelerator, len(classes))
-    scheduler = create_schedule(cfg, optimizer, len(train_loader) // cfg.grad_accum_steps)
+    scheduler = create_schedule(cfg, optimizer, steps_per_epoch(len(train_loader), cfg.grad_accum_steps))
     ctx = StepContext(model, accelerator.unwrap_model(model), cfg, len(classes), rank=accelerator.process_index,
                       world_size=accelerator.num_processes, gather=accelerator.gather)
     ema = create_ema(ctx.attack_model, cfg.ema_decay, accelerator.device)
