@@ -216,7 +216,10 @@ class FfcvLoader:
     def __iter__(self):
         # A batch lives in ffcv's ring of buffers: valid until the next one is asked for (the
         # loop uses each batch before that; clone one to keep it longer).
-        for images, labels in self.loader:
+        threads = torch.get_num_threads()
+        batches = iter(self.loader)  # sets torch's threads to ffcv's workers, each epoch...
+        torch.set_num_threads(threads)  # ...but the model computes on the run's
+        for images, labels in batches:
             yield to_device_batch(images, labels.reshape(-1), self.device)
 
 

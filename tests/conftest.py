@@ -48,6 +48,14 @@ def with_code(code: str) -> list[str]:
                                   f"runpy.run_path(sys.argv[0], run_name='__main__')"]
 
 
+def torch_default_threads() -> int:
+    """The threads torch takes in a fresh process without OMP_NUM_THREADS: the machine's cores."""
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                            capture_output=True, text=True, check=True)
+    return int(result.stdout)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small models on a shared 2-core machine: with other processes busy, two OpenMP threads

@@ -3,13 +3,17 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torchvision.utils import save_image
 
-from conftest import REPO, digits_val_batch, run_train
+from conftest import REPO, digits_val_batch, run_train, torch_default_threads
 from train.checkpoint import load_checkpoint_model
+from train.tracking import PANEL_PADDING, perturbation_panel
 
 
 def read_jsonl(path):
@@ -32,14 +36,40 @@ def test_default_demo_learns_digits(trained_demo_run):
     assert (trained_demo_run / "config.yaml").read_text().count("method: advprop") == 1
 
 
+def panel_images(path) -> list[torch.Tensor]:
+    """A panel's rows (clean, adversarial, perturbation), each N×3×S×S uint8, cut on its own grid:
+    S-pixel images with PANEL_PADDING pixels around and between them."""
+    panel = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    pad, (height, width) = PANEL_PADDING, panel.shape[1:]
+    cell = (height - pad) // 3  # one image and its padding
+    assert 3 * cell + pad == height and (width - pad) % cell == 0, f"{path} is not a 3-row grid"
+    return [torch.stack([panel[:, row * cell + pad:(row + 1) * cell, column * cell + pad:(column + 1) * cell]
+                         for column in range((width - pad) // cell)]) for row in range(3)]
+
+
+def assert_attacked(clean, adversarial, delta, eps: int) -> None:
+    changed = (adversarial.int() - clean.int()).abs()
+    assert changed.amax() > 0, "the attack changed no image"
+    assert changed.amax() <= eps, "the perturbation is larger than ε"
+    assert delta.float().std() > 0, "the perturbation row is flat"
+
+
 def test_demo_writes_adversarial_panels(trained_demo_run):
     panels = sorted((trained_demo_run / "panels").glob("step_*.png"))
     assert panels
-    rows = Image.open(panels[0]).convert("RGB")
-    clean, adversarial, delta = (torch.tensor(list(rows.crop((0, r * 35, rows.width, r * 35 + 35)).getdata()))
-                                 .float() for r in range(3))
-    assert not torch.equal(clean, adversarial)  # the attack changed the images
-    assert delta.std() > 0
+    clean, adversarial, delta = panel_images(panels[0])
+    assert clean.shape[1:] == (3, 32, 32)  # the demo's digits
+    assert_attacked(clean, adversarial, delta, eps=4)  # attack.eps=4 in configs/demo.yaml
+
+
+def test_panel_check_fails_for_an_attack_that_changes_nothing(digits_root, tmp_path):
+    images, _ = digits_val_batch(digits_root, 8)
+    save_image(perturbation_panel(images, images.clone()), tmp_path / "panel.png")
+    clean, adversarial, delta = panel_images(tmp_path / "panel.png")
+    assert torch.equal(clean, (images * 255).round().to(torch.uint8))  # the grid is read where it is
+    with pytest.raises(AssertionError, match="changed no image"):
+        assert_attacked(clean, adversarial, delta, eps=4)
+    assert delta.unique().tolist() == [128]  # grey: no change
 
 
 def test_exports_load_strict_into_plain_timm(trained_demo_run, digits_root, tmp_path):
@@ -75,3 +105,24 @@ def test_wandb_offline_run_resumes_into_the_same_run(digits_root, tmp_path):
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
     assert all(list(r.glob("*.wandb")) for r in runs)
+
+
+README_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_config.yaml")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the run leaves the launcher's threads alone")
+@pytest.mark.parametrize("omp_num_threads", [None, "1"])
+def test_readme_launch_command_uses_the_cpu_cores_unless_told(digits_root, tmp_path, monkeypatch, omp_num_threads):
+    """The README's `accelerate launch --config_file accelerate_config.yaml train/run.py`: the launcher
+    exports OMP_NUM_THREADS=1 by default; on a CPU the run uses the cores, unless the user set it."""
+    cores = torch_default_threads()
+    if omp_num_threads is None and cores < 2:
+        pytest.skip("one core: one thread is all there is")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if omp_num_threads:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp_num_threads)
+    run_train(f"data.root={digits_root}", f"output_dir={tmp_path}", "tracker=none", "model=test_resnet",
+              "method=vanilla", "epochs=1", "eval_robust=false", launcher=README_LAUNCH)
+    environment = json.loads((tmp_path / "summary.json").read_text())["environment"]
+    expected = int(omp_num_threads or cores)
+    assert environment["cpu_threads"] == expected and environment["device"].endswith(f", {expected} threads)")

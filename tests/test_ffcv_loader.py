@@ -196,6 +196,19 @@ def test_two_processes_read_disjoint_shards_covering_val_once(colors, tmp_path):
     assert not set(train0) & set(train1)
 
 
+def test_an_epoch_keeps_the_runs_torch_threads(colors):
+    """ffcv sets torch's threads to its workers' count at every epoch; the model keeps the run's."""
+    root, palette, _ = colors
+    loader = build_loader(colors_cfg(root, "data.workers=1"), "val")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        read_epoch(loader, palette)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 def test_demo_trains_with_ffcv(digits_root, tmp_path):
     run_train(f"data.root={digits_root}", f"output_dir={tmp_path / 'run'}", "tracker=none", "loader=ffcv",

@@ -9,7 +9,7 @@ import pytest
 
 from safetensors.torch import load_file
 
-from conftest import REPO, run_train
+from conftest import REPO, run_train, torch_default_threads
 
 SHORT = ["tracker=none", "epochs=3", "attack.steps=1", "eval_robust=false", "log_every=1", "ema_decay=0.9"]
 
@@ -159,7 +159,9 @@ def test_two_cpu_processes_shard_and_log_once(digits_root, tmp_path):
     # 1,437 train images in 2 disjoint shards of 718 → 11 full batches of 64 per process
     assert train_steps == list(range(1, 12))
     assert sum("val/top1" in line for line in lines) == 1
-    assert json.loads((tmp_path / "summary.json").read_text())["val_images"] == 360  # each once
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["val_images"] == 360  # each once
+    assert summary["environment"]["cpu_threads"] == max(1, torch_default_threads() // 2)  # the cores, shared
     checkpoints = [p for p in (tmp_path / "checkpoints").iterdir() if not p.is_symlink()]
     assert [p.name for p in checkpoints] == ["epoch_0001"]
     assert {p.name for p in checkpoints[0].glob("random_states_*.pkl")} == {"random_states_0.pkl",

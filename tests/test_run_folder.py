@@ -4,10 +4,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,34 +113,46 @@ def test_second_run_into_a_busy_folder_is_refused_until_the_first_dies(digits_ro
     assert (run_dir / "summary.json").exists(), again.stdout[-2000:]
 
 
-def validated(checkpoint: Path) -> bool:
-    try:
-        return json.loads((checkpoint / "train_state.json").read_text())["validated"]
-    except (OSError, ValueError):  # not there yet, or being replaced
-        return False
+class PipeReader(threading.Thread):
+    """Everything a pipe has written so far (`text`), read in a thread so the writer never blocks."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream, self.chunks = stream, []
+        self.start()
+
+    def run(self) -> None:
+        while chunk := os.read(self.stream.fileno(), 65536):
+            self.chunks.append(chunk)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
 
 
 def test_sigterm_in_the_final_evaluation_stops_at_once_and_a_rerun_redoes_it(digits_root, tmp_path):
     run_dir = tmp_path / "run"
-    # a robust evaluation that takes seconds: PGD-10 over the 360 val images
-    args = [f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "attack.steps=1", "epochs=1",
-            "eval_attack=pgd5", "eval_attack.steps=10"]
-    process = subprocess.Popen([sys.executable, str(REPO / "train" / "run.py"), *args], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not validated(run_dir / "checkpoints" / "last"):  # the trained state is saved and validated
-        assert process.poll() is None and time.time() < deadline
+    common = [f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "attack.steps=1", "epochs=1",
+              "eval_attack=pgd5"]
+    # a robust evaluation without end (PGD-100000: hours), so a run that exits at all after the
+    # signal stopped inside it
+    process = subprocess.Popen([sys.executable, str(REPO / "train" / "run.py"), *common,
+                                "eval_attack.steps=100000"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = PipeReader(process.stderr)
+    deadline = time.time() + 600
+    while "robust val" not in stderr.text:  # its progress bar: the final evaluation has begun
+        assert process.poll() is None and time.time() < deadline, stderr.text[-2000:]
         time.sleep(0.05)
-    time.sleep(1)
     process.send_signal(signal.SIGTERM)
-    signalled = time.time()
-    _, err = process.communicate(timeout=120)
+    process.wait(timeout=120)
+    stderr.join(timeout=60)
+    err = stderr.text
     assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped the final evaluation" in err and "rerun the same command" in err
-    assert time.time() - signalled < 20  # not after the whole evaluation
     assert not (run_dir / "summary.json").exists() and not (run_dir / "final_main_bn.safetensors").exists()
     trained = (run_dir / "checkpoints" / "last" / "model.safetensors").read_bytes()
 
+    args = [*common, "eval_attack.steps=2"]  # evaluation settings may change on resume
     rerun = run_train(*args)
     assert "redoing the final evaluation and exports" in rerun.stdout
     assert (run_dir / "checkpoints" / "last" / "model.safetensors").read_bytes() == trained  # no training

@@ -153,6 +153,8 @@ class Config:
     batch_size: int = 64  # per process
     # optimisation
     epochs: int = 10
+    # batches per optimizer step (their mean gradient); an epoch whose batches do not divide by it
+    # ends with a step over the batches left (timm's train.py does the same)
     grad_accum_steps: int = 1
     label_smoothing: float = 0.0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -172,7 +174,7 @@ class Config:
     wandb_project: str = "advprop"
     wandb_group: str = ""  # W&B run group ("" → none); tools/compare_methods.py groups its runs
     wandb_log_checkpoints: str = "best"  # model artifacts during training: best (each improvement) | all | none
-    log_every: int = 10  # steps between metric lines
+    log_every: int = 10  # optimizer steps between metric lines (and one at each epoch's end)
     image_log_every: int = 100  # steps between clean | adversarial | perturbation panels; 0 → off
     resume: str = "auto"  # auto: newest valid checkpoint in output_dir, if any | none | PATH
     keep_checkpoints: int = 2  # newest checkpoints kept besides best

@@ -10,8 +10,10 @@ Non-finite values never reach the weights (NonFiniteLoss, train/step_guard.py).
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 
 import torch
 
@@ -31,6 +33,7 @@ class StoppedAfterTraining(Exception):
     """A signal arrived after the trained state was checkpointed (final evaluation, exports)."""
 
     def __init__(self, signum: int):
+        self.signum = signum
         self.exit_code = 128 + signum  # the shell's convention for "ended by this signal"
         super().__init__(f"{signal.Signals(signum).name}: stopped the final evaluation; training is finished and "
                          "checkpointed: rerun the same command to redo only the final evaluation and exports")
@@ -50,6 +53,7 @@ class StopRequest:
         """From here on nothing is lost by stopping at once: a signal raises StoppedAfterTraining
         wherever the final evaluation is (it can outlast a scheduler's grace period)."""
         self.training_done = True
+        sys.unraisablehook = signal_again_if_dropped(sys.unraisablehook)
 
     def _handle(self, signum, frame) -> None:
         if self.training_done:
@@ -75,6 +79,21 @@ class StopRequest:
     def stop_validation_if_asked(self, accelerator) -> None:
         if self.agreed(accelerator):
             raise StopInValidation()
+
+
+def signal_again_if_dropped(hook):
+    """An unraisablehook that sends the signal again when Python dropped its StoppedAfterTraining:
+    an exception raised in an at-fork hook (a DataLoader starting its workers) or a __del__ cannot
+    propagate, and the run would go on to the end of its evaluation. Sent from a thread a moment
+    later, so the handler runs again where the exception does propagate."""
+    def resend(unraisable) -> None:
+        if isinstance(unraisable.exc_value, StoppedAfterTraining):
+            again = threading.Timer(0.1, os.kill, (os.getpid(), unraisable.exc_value.signum))
+            again.daemon = True
+            again.start()
+        else:
+            hook(unraisable)
+    return resend
 
 
 def any_process(flag: bool, accelerator) -> bool:

@@ -36,7 +36,10 @@ def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler,
     """Trains from state.batch to the end of epoch state.epoch, advancing state as it goes.
 
     Returns False when `stop` (a StopRequest) ended the epoch early, after a finished optimizer
-    step; save_mid_epoch() is called every cfg.checkpoint_every_steps optimizer steps.
+    step; save_mid_epoch() is called every cfg.checkpoint_every_steps optimizer steps, metrics are
+    reported every cfg.log_every optimizer steps and at the epoch's end. An optimizer step takes
+    cfg.grad_accum_steps batches; when the epoch's batches do not divide by it, its last step takes
+    the batches left, their mean loss as any step's (as timm's train.py).
     """
     cfg, model = ctx.cfg, ctx.model
     accum = cfg.grad_accum_steps
@@ -49,12 +52,16 @@ def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler,
                disable=not accelerator.is_local_main_process, leave=False)
     for images, labels in bar:
         x = to_float(images)
-        sync = (state.batch + 1) % accum == 0
-        out = train_step(ctx, accelerator, optimizer, scheduler, state, x, labels, sync, guard, ema)
+        group_start = state.batch - state.batch % accum  # groups are counted from the epoch's start
+        sync = state.batch + 1 in (group_start + accum, end)
+        step_before = state.step
+        out = train_step(ctx, accelerator, optimizer, scheduler, state, x, labels, sync, guard, ema,
+                         micro_batches=min(accum, end - group_start))
         state.batch += 1
+        stepped = state.step > step_before  # not when the guard skipped the batch
         if out is not None:
             window.add(out.metrics, len(x) * accelerator.num_processes)
-        report_now = state.batch % cfg.log_every == 0 or state.batch == end
+        report_now = (stepped and state.step % cfg.log_every == 0) or state.batch == end
         if report_now:
             report = window.flush(accelerator, state, guard)
             if report:
@@ -69,7 +76,7 @@ def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler,
             if stop is not None and (report_now or accelerator.num_processes == 1) and stop.agreed(accelerator):
                 window.flush(accelerator, state, guard)
                 return False
-            if save_mid_epoch and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+            if save_mid_epoch and stepped and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
                 save_mid_epoch()
     window.flush(accelerator, state, guard)
     state.epoch, state.batch = state.epoch + 1, 0
@@ -77,9 +84,13 @@ def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler,
 
 
 def train_step(ctx: StepContext, accelerator, optimizer, scheduler, state, x, labels, sync: bool, guard,
-               ema=None) -> StepOutput | None:
-    """The method's backwards, then on sync an optimizer step. None: the guard skipped the batch."""
+               ema=None, micro_batches: int | None = None) -> StepOutput | None:
+    """The method's backwards, then on sync an optimizer step. None: the guard skipped the batch.
+
+    micro_batches: the batches this optimizer step accumulates (default cfg.grad_accum_steps); each
+    one's loss is divided by it, so the step's gradient is their mean's."""
     cfg = ctx.cfg
+    micro_batches = micro_batches or cfg.grad_accum_steps
     ctx.step = state.step
     guard.begin()
     method = method_of(cfg)
@@ -98,7 +109,7 @@ def train_step(ctx: StepContext, accelerator, optimizer, scheduler, state, x, la
                 guard.abort()
                 values = ", ".join(f"{name} {value.item():.4g}" for name, value in request.terms.items())
                 return skip_or_stop(cfg, accelerator, state, f"the loss is not finite ({values})")
-            accelerator.backward(sum(request.terms.values()) / cfg.grad_accum_steps)
+            accelerator.backward(sum(request.terms.values()) / micro_batches)
     try:
         next(steps)
         raise RuntimeError(f"method {cfg.method} yields more than the {passes} Backward requests its record says")

@@ -14,6 +14,11 @@ def global_batch(cfg, num_processes: int) -> int:
     return cfg.batch_size * num_processes * cfg.grad_accum_steps
 
 
+def steps_per_epoch(batches: int, grad_accum_steps: int) -> int:
+    """Optimizer steps in an epoch of `batches`: the last one takes the batches left (train/loop.py)."""
+    return -(-batches // grad_accum_steps)
+
+
 def create_optimizer(cfg, model, num_processes: int):
     opt = cfg.optimizer
     extra = {} if opt.eps is None else {"eps": opt.eps}

@@ -19,11 +19,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+# Before torch loads OpenMP, which reads it once: a thread that waits for the others at the end of a
+# parallel region sleeps instead of spinning. On cores other processes share, spinning threads made
+# a 2-thread training step 7x slower than one thread; sleeping ones match it. A user's value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402  (and below: after the OpenMP setting)
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
@@ -39,12 +45,12 @@ from train.config import load_config, save_config
 from train.distributed import (die_with_launcher, doing, main_process_first_without_timeout, peer_timeout,
                                process_group_kwargs)
 from train.ema import create_ema
-from train.environment import describe
+from train.environment import describe, use_cpu_threads
 from train.faults import NonFiniteLoss, StopInValidation, StoppedAfterTraining, StopRequest
 from train.loop import evaluate, train_one_epoch
 from train.methods import StepContext, method_of
 from train.model_artifacts import ModelArtifacts
-from train.optim import create_optimizer, create_schedule
+from train.optim import create_optimizer, create_schedule, steps_per_epoch
 from train.output_dir import check_output_dir
 from train.run_plot import PLOT_FILE, plot_run
 from train.run_lock import claim_run_folder
@@ -63,7 +69,8 @@ def build_loaders(cfg, accelerator):
                              f"{train_loader.classes[:5]}… vs {val_loader.classes[:5]}…")
     if len(train_loader) < cfg.grad_accum_steps:
         raise UserInputError(f"the train set gives {len(train_loader)} batches of {cfg.batch_size} per "
-                             f"process: too few for one optimizer step; lower batch_size")
+                             f"process, fewer than grad_accum_steps={cfg.grad_accum_steps}: lower batch_size "
+                             f"or grad_accum_steps")
     return train_loader, val_loader
 
 
@@ -110,9 +117,10 @@ def main(argv: list[str]) -> None:
     check_resume(accelerator, cfg, run_dir)  # so do settings that would overwrite or mix runs
     set_seed(cfg.seed)  # same initial weights on every process
     train_loader, val_loader = build_loaders(cfg, accelerator)
+    use_cpu_threads(accelerator.device)  # on a CPU; after the loaders, which may set torch's threads
     classes = train_loader.classes
     model, optimizer = build_model(cfg, accelerator, len(classes))
-    scheduler = create_schedule(cfg, optimizer, len(train_loader) // cfg.grad_accum_steps)
+    scheduler = create_schedule(cfg, optimizer, steps_per_epoch(len(train_loader), cfg.grad_accum_steps))
     ctx = StepContext(model, accelerator.unwrap_model(model), cfg, len(classes), rank=accelerator.process_index,
                       world_size=accelerator.num_processes, gather=accelerator.gather)
     ema = create_ema(ctx.attack_model, cfg.ema_decay, accelerator.device)

@@ -95,12 +95,16 @@ def keep_metrics_lines(path: Path, keep: int) -> int:
     return len(lines)
 
 
+PANEL_PADDING = 1  # black pixels around and between a panel's images
+
+
 def perturbation_panel(clean: torch.Tensor, adversarial: torch.Tensor, count: int = 8) -> torch.Tensor:
     """Rows: clean, adversarial, perturbation stretched to [0, 1] (grey = no change)."""
     clean, adversarial = clean[:count].float().cpu(), adversarial[:count].float().cpu()
     delta = adversarial - clean
     scale = delta.abs().amax().clamp_min(1e-12)
-    return make_grid(torch.cat([clean, adversarial, delta / (2 * scale) + 0.5]), nrow=len(clean), padding=1)
+    return make_grid(torch.cat([clean, adversarial, delta / (2 * scale) + 0.5]), nrow=len(clean),
+                     padding=PANEL_PADDING)
 
 
 STEP = "optimizer_step"
