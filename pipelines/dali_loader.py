@@ -42,6 +42,8 @@ class EpochFiles:
     """The external source: batches of (encoded path, label) over the list of the current epoch.
     DALI calls iter() on it at every pipeline reset and stops the epoch at StopIteration."""
 
+    yields_bytes = False  # paths, read by DALI; a subclass may give encoded images (pipelines/wds_dali.py)
+
     def __init__(self, batch_size: int):
         self.batch_size, self.paths, self.labels, self.position = batch_size, [], [], 0
 
@@ -68,7 +70,8 @@ class EpochFiles:
 def read_files(source: EpochFiles, gpu: bool):
     paths, labels = fn.external_source(source=source, num_outputs=2, batch=True, cycle="raise",
                                        dtype=[types.UINT8, types.INT64])
-    return fn.io.file.read(paths), labels.gpu() if gpu else labels
+    encoded = paths if source.yields_bytes else fn.io.file.read(paths)
+    return encoded, labels.gpu() if gpu else labels
 
 
 @pipeline_def(enable_conditionals=True)  # AutoAugment draws operations per image with `if`
@@ -106,11 +109,7 @@ def pipeline_seed(*parts: int) -> int:
 
 class DaliLoader:
     def __init__(self, cfg, split: str, *, rank: int, world_size: int, device: torch.device):
-        listing = list_image_folder(split_folder(cfg, split))
-        report_skipped(listing, rank)
-        samples = listing.images()
-        self.classes = listing.classes
-        self.files, self.labels = [path for path, _ in samples], [label for _, label in samples]
+        self.classes, self.files, self.labels = self.list_samples(cfg, split, rank)
         self.cfg, self.train, self.device, self.rank = cfg, split == "train", device, rank
         self.batch_size = cfg.batch_size
         self.sampler = ShardSampler(len(self.files), shuffle=self.train, seed=cfg.seed, rank=rank,
@@ -118,6 +117,16 @@ class DaliLoader:
         self.source, self.iterator = None, None  # built on first use, then kept
         self.pipelines_built = 0
         self.at_epoch_end = False  # the iterator finished its last epoch: it can be reset for the next
+
+    def list_samples(self, cfg, split: str, rank: int) -> tuple[list[str], list, list]:
+        """(classes, files, labels) of the split: what the external source is given, by index."""
+        listing = list_image_folder(split_folder(cfg, split))
+        report_skipped(listing, rank)
+        samples = listing.images()
+        return listing.classes, [path for path, _ in samples], [label for _, label in samples]
+
+    def new_source(self) -> EpochFiles:
+        return EpochFiles(self.batch_size)
 
     def epoch_indices(self) -> list[int]:
         return self.sampler.indices()
@@ -151,7 +160,7 @@ class DaliLoader:
             self.iterator.reset()
             return self.iterator
         self.iterator = None  # free an abandoned pipeline's threads and buffers before building anew
-        self.source = EpochFiles(self.batch_size)  # its own: nothing of the old pipeline reads it
+        self.source = self.new_source()  # its own: nothing of the old pipeline reads it
         self.source.set(paths, labels)
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
         self.iterator = DALIGenericIterator(self.build_pipeline(), ["images", "labels"], last_batch_policy=policy,

@@ -1,6 +1,7 @@
 """Baseline backend: torchvision ImageFolder + DataLoader, PIL decode on CPU workers, uint8 out."""
 from __future__ import annotations
 
+import functools
 import random
 import signal
 
@@ -56,23 +57,31 @@ class SeededImageFolder(datasets.ImageFolder):
         return self.listing.images()
 
     def __getitem__(self, index: int):
-        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
-        # timm's AutoAugment draws from python's random, its RandAugment also from numpy's
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone (workers=0)
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            try:
-                return super().__getitem__(index)
-            finally:
-                random.setstate(python_state)
-                np.random.set_state(numpy_state)
+        return seeded_by_sample(self.seed, self.epoch, index, functools.partial(super().__getitem__, index))
+
+
+def seeded_by_sample(seed: int, epoch: int, index: int, load):
+    """load() with torch's, python's and numpy's RNG seeded by (seed, epoch, index), the caller's
+    RNG states left as they were (workers=0 runs this in the training process)."""
+    sample_seed = (seed * 1_000_003 + epoch) * 10_000_019 + index
+    # timm's AutoAugment draws from python's random, its RandAugment also from numpy's
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        np.random.seed(sample_seed % 2**32)
+        try:
+            return load()
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 class TorchvisionLoader:
+    collate = None  # DataLoader's default; a subclass may batch its own way (pipelines/wds_torchvision.py)
+
     def __init__(self, cfg, split: str, *, rank: int, world_size: int, device: torch.device):
-        self.dataset = SeededImageFolder(split_folder(cfg, split), image_transform(cfg, split), rank=rank)
+        self.dataset = self.make_dataset(cfg, split, rank)
         self.classes = self.dataset.classes
         self.dataset.seed = cfg.seed
         self.train = split == "train"
@@ -82,12 +91,16 @@ class TorchvisionLoader:
         workers = cfg.data.workers
         self.loader = DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self.sampler,  # train: whole batches only
-            num_workers=workers, pin_memory=device.type == "cuda",
+            num_workers=workers, pin_memory=device.type == "cuda", collate_fn=self.collate,
             # Workers are re-made each epoch so they see the dataset's new epoch (see SeededImageFolder).
             persistent_workers=False, worker_init_fn=ignore_interrupts,
             # Its own generator: making an iterator draws a seed, which must not come from the
             # global RNG (a resumed run makes one more iterator mid-epoch than the original did).
             generator=torch.Generator().manual_seed(cfg.seed))
+
+    def make_dataset(self, cfg, split: str, rank: int):
+        """The map-style dataset of the split (seed and epoch attributes, classes, PIL → uint8 tensors)."""
+        return SeededImageFolder(split_folder(cfg, split), image_transform(cfg, split), rank=rank)
 
     @property
     def num_samples(self) -> int:

@@ -1,0 +1,111 @@
+"""One sample of a local shard set, by its global index: the image's encoded bytes and its label.
+
+Every backend reads through ShardReader (random access: two preads per sample, in whatever order
+ShardSampler gives), so a bad sample found mid-epoch is one UnreadableSample naming its shard and
+key, which the loaders count, report and leave out of the batch; it never stops the epoch.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+from pipelines.wds_index import SampleTable
+from pipelines.wds_spec import IMAGE_EXTENSIONS
+
+# What DALI's image decoders read (GIF, for one, is not among them).
+DALI_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "PPM", "JPEG2000")
+
+
+class UnreadableSample(Exception):
+    """A sample that cannot be used: where (shard and key) and why. Picklable (crosses worker queues)."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(where, reason)
+        self.where, self.reason = where, reason
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+@dataclass
+class EncodedSample:
+    image: bytes  # the image file's bytes, as stored
+    label: int
+    ext: str  # jpg, jpeg, png or webp
+
+
+class ShardReader:
+    """Reads samples of a SampleTable (opens the shard per read: safe in any process or thread)."""
+
+    def __init__(self, table: SampleTable, num_classes: int):
+        self.table, self.num_classes = table, num_classes
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def read(self, index: int) -> EncodedSample:
+        image_span, label_span = self.table.image[index].tolist(), self.table.label[index].tolist()
+        image, label = self.pread(index, [image_span, label_span])
+        return EncodedSample(image, self.parse_label(index, label), IMAGE_EXTENSIONS[int(self.table.image_ext[index])])
+
+    def read_label(self, index: int) -> int:
+        return self.parse_label(index, self.pread(index, [self.table.label[index].tolist()])[0])
+
+    def pread(self, index: int, spans: list[tuple[int, int]]) -> list[bytes]:
+        """The bytes at (offset, size) spans of the sample's shard."""
+        path = self.table.shards[self.table.locate(index)[0]]
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                parts = [os.pread(fd, size, offset) for offset, size in spans]
+            finally:
+                os.close(fd)
+        except OSError as error:
+            raise UnreadableSample(self.table.where(index), f"cannot read the shard: {error.strerror}") from None
+        if [len(part) for part in parts] != [size for _, size in spans]:
+            raise UnreadableSample(self.table.where(index), "the shard ends before this sample (truncated since "
+                                                            "it was indexed?)")
+        return parts
+
+    def parse_label(self, index: int, data: bytes) -> int:
+        try:
+            value = int(data.strip())
+        except ValueError:
+            raise UnreadableSample(self.table.where(index), f"cls {data[:20]!r} is not an integer class index") from None
+        if not 0 <= value < self.num_classes:
+            raise UnreadableSample(self.table.where(index), f"cls {value} is not one of the {self.num_classes} classes")
+        return value
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """The torchvision backend's decode: PIL, fully loaded, RGB (as torchvision's pil_loader)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # palette transparency, large-image warnings
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+
+
+def decodable_by_dali(data: bytes) -> str:
+    """'' when the bytes look like a whole image DALI can decode, else the reason. Cheap (headers and
+    the end marker, no decoding): DALI stops the pipeline on an image it cannot decode, so what can be
+    caught before it is caught here."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                kind = image.format
+    except Exception as error:  # PIL raises many types for bad bytes
+        return f"not an image ({type(error).__name__}: {error})"
+    if kind not in DALI_FORMATS:
+        return f"{kind} images are not decoded by DALI"
+    if kind == "JPEG" and b"\xff\xd9" not in data[-64:]:
+        return "truncated JPEG (no end-of-image marker)"
+    if kind == "PNG" and b"IEND" not in data[-16:]:
+        return "truncated PNG (no IEND chunk)"
+    if kind == "WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data):
+        return "truncated WebP"
+    return ""
