@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from pipelines.errors import UserInputError
 from pipelines.image_folder import FolderListing, list_image_folder
+from pipelines.wds_read import image_file, image_file_size  # a path, or an image inside a tar shard
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 MAX_STORED_SIDE = 65_535  # .beton keeps width and height as uint16
@@ -112,11 +113,11 @@ def stored_size(width: int, height: int, max_resolution: int) -> tuple[int, int]
 def check_image(path: str, settings: StorageSettings) -> str:
     """'' for a file the writer can store, else the reason it cannot."""
     try:
-        if os.path.getsize(path) == 0:
+        if image_file_size(path) == 0:
             return "empty file (0 bytes)"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette transparency, large-image warnings
-            with Image.open(path) as image:
+            with Image.open(image_file(path)) as image:
                 width, height = image.size
                 image.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale, still reads every byte
                 image.convert("RGB")
@@ -169,7 +170,7 @@ class CheckedImages:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                with Image.open(path) as image:
+                with Image.open(image_file(path)) as image:
                     target = stored_size(*image.size, self.settings.max_resolution)
                     image.draft("RGB", target)
                     pixels = np.asarray(image.convert("RGB"))
@@ -207,14 +208,16 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def convert_imagefolder(src: str | Path, out: str | Path, settings: StorageSettings, *,
-                        workers: int = 0, chunk_size: int = 100, limit: int = 0) -> dict:
+                        workers: int = 0, chunk_size: int = 100, limit: int = 0,
+                        listing: FolderListing | None = None) -> dict:
     """Converts; returns the summary: found (real files, each once), written, skipped (unreadable),
-    duplicates (second paths to a file or folder, not converted), empty_classes, bytes, seconds."""
+    duplicates (second paths to a file or folder, not converted), empty_classes, bytes, seconds.
+    listing: the files to convert when they are not src's walk (tar shards: pipelines/wds_ffcv.py)."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     settings.check()
     workers = workers or os.cpu_count() or 1
-    listing = list_imagefolder(src, limit)
+    listing = listing or list_imagefolder(src, limit)
     classes, files = listing.classes, listing.files
     reasons = check_all(files, settings, workers, chunk_size)
     good = [file for file, reason in zip(files, reasons) if not reason]

@@ -38,6 +38,31 @@ class EncodedSample:
     ext: str  # jpg, jpeg, png or webp
 
 
+@dataclass(frozen=True)
+class ShardMember:
+    """An image file inside a tar shard, where the converters take a path (pipelines/ffcv_writer.py)."""
+    shard: str
+    offset: int
+    size: int
+    key: str
+
+    def open(self) -> io.BytesIO:
+        with open(self.shard, "rb") as file:
+            return io.BytesIO(os.pread(file.fileno(), self.size, self.offset))
+
+    def __str__(self) -> str:  # as skipped files are listed
+        return f"{self.shard}:{self.key}"
+
+
+def image_file(source):
+    """What PIL opens for a converter's source: a path as it is, a shard member's bytes."""
+    return source.open() if isinstance(source, ShardMember) else source
+
+
+def image_file_size(source) -> int:
+    return source.size if isinstance(source, ShardMember) else os.path.getsize(source)
+
+
 class ShardReader:
     """Reads samples of a SampleTable (opens the shard per read: safe in any process or thread)."""
 

@@ -173,3 +173,24 @@ def lengths_by_name(info: dict, urls: list[str]) -> list[int] | None:
         known.update(zip(map(shard_name, entry.get("filenames", [])), entry.get("shard_lengths", [])))
     lengths = [known.get(shard_name(url)) for url in urls]
     return None if None in lengths else lengths
+
+
+def shard_data(source: str, split: str = "train", name: str = "") -> dict | None:
+    """The data config keys that make a tool's SRC a shard split, when it names one: a folder with an
+    info file (its split `name`, else the trainer's names for `split`), or a pattern of .tar shards;
+    None for anything else (an ImageFolder)."""
+    if os.path.isdir(source) and find_info(source):
+        return {"dataset": "webdataset", "root": source, "train_shards": "", "val_shards": "",
+                "train_dir": name or "train", "val_dir": name or "val"}
+    if ".tar" in source:
+        return {"dataset": "webdataset", "root": "", "train_shards": source if split == "train" else "",
+                "val_shards": source if split == "val" else "", "train_dir": "train", "val_dir": "val"}
+    return None
+
+
+def named_shards(source: str, split: str = "train", name: str = "") -> ShardSplit | None:
+    """shard_data's split, read (None: source is no shard set)."""
+    from types import SimpleNamespace
+
+    data = shard_data(source, split, name)
+    return None if data is None else shard_split(SimpleNamespace(**data), split)

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipelines.wds_index import SampleTable, build_table
-from pipelines.wds_read import ShardReader
+from pipelines.wds_read import ShardReader, UnreadableSample
 from pipelines.wds_spec import ShardSetError, ShardSplit, shard_split
 
 _TABLES: dict[tuple[str, ...], SampleTable] = {}  # per process: train and val, prepare and make_loader
@@ -37,27 +37,49 @@ def split_table(shards: ShardSplit, workers: int = 0) -> SampleTable:
     return _TABLES[key]
 
 
-def dataset_classes(cfg) -> list[str]:
-    """The class names of the set (see the module doc); train and val must agree."""
-    train, val = shard_split(cfg.data, "train"), shard_split(cfg.data, "val")
-    names = train.classes or val.classes
-    count = cfg.data.num_classes or train.num_classes or val.num_classes
+def dataset_classes(cfg, split: str = "train") -> list[str]:
+    """The class names of the set (see the module doc). An info file's or data.num_classes hold for
+    both splits; counted from labels, they are counted over both, so train and val agree."""
+    this = shard_split(cfg.data, split)
+    if this.classes or this.num_classes or cfg.data.num_classes:
+        return set_classes([this], cfg.data.num_classes)
+    splits = [shard_split(cfg.data, "train"), shard_split(cfg.data, "val")]
+    return set_classes(splits, cfg.data.num_classes, cfg.data.workers)
+
+
+def set_classes(splits: list[ShardSplit], num_classes: int = 0, workers: int = 0) -> list[str]:
+    names = next((s.classes for s in splits if s.classes), None)
+    count = num_classes or next((s.num_classes for s in splits if s.num_classes), None)
     if names and count != len(names):
-        raise ShardSetError(f"data.num_classes={count} but {train.source} names {len(names)} classes")
+        raise ShardSetError(f"data.num_classes={count} but {splits[0].source} names {len(names)} classes")
     if not count:
-        count = 1 + max(largest_label(train, cfg), largest_label(val, cfg))
+        count = 1 + max(largest_label(s, workers) for s in splits)
     return list(names) if names else [str(i) for i in range(count)]
 
 
-def largest_label(shards: ShardSplit, cfg) -> int:
+def largest_label(shards: ShardSplit, workers: int = 0) -> int:
     if shards.remote:
         raise ShardSetError(f"{shards.source}: the number of classes is unknown (no \"num_classes\" in an info "
                             f"file): set data.num_classes")
-    reader = ShardReader(split_table(shards, cfg.data.workers), num_classes=2**62)
-    with ThreadPoolExecutor(16) as pool:  # small reads, I/O bound
-        labels = pool.map(reader.read_label, range(len(reader)), chunksize=256)
-        return max(tqdm(labels, total=len(reader), desc=f"read {shards.split} labels (set data.num_classes to skip)",
-                        unit="sample", disable=len(reader) < 10_000))
+    labels = read_labels(ShardReader(split_table(shards, workers), num_classes=2**62),
+                         f"read {shards.split} labels (data.num_classes=K skips this)")
+    bad = [x for x in labels if isinstance(x, UnreadableSample)]
+    if bad:
+        raise ShardSetError(f"{len(bad)} samples of {shards.source} have no usable label ({bad[0]})")
+    return max(labels)
+
+
+def read_labels(reader: ShardReader, desc: str) -> list[int | Exception]:
+    """Every sample's label (or its UnreadableSample), read by 16 threads (small reads, I/O bound)."""
+    def label(index):
+        try:
+            return reader.read_label(index)
+        except UnreadableSample as bad:
+            return bad
+
+    with ThreadPoolExecutor(16) as pool:
+        labels = pool.map(label, range(len(reader)), chunksize=256)
+        return list(tqdm(labels, total=len(reader), desc=desc, unit="sample", disable=len(reader) < 10_000))
 
 
 def prepare(cfg) -> None:
@@ -78,7 +100,7 @@ def prepare(cfg) -> None:
 
 def make_loader(cfg, split: str, *, rank: int, world_size: int, device: torch.device):
     shards = shard_split(cfg.data, split)
-    classes = dataset_classes(cfg)
+    classes = dataset_classes(cfg, split)
     if shards.remote:
         if cfg.loader != "torchvision":
             raise ShardSetError(f"{shards.source}: remote shards are streamed by loader=torchvision only; "

@@ -3,6 +3,8 @@
 
     python tools/convert_ffcv.py data/imagenet/train data/ffcv/train.beton
     python tools/convert_ffcv.py data/imagenet/val data/ffcv/val.beton --limit 5000 --json
+    python tools/convert_ffcv.py data/imagenet-wds data/ffcv/val.beton --split validation   # tar shards
+    python tools/convert_ffcv.py 'data/x/train-{0000..0099}.tar' data/ffcv/train.beton
 
 Bad files (truncated, empty, not images, too small) are skipped and listed in OUT.skipped.txt, with
 second paths to a file or folder (symlink loops: each real file is converted once);
@@ -20,6 +22,9 @@ from pathlib import Path
 
 from pipelines.errors import UserInputError
 from pipelines.ffcv_writer import WRITE_MODES, StorageSettings, convert_imagefolder
+from pipelines.webdataset_source import set_classes
+from pipelines.wds_ffcv import convert_shards
+from pipelines.wds_spec import named_shards
 from tools.output_guard import check_output_file
 
 DEFAULTS = StorageSettings()
@@ -27,7 +32,12 @@ DEFAULTS = StorageSettings()
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, help="ImageFolder: SRC/<class>/<image>")
+    parser.add_argument("src", type=Path, help="ImageFolder: SRC/<class>/<image>; or WebDataset shards: a folder "
+                                               "with _info.json, or a brace pattern of .tar files")
+    parser.add_argument("--split", default="train", help="shards: the info file's split to convert (default train)")
+    parser.add_argument("--num-classes", type=int, default=0,
+                        help="shards without a class count in an info file: the number of classes "
+                             "(default: one more than the largest label)")
     parser.add_argument("out", type=Path, help="output .beton (written to a temporary name, then renamed)")
     parser.add_argument("--max-resolution", type=int, default=DEFAULTS.max_resolution,
                         help="cap on the longer side in px, 0 = keep (default %(default)s; the loader's "
@@ -66,8 +76,13 @@ def main(argv) -> int:
     try:
         check_output_file(args.out, inputs=[args.src], overwrite=args.overwrite, example="train.beton",
                           beside=(".json", ".skipped.txt"))
-        summary = convert_imagefolder(args.src, args.out, settings, workers=args.workers,
-                                      chunk_size=args.chunk_size, limit=args.limit)
+        shards = named_shards(str(args.src), "train", args.split)
+        if shards is not None:  # WebDataset shards (pipelines/wds_ffcv.py)
+            classes = set_classes([shards], args.num_classes, args.workers)
+            summary = convert_shards(shards, classes, args.out, settings, workers=args.workers, limit=args.limit)
+        else:
+            summary = convert_imagefolder(args.src, args.out, settings, workers=args.workers,
+                                          chunk_size=args.chunk_size, limit=args.limit)
     except UserInputError as error:  # ConversionError too
         print(f"error: {error}", file=sys.stderr)
         return 2
