@@ -226,7 +226,7 @@ def build_table(shards: ShardSplit, workers: int = 0) -> SampleTable:
         raise ShardSetError(f"{shards.source}: {len(missing)} of {len(tars)} shards do not exist "
                             f"(first: {missing[0]})")
     indexed = index_all(tars, workers)
-    rows, problems, counts = [], [], []
+    rows, problems, counts, miscounted = [], [], [], []
     for number, (tar, (_, samples)) in enumerate(zip(tars, indexed)):
         size = os.path.getsize(tar)
         end = max((offset + length for sample in samples for _, offset, length, _ in sample), default=0)
@@ -234,8 +234,8 @@ def build_table(shards: ShardSplit, workers: int = 0) -> SampleTable:
             raise ShardSetError(f"shard {tar} is truncated: its index has data up to byte {end}, the file "
                                 f"has {size} bytes (an interrupted copy? copy it again)")
         if shards.lengths and shards.lengths[number] != len(samples):
-            raise ShardSetError(f"shard {tar} holds {len(samples)} samples but {shards.source} says "
-                                f"{shards.lengths[number]}")
+            miscounted.append(f"shard {tar} holds {len(samples)} samples but {shards.source} says "
+                              f"{shards.lengths[number]}")
         counts.append(len(samples))
         for sample in samples:
             fields = sample_fields(sample)
@@ -246,6 +246,9 @@ def build_table(shards: ShardSplit, workers: int = 0) -> SampleTable:
     if problems:
         raise ShardSetError(f"{shards.source}: {len(problems)} samples cannot be trained on ({'; '.join(problems[:3])}"
                             f"{'; …' if len(problems) > 3 else ''}); every sample needs an image and a cls label")
+    if miscounted:
+        raise ShardSetError(f"{miscounted[0]}{f' (and {len(miscounted) - 1} more shards)' if len(miscounted) > 1 else ''}"
+                            f": an info file from another version of the set?")
     if not rows:
         raise ShardSetError(f"{shards.source}: the shards hold no samples")
     array = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
