@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from PIL import Image
@@ -64,10 +65,28 @@ def image_file_size(source) -> int:
 
 
 class ShardReader:
-    """Reads samples of a SampleTable (opens the shard per read: safe in any process or thread)."""
+    """Reads samples of a SampleTable, keeping a few shards open (safe in any process or thread)."""
+
+    OPEN_SHARDS = 64  # file descriptors kept open per process (pread needs no seek: any thread may use one)
 
     def __init__(self, table: SampleTable, num_classes: int):
         self.table, self.num_classes = table, num_classes
+        self.files: OrderedDict[int, int] = OrderedDict()  # shard number → fd, most recent last
+        self.pid = os.getpid()
+
+    def open_shard(self, shard: int) -> int:
+        if self.pid != os.getpid():  # a forked worker: its own descriptors (the parent may close its)
+            self.files, self.pid = OrderedDict(), os.getpid()
+        fd = self.files.pop(shard, None)
+        if fd is None:
+            fd = os.open(self.table.shards[shard], os.O_RDONLY)
+            while len(self.files) >= self.OPEN_SHARDS:
+                os.close(self.files.popitem(last=False)[1])
+        self.files[shard] = fd
+        return fd
+
+    def __getstate__(self):  # to a spawned worker: no descriptors
+        return {**self.__dict__, "files": OrderedDict(), "pid": -1}
 
     def __len__(self) -> int:
         return len(self.table)
@@ -82,13 +101,9 @@ class ShardReader:
 
     def pread(self, index: int, spans: list[tuple[int, int]]) -> list[bytes]:
         """The bytes at (offset, size) spans of the sample's shard."""
-        path = self.table.shards[self.table.locate(index)[0]]
         try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                parts = [os.pread(fd, size, offset) for offset, size in spans]
-            finally:
-                os.close(fd)
+            fd = self.open_shard(self.table.locate(index)[0])
+            parts = [os.pread(fd, size, offset) for offset, size in spans]
         except OSError as error:
             raise UnreadableSample(self.table.where(index), f"cannot read the shard: {error.strerror}") from None
         if [len(part) for part in parts] != [size for _, size in spans]:
@@ -115,9 +130,15 @@ def decode_rgb(data: bytes) -> Image.Image:
 
 
 def decodable_by_dali(data: bytes) -> str:
-    """'' when the bytes look like a whole image DALI can decode, else the reason. Cheap (headers and
-    the end marker, no decoding): DALI stops the pipeline on an image it cannot decode, so what can be
-    caught before it is caught here."""
+    """'' when the bytes look like a whole image DALI can decode, else the reason. Cheap (signature and
+    end marker, no decoding; PIL's header parse for formats other than JPEG, PNG and WebP): DALI stops
+    the pipeline on an image it cannot decode, so what can be caught before it is caught here."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "" if b"\xff\xd9" in data[-64:] else "truncated JPEG (no end-of-image marker)"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "" if b"IEND" in data[-16:] else "truncated PNG (no IEND chunk)"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "" if int.from_bytes(data[4:8], "little") + 8 <= len(data) else "truncated WebP"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -125,12 +146,4 @@ def decodable_by_dali(data: bytes) -> str:
                 kind = image.format
     except Exception as error:  # PIL raises many types for bad bytes
         return f"not an image ({type(error).__name__}: {error})"
-    if kind not in DALI_FORMATS:
-        return f"{kind} images are not decoded by DALI"
-    if kind == "JPEG" and b"\xff\xd9" not in data[-64:]:
-        return "truncated JPEG (no end-of-image marker)"
-    if kind == "PNG" and b"IEND" not in data[-16:]:
-        return "truncated PNG (no IEND chunk)"
-    if kind == "WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data):
-        return "truncated WebP"
-    return ""
+    return "" if kind in DALI_FORMATS else f"{kind} images are not decoded by DALI"
