@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 import json
+import re
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -22,7 +23,7 @@ from conftest import run_train
 from pipelines.loader import build_loader, prepare_dataset
 from pipelines.wds_spec import ShardSetError
 from pipelines.wds_writer import convert_folder
-from wds_sets import numbered_set, write_with_shardwriter
+from wds_sets import numbered_set, reference_samples, write_with_shardwriter
 
 BACKENDS = ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
     not __import__("importlib").util.find_spec("nvidia.dali"), reason="DALI not installed"))]
@@ -163,7 +164,6 @@ def test_one_epoch_trains_on_every_backend(converted, tmp_path):
 # Bad shards
 
 def copy_set(converted: Path, tmp_path: Path) -> Path:
-    import shutil
     return Path(shutil.copytree(converted, tmp_path / "set"))
 
 
@@ -237,3 +237,21 @@ def test_an_image_that_does_not_decode_is_reported_and_left_out(backend, demo_cf
     assert "val-0001.tar key broken" in err and "1 unreadable val samples left out" in err
     assert "train-0002.tar key garbage" in err
     assert val.skips.total == 1 and sum(loader.skips.total for loader in train) == 1
+    # a batch of one bad sample is empty: its process takes another of its batches in its place
+    cfg = shard_cfg(demo_cfg, backend, f"data.root={root}", "batch_size=1")
+    train = [build_loader(cfg, "train", rank=r, world_size=2) for r in (0, 1)]
+    for loader in train:
+        loader.set_epoch(0)
+    assert [len(list(loader)) for loader in train] == [len(train[0])] * 2 == [719] * 2
+    assert "had no readable sample: another batch of this process was used" in capfd.readouterr().err
+
+
+def test_a_shard_rewritten_under_its_old_index_is_indexed_again(demo_cfg, converted, tmp_path):
+    root = copy_set(converted, tmp_path)
+    shutil.copyfile(root / "val-0000.tar", root / "val-0001.tar")  # 300 other samples; the old 60-sample index stays
+    info = json.loads((root / "_info.json").read_text())
+    info["splits"]["val"].update(shard_lengths=[300, 300], num_samples=600)
+    (root / "_info.json").write_text(json.dumps(info))
+    loader = build_loader(shard_cfg(demo_cfg, "torchvision", f"data.root={root}"), "val")
+    expected = reference_samples([str(root / "val-0000.tar"), str(root / "val-0001.tar")])
+    assert Counter(labels_of(loader)) == Counter(label for _, label in expected.elements())
