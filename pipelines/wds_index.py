@@ -5,11 +5,10 @@ listing each of its files as `<ext> <byte offset> <size> <name>`. tools/convert_
 beside each shard (train-0000.tar → train-0000.idx, wds2idx's naming). A shard without one (or
 with one that does not fit it) is indexed once by reading its tar headers with Python's tarfile (which
 reads GNU and PAX tars alike; DALI 2.4.0 reads both too), and the index is cached under
-$XDG_CACHE_HOME/advprop/wds-index (default ~/.cache), named by the tar's path, size and mtime —
+$XDG_CACHE_HOME/advprop/wds-index (default ~/.cache), named by the tar's path, size and mtime:
 the shards' folder may be read-only shared storage. An index beside a shard is used when the tar
-headers before its first and last files carry the names it lists (so a rewritten tar is re-indexed,
-a copied set is not). So a start never scans every tar again: it
-reads the small index files (1,000 shards: well under a second).
+headers before its first and last files carry the names it lists (a rewritten tar is indexed again,
+a copied set is not). So a start reads the small index files, never a whole tar again.
 
 SampleTable joins a split's shards into one index space 0..N-1 (shard by shard, samples in tar
 order): ShardSampler's permutation of it is the order every backend reads. Checked here, before
@@ -128,27 +127,29 @@ def names_match(tar: str, samples: list[Sample]) -> bool:
     return True
 
 
-def existing_index(tar: str) -> str | None:
-    """The shard's own index if it matches the tar, else the cache's, else None."""
+def existing_index(tar: str) -> tuple[str, list[Sample]] | None:
+    """(index file, samples) from the shard's own index if it fits the tar, else from the cache;
+    None when there is neither."""
     beside = dali_index_path(tar)
     if os.path.isfile(beside):
         try:
-            if names_match(tar, read_index(beside)):
-                return beside
+            samples = read_index(beside)
+            if names_match(tar, samples):
+                return beside, samples
         except (ShardSetError, OSError, ValueError):
             pass  # an index from elsewhere that does not fit: build our own
     cached = cached_index_path(tar, os.stat(tar))
-    return str(cached) if cached.is_file() else None
+    return (str(cached), read_index(cached)) if cached.is_file() else None
 
 
 def index_for(tar: str) -> tuple[str, list[Sample]]:
     """(index file, samples) of one local shard, built into the cache now if it has none."""
     try:
-        path = existing_index(tar)
+        found = existing_index(tar)
     except OSError as error:
         raise ShardSetError(f"shard {tar} cannot be read: {error.strerror}") from None
-    if path is not None:
-        return path, read_index(path)
+    if found is not None:
+        return found
     samples = scan_tar(tar)
     path = cached_index_path(tar, os.stat(tar))
     write_index(path, samples)
@@ -163,15 +164,20 @@ def _index_job(tar: str):
 
 
 def index_all(tars: list[str], workers: int = 0) -> list[tuple[str, list[Sample]]]:
-    """index_for of every shard; those without an index are built in parallel, with a progress bar."""
-    missing = [t for t in tars if existing_index(t) is None]
+    """index_for of every shard, each index file read once; the missing ones built in parallel, with
+    a progress bar."""
+    try:
+        found = [existing_index(tar) for tar in tars]
+    except OSError as error:
+        raise ShardSetError(f"shard {error.filename} cannot be read: {error.strerror}") from None
+    missing = [tar for tar, known in zip(tars, found) if known is None]
     if len(missing) > 1:
         with multiprocessing.Pool(min(workers or os.cpu_count() or 1, len(missing))) as pool:
             for result in tqdm(pool.imap_unordered(_index_job, missing), total=len(missing), desc="index shards",
                                unit="shard"):
                 if isinstance(result, ShardSetError):
                     raise result
-    return [index_for(t) for t in tars]
+    return [known or index_for(tar) for tar, known in zip(tars, found)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,10 +101,7 @@ def prepare(cfg) -> None:
 def make_loader(cfg, split: str, *, rank: int, world_size: int, device: torch.device):
     shards = shard_split(cfg.data, split)
     classes = dataset_classes(cfg, split)
-    if shards.remote:
-        if cfg.loader != "torchvision":
-            raise ShardSetError(f"{shards.source}: remote shards are streamed by loader=torchvision only; "
-                                f"DALI and FFCV read local shards (copy them first)")
+    if shards.remote:  # its check refuses the other loaders
         from pipelines.wds_stream import StreamingLoader
         return StreamingLoader(cfg, split, shards, classes, rank=rank, world_size=world_size, device=device)
     if cfg.loader == "ffcv":  # prepare() converted the shards; FFCV reads the .beton as for a folder

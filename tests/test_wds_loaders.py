@@ -255,3 +255,18 @@ def test_a_shard_rewritten_under_its_old_index_is_indexed_again(demo_cfg, conver
     loader = build_loader(shard_cfg(demo_cfg, "torchvision", f"data.root={root}"), "val")
     expected = reference_samples([str(root / "val-0000.tar"), str(root / "val-0001.tar")])
     assert Counter(labels_of(loader)) == Counter(label for _, label in expected.elements())
+
+
+def test_convert_ffcv_accepts_shards_and_ffcv_reads_their_labels(demo_cfg, converted, written, tmp_path, capsys):
+    pytest.importorskip("ffcv")
+    from tools.convert_ffcv import main
+    for source, name in ((converted, "info"), (written["val"], "pattern")):
+        beton = tmp_path / f"{name}.beton"
+        assert main([str(source), str(beton), "--split", "val", "--workers", "2", "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert summary["found"] == summary["written"] == 360 and summary["skipped"] == 0
+        assert json.loads(Path(f"{beton}.json").read_text())["classes"] == [str(d) for d in range(10)]
+        loader = build_loader(demo_cfg("loader=ffcv", "data.image_size=32", f"data.ffcv.val_beton={beton}",
+                                       f"data.ffcv.train_beton={beton}"), "val")
+        folder = build_loader(demo_cfg("data.image_size=32"), "val")
+        assert Counter(labels_of(loader)) == Counter(labels_of(folder))
