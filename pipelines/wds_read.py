@@ -1,8 +1,11 @@
 """One sample of a local shard set, by its global index: the image's encoded bytes and its label.
 
 Every backend reads through ShardReader (random access: two preads per sample, in whatever order
-ShardSampler gives), so a bad sample found mid-epoch is one UnreadableSample naming its shard and
-key, which the loaders count, report and leave out of the batch; it never stops the epoch.
+ShardSampler gives). A sample found bad mid-epoch (it cannot be read, its cls is no class, its image
+does not decode) is replaced by the next sample of the set that reads, as pipelines/loader.py's
+`substitute` replaces a folder's image (a shard that cannot be read at all is skipped whole), and
+named, shard and key, for the loader's report and left_out: read_or_substitute. Batches stay full,
+so every process keeps its step count, and the epoch's order stays a function of (seed, epoch).
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from pipelines.errors import DataError
+from pipelines.image_decode import to_rgb
+from pipelines.loader import MAX_SUBSTITUTES, substitute
 from pipelines.wds_index import SampleTable
 from pipelines.wds_spec import IMAGE_EXTENSIONS
 
@@ -22,11 +28,12 @@ DALI_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "PPM", "JPEG2000")
 
 
 class UnreadableSample(Exception):
-    """A sample that cannot be used: where (shard and key) and why. Picklable (crosses worker queues)."""
+    """A sample that cannot be used: where (shard and key) and why; whole_shard when its shard
+    cannot be read at all (the next readable sample is then looked for in the next shard)."""
 
-    def __init__(self, where: str, reason: str):
-        super().__init__(where, reason)
-        self.where, self.reason = where, reason
+    def __init__(self, where: str, reason: str, whole_shard: bool = False):
+        super().__init__(where, reason, whole_shard)
+        self.where, self.reason, self.whole_shard = where, reason, whole_shard
 
     def __str__(self) -> str:
         return f"{self.where}: {self.reason}"
@@ -37,31 +44,6 @@ class EncodedSample:
     image: bytes  # the image file's bytes, as stored
     label: int
     ext: str  # jpg, jpeg, png or webp
-
-
-@dataclass(frozen=True)
-class ShardMember:
-    """An image file inside a tar shard, where the converters take a path (pipelines/ffcv_writer.py)."""
-    shard: str
-    offset: int
-    size: int
-    key: str
-
-    def open(self) -> io.BytesIO:
-        with open(self.shard, "rb") as file:
-            return io.BytesIO(os.pread(file.fileno(), self.size, self.offset))
-
-    def __str__(self) -> str:  # as skipped files are listed
-        return f"{self.shard}:{self.key}"
-
-
-def image_file(source):
-    """What PIL opens for a converter's source: a path as it is, a shard member's bytes."""
-    return source.open() if isinstance(source, ShardMember) else source
-
-
-def image_file_size(source) -> int:
-    return source.size if isinstance(source, ShardMember) else os.path.getsize(source)
 
 
 class ShardReader:
@@ -105,11 +87,18 @@ class ShardReader:
             fd = self.open_shard(self.table.locate(index)[0])
             parts = [os.pread(fd, size, offset) for offset, size in spans]
         except OSError as error:
-            raise UnreadableSample(self.table.where(index), f"cannot read the shard: {error.strerror}") from None
+            raise UnreadableSample(self.table.where(index), f"cannot read the shard: {error.strerror}", True) from None
         if [len(part) for part in parts] != [size for _, size in spans]:
             raise UnreadableSample(self.table.where(index), "the shard ends before this sample (truncated since "
-                                                            "it was indexed?)")
+                                                            "it was indexed?)", True)
         return parts
+
+    def next_candidate(self, index: int, failed: set[int], whole_shard: bool) -> int:
+        """The sample to try in place of a failed one: substitute's next one, past its shard if needed."""
+        if whole_shard:
+            shard = self.table.locate(index)[0]
+            failed.update(range(int(self.table.starts[shard]), int(self.table.starts[shard + 1])))
+        return substitute(index, len(self.table), failed)
 
     def parse_label(self, index: int, data: bytes) -> int:
         try:
@@ -121,12 +110,32 @@ class ShardReader:
         return value
 
 
+def read_or_substitute(reader: ShardReader, index: int, accept):
+    """(accept(sample) for sample index or, if it is bad, for the next sample that reads; [(where,
+    reason)] of the bad ones met). accept raises for a sample the loader cannot use."""
+    failures, failed = [], set()
+    while True:
+        try:
+            return accept(reader.read(index)), failures
+        except UnreadableSample as bad:
+            failures.append((bad.where, bad.reason))
+            whole_shard = bad.whole_shard
+        except Exception as error:  # PIL raises many types for a bad image
+            failures.append((reader.table.where(index), f"does not decode: {type(error).__name__}: {error}"))
+            whole_shard = False
+        failed.add(index)
+        if len(failures) > MAX_SUBSTITUTES:
+            raise DataError(f"{failures[0][0]} and the next {MAX_SUBSTITUTES} samples tried in its place cannot be "
+                            f"read: have the shards been moved or changed? ({failures[-1][1]})")
+        index = reader.next_candidate(index, failed, whole_shard)
+
+
 def decode_rgb(data: bytes) -> Image.Image:
-    """The torchvision backend's decode: PIL, fully loaded, RGB (as torchvision's pil_loader)."""
+    """The torchvision backend's decode: the one PIL rule of every backend (pipelines/image_decode.py)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # palette transparency, large-image warnings
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
 
 
 def decodable_by_dali(data: bytes) -> str:

@@ -14,7 +14,9 @@ whole shards are the unit instead, and this is what holds (tests/test_wds_stream
     mid-epoch resume reads the consumed batches again and drops them (slower than by index; change
     data.workers on resume and the order changes).
   - bad input: a sample that does not decode or lacks cls, and a shard that cannot be opened or
-    ends early, are skipped and reported (pipelines/wds_skips.py) with the shard and key.
+    ends early, are skipped (the stream's next samples take their places), reported with the shard
+    and key and listed in left_out. A train stream that runs out before its steps (whole shards
+    lost) repeats its last batch for the missing ones, reported too, so the processes stay in step.
 """
 from __future__ import annotations
 
@@ -26,9 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipelines.loader import to_device_batch
 from pipelines.torchvision_loader import ignore_interrupts, image_transform, seeded_by_sample
 from pipelines.wds_read import UnreadableSample, decode_rgb
-from pipelines.wds_skips import SkipReport, keep_every_step
 from pipelines.wds_spec import IMAGE_EXTENSIONS, LABEL_EXTENSION, ShardSetError, ShardSplit
-from pipelines.wds_torchvision import batch_readable
 
 SHUFFLE_BUFFER = 2_000  # samples; timm's WDS reader uses 8,192 (its initial fill 2,048)
 
@@ -110,7 +110,7 @@ class StreamingLoader:
         smallest = sorted(shards.lengths)[:self.per_process]
         self.steps = sum(smallest) // self.batch_size  # train: what every process's shards fill
         self.epoch, self.start_batch = 0, 0
-        self.skips = SkipReport(rank, split)
+        self.left_out: list[tuple[str, str]] = []  # (shard and key, reason) met while streaming
         self.dataset = ShardStream(image_transform(cfg, split), len(classes), train=self.train, seed=cfg.seed, rank=rank)
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=min(cfg.data.workers, self.per_process),
                                  worker_init_fn=ignore_interrupts, persistent_workers=False)
@@ -136,36 +136,49 @@ class StreamingLoader:
         self.epoch, self.start_batch = epoch, start_batch
 
     def batches(self):
-        """Batches of batch_size samples as they stream; train stops after `steps`."""
+        """(images, labels) of batch_size readable samples as they stream; train stops after `steps`
+        (the last repeated if the stream runs out first), val yields a last shorter batch."""
         mine = self.epoch_shards()
         self.dataset.urls = [self.shards.urls[i] for i in mine]
         self.dataset.lengths = [self.shards.lengths[i] for i in mine]
         self.dataset.epoch = self.epoch
-        pending, made = [], 0
-        samples = iter(self.loader)
+        pending, made, last, samples = [], 0, None, iter(self.loader)
         for sample in samples:
+            if isinstance(sample, UnreadableSample):
+                self.report_failure(sample)
+                continue
             pending.append(sample)
-            if sum(not isinstance(s, UnreadableSample) for s in pending) == self.batch_size:
-                yield batch_readable(pending)
+            if len(pending) == self.batch_size:
+                last = collate(pending)
+                yield last
                 pending, made = [], made + 1
                 if self.train and made == self.steps:
-                    break
-        else:  # the stream ended first (val always; train when samples were bad): a last short batch,
-            if pending:  # and in train as many empty ones as keep the steps (keep_every_step fills them)
-                yield batch_readable(pending)
-                made += 1
-            for _ in range(self.steps - made if self.train else 0):
-                yield None, None, []
-            return
-        left = sum(not isinstance(s, UnreadableSample) for s in samples)  # read to the end: count what is left out
-        if left and self.rank == 0 and self.start_batch == 0:
-            print(f"streaming: {left} samples of process 0's shards left out this epoch to keep processes in step")
+                    left = sum(not isinstance(s, UnreadableSample) for s in samples)  # to the end: counted
+                    if left and self.rank == 0 and self.start_batch == 0:
+                        print(f"streaming: {left} samples of process 0's shards left out this epoch to keep "
+                              f"the processes in step")
+                    return
+        if pending and (not self.train or made < self.steps):
+            last = collate(pending)
+            yield last
+            made += 1
+        for _ in range(self.steps - made if self.train else 0):  # whole shards lost: keep the steps
+            if last is None:
+                raise ShardSetError(f"no sample of process {self.rank}'s shards could be read this epoch "
+                                    f"({self.left_out[-1][0] if self.left_out else self.shards.source})")
+            print(f"warning: the stream of process {self.rank} ran out before its {self.steps} steps: its last "
+                  f"batch is used again", flush=True)
+            yield last
+
+    def report_failure(self, bad: UnreadableSample) -> None:
+        self.left_out.append((bad.where, f"failed mid-run: {bad.reason}"))
+        print(f"warning: {bad}; the stream's next sample is used in its place", flush=True)
 
     def __iter__(self):
-        def on_device():
-            for position, (images, labels, bad) in enumerate(self.batches()):
-                for sample in bad:
-                    self.skips.add(sample)
-                if position >= self.start_batch:
-                    yield None if images is None else to_device_batch(images, labels, self.device)
-        return keep_every_step(on_device(), self.skips, train=self.train)
+        for position, (images, labels) in enumerate(self.batches()):
+            if position >= self.start_batch:
+                yield to_device_batch(images, labels, self.device)
+
+
+def collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([image for image, _ in samples]), torch.tensor([label for _, label in samples])

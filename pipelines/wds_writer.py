@@ -4,20 +4,22 @@
     summary = convert_folder("data/imagenet/train", "data/imagenet-wds", split="train", shard_size=1000)
 
 Three passes:
-  1. walk and check: the shared ImageFolder walk and the FFCV converter's image check (every file
-     opened and decoded at 1/8 scale: truncated, empty and non-image files are skipped with their
-     reason; second paths to a file or folder too), in parallel with a progress bar;
+  1. walk and check: the shared ImageFolder walk (image extensions only; other files and second
+     paths to a file or folder are reported) and the converters' image check (every image decoded
+     by the one decode rule, JPEGs at 1/8 scale: truncated, empty and non-image files are skipped
+     with their reason), in parallel with a progress bar;
   2. write: the good images in a seeded random order (readers that stream shards, timm's and
      DALI's, then see mixed classes in every shard), `--shard-size` samples a shard, each sample
-     `<key>.<jpg|jpeg|png|webp>` with the file's bytes unchanged (other formats re-encoded as PNG)
-     and `<key>.cls` (the class index, as text), with webdataset's TarWriter; each shard's DALI
-     index (train-0000.idx) beside it;
-  3. commit: everything is written into OUT/.<split>.tmp-<pid>/ first; only then are the shards
-     moved into OUT (an atomic rename each: no half shard is ever visible) and _info.json rewritten
-     (atomically) to list them. The info file is what makes them a set: a crash before it leaves the
-     previous set as it was.
+     `<key>.<jpg|jpeg|png|webp>` with the file's bytes unchanged (other formats decoded by the one
+     rule and stored as PNG) and `<key>.cls` (the class index, as text), with webdataset's
+     TarWriter; each shard's DALI index (train-0000.idx) beside it;
+  3. commit: everything is written into OUT/.<split>.tmp-<pid>-<host>/ first (removed on an error,
+     Ctrl-C, SIGTERM or SIGHUP; one left by a SIGKILL is removed by the next conversion); only then
+     are the shards moved into OUT (an atomic rename each: no half shard is ever visible) and
+     _info.json rewritten (atomically) to list them. The info file is what makes them a set: a
+     conversion that stops before it leaves the previous set as it was.
 OUT/_info.json: {"name", "classes", "num_classes", "splits": {split: {"name", "num_samples",
-"filenames", "shard_lengths"}}}; OUT/<split>.skipped.txt: one line per skipped file, path <TAB> reason.
+"filenames", "shard_lengths"}}}; OUT/<split>.skipped.txt: each file not written, path <TAB> reason.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -34,7 +37,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipelines.ffcv_writer import ConversionError, StorageSettings, atomic_write_text, check_all, list_imagefolder
+from pipelines.atomic_files import process_exists, signals_end_the_block, temporary_path, write_whole
+from pipelines.ffcv_writer import ConversionError, StorageSettings, check_all, list_imagefolder, spread_subset
+from pipelines.image_decode import to_rgb
+from pipelines.image_folder import check_no_empty_class
 from pipelines.wds_index import dali_index_path, scan_tar, write_index
 from pipelines.wds_spec import IMAGE_EXTENSIONS, INFO_FILES
 
@@ -80,7 +86,7 @@ def encoded_image(path: str) -> tuple[str, bytes]:
         return ext, Path(path).read_bytes()
     with Image.open(path) as image:
         buffer = io.BytesIO()
-        image.convert("RGBA" if "A" in image.getbands() else "RGB").save(buffer, "PNG")
+        to_rgb(image).save(buffer, "PNG")  # what every backend would decode the file to
     return "png", buffer.getvalue()
 
 
@@ -106,9 +112,10 @@ def write_shards(files: list[tuple[str, int]], folder: Path, names: list[str], s
 
 def convert_folder(src: str | Path, out: str | Path, *, split: str, shard_size: int = 1000, prefix: str = "",
                    name: str = "", workers: int = 0, seed: int = 0, limit: int = 0, overwrite: bool = False) -> dict:
-    """Converts; returns the summary: found (real files, each once), written, skipped, duplicates,
-    shards, bytes, seconds. Refuses (ConversionError, nothing written) an existing split without
-    overwrite, and classes that differ from another split's in OUT."""
+    """Converts; returns the summary: found (files, each real one once), written, skipped (images
+    that cannot be stored), non_images (files without an image extension), duplicates, shards,
+    bytes, seconds. Refuses (ConversionError, nothing written) an existing split without overwrite,
+    and classes that differ from another split's in OUT."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     if shard_size < 1:
@@ -119,35 +126,47 @@ def convert_folder(src: str | Path, out: str | Path, *, split: str, shard_size: 
     present = sorted(out.glob(f"{glob.escape(prefix)}{split}-*.tar"))
     if present and not overwrite:
         raise ConversionError(f"{present[0]} exists (not listed in {out / INFO}); pass --overwrite to replace it")
-    listing = list_imagefolder(src, limit)
+    listing = list_imagefolder(src)
     if info.get("classes") and info["classes"] != listing.classes:
         raise ConversionError(f"{out / INFO} has other classes ({info['classes'][:3]}…) than {src} "
                               f"({listing.classes[:3]}…): write this split to another OUT")
-    workers = workers or os.cpu_count() or 1
-    reasons = check_images(listing.files, workers)
-    good = [file for file, reason in zip(listing.files, reasons) if not reason]
-    skipped = listing.unreadable + [(path, reason) for (path, _), reason in zip(listing.files, reasons) if reason]
+    images = [listing.files[i] for i in listing.image_indices()]
+    check_no_empty_class(src, listing.classes, {label for _, label in images})  # the loaders' rule, up front
+    images = spread_subset(images, limit)
+    reasons = check_images(images, workers or len(os.sched_getaffinity(0)))
+    good = [file for file, reason in zip(images, reasons) if not reason]
+    skipped = listing.unreadable + [(path, reason) for (path, _), reason in zip(images, reasons) if reason]
     if not good:
-        raise ConversionError(f"none of the {len(listing.files)} files under {src} is a readable image "
+        raise ConversionError(f"none of the {len(images)} image files under {src} can be stored "
                               f"(first: {skipped[0][0]}: {skipped[0][1]})")
-    order = np.random.default_rng(seed).permutation(len(good))
-    good = [good[i] for i in order]
+    good = [good[i] for i in np.random.default_rng(seed).permutation(len(good))]
     names = shard_names(prefix, split, -(-len(good) // shard_size))
+    non_images = [(path, "not an image file (no image extension)") for path in listing.non_images()]
 
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".{split}.tmp-{os.getpid()}"
-    staging.mkdir()
+    remove_stale_staging(out, split)
+    staging = temporary_path(out / split)
     try:
-        lengths = write_shards(good, staging, names, shard_size)
-        size = sum(f.stat().st_size for f in staging.iterdir())
-        commit(out, staging, info, split, names, lengths, listing.classes, name or src.resolve().parent.name)
-        atomic_write_text(out / f"{split}.skipped.txt",
-                          "".join(f"{p}\t{r}\n" for p, r in skipped + listing.duplicates))
+        with signals_end_the_block():
+            staging.mkdir()
+            lengths = write_shards(good, staging, names, shard_size)
+            size = sum(f.stat().st_size for f in staging.iterdir())
+            commit(out, staging, info, split, names, lengths, listing.classes, name or src.resolve().parent.name)
+            listed = "".join(f"{p}\t{r}\n" for p, r in skipped + non_images + listing.duplicates)
+            write_whole(out / f"{split}.skipped.txt", listed.encode("utf-8", "surrogateescape"))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"found": len(listing.files) + len(listing.unreadable), "written": len(good), "skipped": len(skipped),
-            "duplicates": len(listing.duplicates), "shards": len(names), "bytes": size,
-            "seconds": round(time.perf_counter() - start, 2)}
+            "non_images": len(non_images), "duplicates": len(listing.duplicates), "shards": len(names),
+            "bytes": size, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def remove_stale_staging(out: Path, split: str) -> None:
+    """Staging folders of this split left by killed conversions on this host."""
+    for folder in out.glob(f".{split}.tmp-*"):
+        pid, _, host = folder.name.rsplit(".tmp-", 1)[1].partition("-")
+        if pid.isdigit() and host == socket.gethostname() and not process_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def commit(out: Path, staging: Path, info: dict, split: str, names: list[str], lengths: list[int],
@@ -155,7 +174,7 @@ def commit(out: Path, staging: Path, info: dict, split: str, names: list[str], l
     """Replace the split's old shards (if any) by the staged ones, then list them in the info file."""
     old = info.get("splits", {}).pop(split, None)
     if old is not None:  # unlisted first, then removed: the info file never names a missing shard
-        atomic_write_text(out / INFO, json.dumps(info, indent=1))
+        write_whole(out / INFO, json.dumps(info, indent=1).encode())
         for file in old.get("filenames", []):
             for path in (out / file, Path(dali_index_path(str(out / file)))):
                 path.unlink(missing_ok=True)
@@ -166,4 +185,4 @@ def commit(out: Path, staging: Path, info: dict, split: str, names: list[str], l
     info.update(classes=classes, num_classes=len(classes))
     info.setdefault("splits", {})[split] = {"name": split, "num_samples": sum(lengths), "filenames": names,
                                             "shard_lengths": lengths}
-    atomic_write_text(out / INFO, json.dumps(info, indent=1))
+    write_whole(out / INFO, json.dumps(info, indent=1).encode())

@@ -95,7 +95,8 @@ def build_bad_folder(root: Path) -> tuple[int, dict[str, str]]:
     os.symlink(root / "dog", root / "cat" / "loop")  # a second path to a folder: each image once
     Image.open(root / "dog" / "0.jpg").convert("CMYK").save(root / "dog" / "cmyk.jpg")
     Image.open(root / "dog" / "0.jpg").save(root / "dog" / "bitmap.bmp")  # re-encoded as PNG
-    return 14, {"truncated.jpg": "truncated", "empty.jpg": "empty", "notes.jpg": "identify", "README.txt": "identify"}
+    return 14, {"truncated.jpg": "truncated", "empty.jpg": "empty", "notes.jpg": "identify",
+                "README.txt": "no image extension"}
 
 
 def test_bad_files_are_skipped_with_reasons_and_counted(tmp_path):
@@ -104,8 +105,8 @@ def test_bad_files_are_skipped_with_reasons_and_counted(tmp_path):
     result = convert_wds(tmp_path / "src", out, "--split", "train", "--shard-size", 4, "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.splitlines()[-1])
-    assert summary == {**summary, "found": good + len(bad), "written": good, "skipped": len(bad), "duplicates": 1,
-                       "shards": 4}
+    assert summary == {**summary, "found": good + len(bad), "written": good, "skipped": len(bad) - 1,
+                       "non_images": 1, "duplicates": 1, "shards": 4}  # README.txt: no image extension
     listed = dict(line.split("\t") for line in (out / "train.skipped.txt").read_text().splitlines())
     for name, word in bad.items():
         assert word in next(reason for path, reason in listed.items() if path.endswith(name)).lower()

@@ -8,11 +8,13 @@
 OUT gets <prefix><split>-0000.tar, ... (--shard-size images each, in a seeded random order), a DALI
 index file beside each (.idx), _info.json in timm's layout (timm's `--dataset wds/...` reads it too)
 naming the splits, their shards and lengths and the classes (sorted folder names), and
-<split>.skipped.txt listing the files left out. Bad files (truncated, empty, not images) are skipped
-with their reason, as are second paths to a file or folder (symlink loops): found = written +
-skipped. Shards appear only when complete and the info file lists them only then. Exit 0 when the
-split is written, 2 with a one-line error (nothing written) when the source cannot give one, OUT is
-a file, lies inside SRC or a checkpoint, or already holds the split (replace it with --overwrite).
+<split>.skipped.txt listing the files left out. Images that do not decode (truncated, empty, not
+images) are skipped with their reason, files without an image extension and second paths to a file
+or folder (symlink loops) are listed too: found = written + skipped + files without an image
+extension. Shards appear only when complete and the info file lists them only then. Exit 0 when the
+split is written; 2 with a one-line error (nothing written) when the source cannot give one (a class
+folder without an image, too), OUT is a file, lies inside SRC or a checkpoint, or already holds the
+split (replace it with --overwrite); 128 + N when stopped by signal N (nothing written).
 """
 from __future__ import annotations
 
@@ -66,9 +68,14 @@ def main(argv) -> int:
     except UserInputError as error:  # ConversionError too
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit) as stop:  # SystemExit: SIGTERM/SIGHUP (pipelines/atomic_files.py)
+        print(f"stopped: nothing written to {args.out}", file=sys.stderr)
+        return stop.code if isinstance(stop, SystemExit) else 130
+    others = f", {summary['non_images']} files without an image extension ignored" if summary["non_images"] else ""
     duplicates = f", {summary['duplicates']} duplicate paths (symlinks) ignored" if summary["duplicates"] else ""
-    listed = f" (listed in {args.out / (split + '.skipped.txt')})" if summary["skipped"] + summary["duplicates"] else ""
-    print(f"found {summary['found']}, written {summary['written']}, skipped {summary['skipped']}{duplicates}{listed}, "
+    reported = summary["skipped"] + summary["non_images"] + summary["duplicates"]
+    listed = f" (listed in {args.out / (split + '.skipped.txt')})" if reported else ""
+    print(f"found {summary['found']}, written {summary['written']}, skipped {summary['skipped']}{others}{duplicates}{listed}, "
           f"{summary['shards']} shards, {summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s "
           f"→ {args.out} (split {split})")
     if args.json:

@@ -134,6 +134,9 @@ class DataConfig:
     hflip: bool = True
     auto_augment: str = ""  # timm policy (torchvision, dali loaders): v0 (TF EfficientNet), original, rand-m9-mstd0.5
     workers: int = 2  # decode workers (torchvision, ffcv) per process
+    # torchvision, dali: decode every image once before training (cached by the folder's contents,
+    # pipelines/image_check.py) and leave out those that fail; false: find them mid-run (replaced)
+    check_images: bool = True
     ffcv: FfcvConfig = field(default_factory=FfcvConfig)
     dali: DaliConfig = field(default_factory=DaliConfig)
 

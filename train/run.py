@@ -150,7 +150,7 @@ def main(argv: list[str]) -> None:
             return stopped(accelerator, state, log)
     stop.training_saved()
     try:
-        finish(ctx, accelerator, val_loader, state, log, run_dir, classes, ema, environment, artifacts)
+        finish(ctx, accelerator, train_loader, val_loader, state, log, run_dir, classes, ema, environment, artifacts)
     except StoppedAfterTraining:
         log.close()
         raise
@@ -177,11 +177,11 @@ def stopped(accelerator, state, log) -> None:
     log.close()
 
 
-def finish(ctx, accelerator, val_loader, state, log, run_dir: Path, classes: list[str], ema, environment: dict,
-           artifacts: ModelArtifacts) -> None:
+def finish(ctx, accelerator, train_loader, val_loader, state, log, run_dir: Path, classes: list[str], ema,
+           environment: dict, artifacts: ModelArtifacts) -> None:
     """Final evaluation, plain-timm exports (to W&B too), summary.json, the plot and the table."""
     cfg = ctx.cfg
-    report = final_report(ctx, accelerator, val_loader, state, environment)
+    report = final_report(ctx, accelerator, train_loader, val_loader, state, environment)
     log.log({"epoch": state.epoch, **{f"final/{k}": v for k, v in report.items() if isinstance(v, (int, float))}},
             state.step)
     if accelerator.is_main_process:
