@@ -263,3 +263,25 @@ def test_convert_ffcv_accepts_shards_and_ffcv_reads_their_labels(demo_cfg, conve
                                        f"data.ffcv.train_beton={beton}"), "val")
         folder = build_loader(demo_cfg("data.image_size=32"), "val")
         assert Counter(labels_of(loader)) == Counter(labels_of(folder))
+
+
+def test_dali_finds_an_image_that_passes_its_check_and_still_fails(demo_cfg, converted, tmp_path, capfd):
+    """A JPEG with its start and end markers but a 0×0 frame header: DALI's pipeline stops on it;
+    the DALI loader's recovery probes the batch's samples, replaces the culprit and goes on."""
+    pytest.importorskip("nvidia.dali")
+    from skimage import data as photos
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(photos.astronaut()).resize((64, 64)).save(buffer, "JPEG")
+    whole = buffer.getvalue()
+    root = copy_set(converted, tmp_path)
+    frame = whole.find(b"\xff\xc0") + 5  # SOF0: marker, length, precision, then height and width
+    add_sample(root / "val-0001.tar", "sneaky", {"jpg": whole[:frame] + bytes(4) + whole[frame + 4:], "cls": b"2"})
+    info = json.loads((root / "_info.json").read_text())
+    info["splits"]["val"]["shard_lengths"][1] += 1
+    info["splits"]["val"]["num_samples"] += 1
+    (root / "_info.json").write_text(json.dumps(info))
+    val = build_loader(shard_cfg(demo_cfg, "dali", f"data.root={root}", "batch_size=64"), "val")
+    assert labels_of(val) == [val.reader.read_label(i) for i in [*range(360), 0]]
+    assert [where for where, _ in val.left_out] == [f"shard {root}/val-0001.tar key sneaky"]
+    assert "DALI cannot decode it" in val.left_out[0][1] and val.pipelines_built == 2
