@@ -5,7 +5,7 @@ listing each of its files as `<ext> <byte offset> <size> <name>`. tools/convert_
 beside each shard (train-0000.tar → train-0000.idx, wds2idx's naming). A shard without one (or
 with one that does not fit it) is indexed once by reading its tar headers with Python's tarfile (which
 reads GNU and PAX tars alike; DALI 2.4.0 reads both too), and the index is cached under
-$XDG_CACHE_HOME/advprop/wds-index (default ~/.cache), named by the tar's path, size and mtime:
+$XDG_CACHE_HOME/advprop-trainer/wds-index (default ~/.cache), named by the tar's path, size and mtime:
 the shards' folder may be read-only shared storage. An index beside a shard is used when the tar
 headers before its first and last files carry the names it lists (a rewritten tar is indexed again,
 a copied set is not). So a start reads the small index files, never a whole tar again.
@@ -39,7 +39,7 @@ def dali_index_path(tar: str) -> str:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "advprop" / "wds-index"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "advprop-trainer" / "wds-index"
 
 
 def cached_index_path(tar: str, status: os.stat_result) -> Path:
