@@ -24,11 +24,11 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines.errors import UserInputError
 from pipelines.ffcv_writer import WRITE_MODES, StorageSettings, convert_imagefolder
 from pipelines.webdataset_source import set_classes
 from pipelines.wds_ffcv import convert_shards
 from pipelines.wds_spec import named_shards
+from tools.conversion_report import run_conversion, summary_line
 from tools.output_guard import check_output_file
 
 DEFAULTS = StorageSettings()
@@ -77,28 +77,20 @@ def main(argv) -> int:
         from pipelines.loader import INSTALL_HINTS
         print(f"error: FFCV is not installed here. {INSTALL_HINTS['ffcv']}", file=sys.stderr)
         return 2
-    try:
+    def convert() -> dict:
         check_output_file(args.out, inputs=[args.src], overwrite=args.overwrite, example="train.beton",
                           beside=(".json", ".skipped.txt"))
         shards = named_shards(str(args.src), "train", args.split)
         if shards is not None:  # WebDataset shards (pipelines/wds_ffcv.py)
             classes = set_classes([shards], args.num_classes, args.workers)
-            summary = convert_shards(shards, classes, args.out, settings, workers=args.workers, limit=args.limit)
-        else:
-            summary = convert_imagefolder(args.src, args.out, settings, workers=args.workers,
-                                          chunk_size=args.chunk_size, limit=args.limit)
-    except UserInputError as error:  # ConversionError too
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, SystemExit) as stop:  # SystemExit: SIGTERM/SIGHUP (pipelines/atomic_files.py)
-        print(f"stopped: nothing written to {args.out}", file=sys.stderr)
-        return stop.code if isinstance(stop, SystemExit) else 130
-    others = f", {summary['non_images']} files without an image extension ignored" if summary["non_images"] else ""
-    duplicates = f", {summary['duplicates']} duplicate paths (symlinks) ignored" if summary["duplicates"] else ""
-    reported = summary["skipped"] + summary["non_images"] + summary["duplicates"]
-    listed = f" (listed in {args.out}.skipped.txt)" if reported else ""
-    print(f"found {summary['found']}, written {summary['written']}, skipped {summary['skipped']}{others}{duplicates}"
-          f"{listed}, {summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s → {args.out}")
+            return convert_shards(shards, classes, args.out, settings, workers=args.workers, limit=args.limit)
+        return convert_imagefolder(args.src, args.out, settings, workers=args.workers,
+                                   chunk_size=args.chunk_size, limit=args.limit)
+
+    summary = run_conversion(convert, args.out)
+    if isinstance(summary, int):
+        return summary
+    print(f"{summary_line(summary, Path(f'{args.out}.skipped.txt'))} → {args.out}")
     if args.json:
         print(json.dumps(summary))
     return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipelines.errors import UserInputError
 from pipelines.wds_writer import convert_folder
+from tools.conversion_report import run_conversion, summary_line
 
 
 def parse_args(argv):
@@ -60,23 +61,16 @@ def check_output_set(out: Path, src: Path) -> None:
 def main(argv) -> int:
     args = parse_args(argv)
     split = args.split or args.src.name
-    try:
+    def convert() -> dict:
         check_output_set(args.out, args.src)
-        summary = convert_folder(args.src, args.out, split=split, shard_size=args.shard_size, prefix=args.prefix,
-                                 name=args.name, workers=args.workers, seed=args.seed, limit=args.limit,
-                                 overwrite=args.overwrite)
-    except UserInputError as error:  # ConversionError too
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, SystemExit) as stop:  # SystemExit: SIGTERM/SIGHUP (pipelines/atomic_files.py)
-        print(f"stopped: nothing written to {args.out}", file=sys.stderr)
-        return stop.code if isinstance(stop, SystemExit) else 130
-    others = f", {summary['non_images']} files without an image extension ignored" if summary["non_images"] else ""
-    duplicates = f", {summary['duplicates']} duplicate paths (symlinks) ignored" if summary["duplicates"] else ""
-    reported = summary["skipped"] + summary["non_images"] + summary["duplicates"]
-    listed = f" (listed in {args.out / (split + '.skipped.txt')})" if reported else ""
-    print(f"found {summary['found']}, written {summary['written']}, skipped {summary['skipped']}{others}{duplicates}{listed}, "
-          f"{summary['shards']} shards, {summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s "
+        return convert_folder(args.src, args.out, split=split, shard_size=args.shard_size, prefix=args.prefix,
+                              name=args.name, workers=args.workers, seed=args.seed, limit=args.limit,
+                              overwrite=args.overwrite)
+
+    summary = run_conversion(convert, args.out)
+    if isinstance(summary, int):
+        return summary
+    print(f"{summary_line(summary, args.out / f'{split}.skipped.txt')}, {summary['shards']} shards "
           f"→ {args.out} (split {split})")
     if args.json:
         print(json.dumps(summary))
