@@ -48,6 +48,8 @@ class EpochFiles:
     """The external source: batches of (encoded path, label) over the list of the current epoch.
     DALI calls iter() on it at every pipeline reset and stops the epoch at StopIteration."""
 
+    yields_bytes = False  # paths, read by DALI; a subclass may give encoded images (pipelines/wds_dali.py)
+
     def __init__(self, batch_size: int):
         self.batch_size, self.paths, self.labels, self.position = batch_size, [], [], 0
 
@@ -74,7 +76,8 @@ class EpochFiles:
 def read_files(source: EpochFiles, gpu: bool):
     paths, labels = fn.external_source(source=source, num_outputs=2, batch=True, cycle="raise",
                                        dtype=[types.UINT8, types.INT64])
-    return fn.io.file.read(paths), labels.gpu() if gpu else labels
+    encoded = paths if source.yields_bytes else fn.io.file.read(paths)
+    return encoded, labels.gpu() if gpu else labels
 
 
 @pipeline_def(enable_conditionals=True)  # AutoAugment draws operations per image with `if`
@@ -112,12 +115,9 @@ def pipeline_seed(*parts: int) -> int:
 
 class DaliLoader:
     def __init__(self, cfg, split: str, *, rank: int, world_size: int, device: torch.device):
-        listing = checked_listing(cfg, split, rank)
-        samples = listing.images()
-        self.classes = listing.classes
-        self.left_out = list(listing.left_out)  # + those that fail mid-run, as they do
+        self.classes, self.files, self.labels, left_out = self.list_samples(cfg, split, rank)
+        self.left_out = list(left_out)  # + those that fail mid-run, as they do
         self.failed: set[int] = set()  # indices that failed mid-run: substitutes stand in for them
-        self.files, self.labels = [path for path, _ in samples], [label for _, label in samples]
         self.cfg, self.train, self.device, self.rank = cfg, split == "train", device, rank
         self.batch_size = cfg.batch_size
         self.sampler = ShardSampler(len(self.files), shuffle=self.train, seed=cfg.seed, rank=rank,
@@ -125,6 +125,15 @@ class DaliLoader:
         self.source, self.iterator = None, None  # built on first use, then kept
         self.pipelines_built = 0
         self.at_epoch_end = False  # the iterator finished its last epoch: it can be reset for the next
+
+    def list_samples(self, cfg, split: str, rank: int) -> tuple[list[str], list, list, list]:
+        """(classes, files, labels, left_out) of the split; the external source is given files[i]."""
+        listing = checked_listing(cfg, split, rank)
+        samples = listing.images()
+        return listing.classes, [path for path, _ in samples], [label for _, label in samples], listing.left_out
+
+    def new_source(self) -> EpochFiles:
+        return EpochFiles(self.batch_size)
 
     def epoch_indices(self) -> list[int]:
         return self.sampler.indices()
@@ -169,18 +178,25 @@ class DaliLoader:
         message = str(error)
         if "fn.decoders" not in message and "fn.io.file.read" not in message:
             raise error  # not about an image (out of memory...): not ours to hide
-        reasons = {index: reason for index in batch if (reason := dali_decode_problem(self.files[index]))}
+        reasons = {index: reason for index in batch if (reason := self.probe(index))}
         if not reasons or len(reasons) > MAX_SUBSTITUTES:
             what = "none of them fails alone" if not reasons else f"{len(reasons)} fail: has the folder changed?"
-            raise DataError(f"DALI failed on a batch of {len(batch)} images from {self.files[batch[0]]} "
+            raise DataError(f"DALI failed on a batch of {len(batch)} images from {self.name(batch[0])} "
                             f"({dali_reason(message)}); {what}") from None
         for index, reason in reasons.items():
-            path = self.files[index]
-            reason = decode_problem(path)[0] or f"DALI cannot decode it ({reason})"
+            path = self.name(index)
             self.failed.add(index)
             self.left_out.append((path, f"failed mid-run: {reason}"))
             print(f"warning: {path} does not decode ({reason}); the next image of the folder is used in "
                   f"its place", flush=True)
+
+    def probe(self, index: int) -> str:
+        """'' if DALI decodes sample index alone, else why not (in the PIL check's words if it has them)."""
+        reason = dali_decode_problem(self.files[index])
+        return reason and (decode_problem(self.files[index])[0] or f"DALI cannot decode it ({reason})")
+
+    def name(self, index: int) -> str:
+        return self.files[index]
 
     def iterator_for_new_epoch(self, paths: list[str], labels: list[int], start_batch: int) -> DALIGenericIterator:
         """The kept iterator, reset once its source holds the new list (a reset makes DALI prefetch
@@ -190,7 +206,7 @@ class DaliLoader:
             self.iterator.reset()
             return self.iterator
         self.iterator = None  # free an abandoned pipeline's threads and buffers before building anew
-        self.source = EpochFiles(self.batch_size)  # its own: nothing of the old pipeline reads it
+        self.source = self.new_source()  # its own: nothing of the old pipeline reads it
         self.source.set(paths, labels)
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
         self.iterator = DALIGenericIterator(self.build_pipeline(start_batch), ["images", "labels"],

@@ -38,6 +38,7 @@ from pipelines.errors import UserInputError
 from pipelines.image_check import parallel_map
 from pipelines.image_decode import decode_problem, to_rgb
 from pipelines.image_folder import FolderListing, check_no_empty_class, list_image_folder
+from pipelines.shard_member import image_file  # a path, or an image inside a tar shard
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 MAX_STORED_SIDE = 65_535  # .beton keeps width and height as uint16
@@ -161,7 +162,7 @@ class CheckedImages:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                with Image.open(path) as image:
+                with Image.open(image_file(path)) as image:
                     target = stored_size(*image.size, self.settings.max_resolution)
                     image.draft("RGB", target)
                     drafted = image.size
@@ -194,15 +195,17 @@ def write_beton(path: Path, images: CheckedImages, workers: int, chunk_size: int
 
 
 def convert_imagefolder(src: str | Path, out: str | Path, settings: StorageSettings, *,
-                        workers: int = 0, chunk_size: int = 100, limit: int = 0) -> dict:
+                        workers: int = 0, chunk_size: int = 100, limit: int = 0,
+                        listing: FolderListing | None = None) -> dict:
     """Converts; returns the summary: found (files, each real one once), written, skipped (images
     that cannot be stored), non_images (files without an image extension), duplicates (second
-    paths to a file or folder, not converted), bytes, seconds."""
+    paths to a file or folder, not converted), bytes, seconds. listing: the files to convert when
+    they are not src's walk (tar shards' images: pipelines/wds_ffcv.py)."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     settings.check()
     workers = workers or len(os.sched_getaffinity(0))
-    listing = list_imagefolder(src)
+    listing = list_imagefolder(src) if listing is None else listing
     classes, non_images = listing.classes, listing.non_images()
     images = [listing.files[i] for i in listing.image_indices()]
     check_no_empty_class(src, classes, {label for _, label in images})  # the loaders' rule, before any work

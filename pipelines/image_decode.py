@@ -10,11 +10,12 @@ Measured against DALI 2.4's CPU decoder on every mode above (tests/test_same_pix
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from pipelines.shard_member import image_file, image_file_size  # a path, or an image inside a tar shard
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": PIL reads 16-bit PGMs so
 
@@ -41,11 +42,11 @@ def open_rgb(path: str) -> Image.Image:
 def decode_problem(path: str) -> tuple[str, tuple[int, int]]:
     """('', (width, height)) for a file that decodes, else (the reason it does not, (0, 0))."""
     try:
-        if os.path.getsize(path) == 0:
+        if image_file_size(path) == 0:
             return "empty file (0 bytes)", (0, 0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as image:
+            with Image.open(image_file(path)) as image:
                 size = image.size  # before a rotation: the longer and shorter sides are what count
                 image.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale, still reads every byte
                 to_rgb(image)

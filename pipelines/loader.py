@@ -117,6 +117,9 @@ def build_loader(cfg, split: str, *, rank: int = 0, world_size: int = 1,
     if cfg.loader not in BACKENDS:
         raise ValueError(f"loader={cfg.loader!r} is unknown; choose one of {sorted(BACKENDS)}")
     backend = import_backend(cfg.loader)
+    if cfg.data.dataset == "webdataset":  # tar shards, read by every backend: pipelines/webdataset_source.py
+        from pipelines.webdataset_source import make_loader
+        return make_loader(cfg, split, rank=rank, world_size=world_size, device=torch.device(device))
     return backend.make_loader(cfg, split, rank=rank, world_size=world_size, device=torch.device(device))
 
 
@@ -178,6 +181,10 @@ def to_device_batch(images: torch.Tensor, labels: torch.Tensor, device: torch.de
 def prepare_dataset(cfg) -> None:
     """One-time work before loaders exist: build the demo set, convert for the backend (if it
     needs it, e.g. FFCV's .beton files). Call on the main process first (others then reuse it)."""
+    if cfg.data.dataset == "webdataset":
+        import_backend(cfg.loader)  # a missing backend is one clear error, before any indexing
+        from pipelines.webdataset_source import prepare
+        return prepare(cfg)
     if cfg.data.dataset == "digits":
         from pipelines.demo_data import build_digits_imagefolder
         build_digits_imagefolder(cfg.data.root)

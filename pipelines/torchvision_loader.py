@@ -5,6 +5,7 @@ files); bad ones are left out or replaced as pipelines/loader.py says.
 """
 from __future__ import annotations
 
+import functools
 import random
 import signal
 
@@ -61,20 +62,13 @@ class SeededImageFolder(datasets.ImageFolder):
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         return self.listing.images()
 
+    @property
+    def left_out(self) -> list[tuple[str, str]]:
+        return self.listing.left_out
+
     def __getitem__(self, index: int):
         image, label, failures = self.decode(index)
-        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
-        # timm's AutoAugment draws from python's random, its RandAugment also from numpy's
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone (workers=0)
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            try:
-                return self.transform(image), label, failures
-            finally:
-                random.setstate(python_state)
-                np.random.set_state(numpy_state)
+        return seeded_by_sample(self.seed, self.epoch, index, functools.partial(self.transform, image)), label, failures
 
     def decode(self, index: int):
         """(RGB image, label, failures) of image index, or of its substitute if it fails to decode;
@@ -94,11 +88,28 @@ class SeededImageFolder(datasets.ImageFolder):
                 index = substitute(index, len(self.samples), failed)
 
 
+def seeded_by_sample(seed: int, epoch: int, index: int, load):
+    """load() with torch's, python's and numpy's RNG seeded by (seed, epoch, index), the caller's
+    RNG states left as they were (workers=0 runs this in the training process)."""
+    sample_seed = (seed * 1_000_003 + epoch) * 10_000_019 + index
+    # timm's AutoAugment draws from python's random, its RandAugment also from numpy's
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        np.random.seed(sample_seed % 2**32)
+        try:
+            return load()
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 class TorchvisionLoader:
     def __init__(self, cfg, split: str, *, rank: int, world_size: int, device: torch.device):
-        self.dataset = SeededImageFolder(checked_listing(cfg, split, rank), image_transform(cfg, split))
+        self.dataset = self.make_dataset(cfg, split, rank)
         self.classes = self.dataset.classes
-        self.left_out = list(self.dataset.listing.left_out)  # + those that fail mid-run, as they do
+        self.left_out = list(self.dataset.left_out)  # + those that fail mid-run, as they do
         self.dataset.seed = cfg.seed
         self.train = split == "train"
         self.batch_size, self.device = cfg.batch_size, device
@@ -113,6 +124,11 @@ class TorchvisionLoader:
             # Its own generator: making an iterator draws a seed, which must not come from the
             # global RNG (a resumed run makes one more iterator mid-epoch than the original did).
             generator=torch.Generator().manual_seed(cfg.seed))
+
+    def make_dataset(self, cfg, split: str, rank: int):
+        """The map-style dataset of the split: (uint8 CHW tensor, label, failures) per index, with
+        seed, epoch, classes and left_out attributes (tar shards: pipelines/wds_torchvision.py)."""
+        return SeededImageFolder(checked_listing(cfg, split, rank), image_transform(cfg, split))
 
     @property
     def num_samples(self) -> int:

@@ -6,11 +6,16 @@
     python tools/bench_loaders.py --photos 18000 --workers 16 --backends torchvision dali
     python tools/bench_loaders.py --backends ffcv --ffcv-max-resolution 500 --ffcv-write-mode jpg
     python tools/bench_loaders.py --auto-augment v0 --workers 2   # + timm's TF EfficientNet AutoAugment
+    python tools/bench_loaders.py --shards --workers 2 --backends torchvision dali   # folder vs. tar shards
+    python tools/bench_loaders.py --first-batch-shards 1000       # seconds to a first batch on 1,000 shards
 
 Train pipeline (random-resized-crop 224 + flip, uint8 out, on the device), batch 64; with
 --auto-augment NAME every backend that can applies timm's policy NAME too (FFCV cannot: skipped). Each backend
 runs --epochs epochs; the first is excluded (numba compiles, caches warm); img/s is the mean over
-the rest (± std). Ratios are to torchvision at the same worker count, measured in the same run.
+the rest (± std). Ratios are to torchvision at the same worker count, measured in the same run;
+with --shards each backend also reads the same images from tar shards (tools/convert_wds.py's, made
+once under --cache-dir), and "× folder" is shards ÷ folder for that backend (FFCV reads shards by
+converting them, so its speed from shards is its .beton speed: not repeated).
 A backend that cannot be imported here is skipped with the reason. --json prints one JSON
 object on the last line: {"torchvision": img_s, "ffcv": img_s, "ffcv_ratio": x, ...} for the last
 worker count, with every measurement under "runs".
@@ -31,7 +36,8 @@ import torch
 
 from pipelines.errors import UserInputError
 from pipelines.ffcv_writer import WRITE_MODES, StorageSettings
-from pipelines.loader import BACKENDS, build_loader
+from pipelines.loader import BACKENDS, build_loader, prepare_dataset
+from tools.wds_bench import first_batch_report, shard_copy, shard_overrides
 from train.config import load_config
 
 STORAGE = StorageSettings()
@@ -57,6 +63,11 @@ def parse_args(argv):
     parser.add_argument("--ffcv-jpeg-quality", type=int, default=STORAGE.jpeg_quality)
     parser.add_argument("--auto-augment", default="", metavar="NAME",
                         help="timm AutoAugment/RandAugment policy after crop and flip (v0, original, rand-m9-mstd0.5)")
+    parser.add_argument("--shards", action="store_true",
+                        help="also read the same images as WebDataset shards; report shards ÷ folder per backend")
+    parser.add_argument("--first-batch-shards", type=int, default=0, metavar="N",
+                        help="only time the first batch after start on a synthetic set of N shards (per backend, "
+                             "with and without index files)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     args = parser.parse_args(argv)
     if args.epochs < 2:
@@ -64,8 +75,9 @@ def parse_args(argv):
     return args
 
 
-def bench_config(args, folder: Path, backend: str, workers: int):
-    """The demo recipe pointed at `folder` (as the train split), with an ImageNet-style train crop."""
+def bench_config(args, folder: Path, backend: str, workers: int, shards: Path | None = None):
+    """The demo recipe pointed at `folder` (as the train split), with an ImageNet-style train crop;
+    at its shard copy instead when `shards` is given."""
     overrides = [
         f"loader={backend}", "data.dataset=imagefolder", f"data.root={folder.parent}",
         f"data.train_dir={folder.name}", f"data.val_dir={folder.name}", f"data.image_size={args.image_size}",
@@ -75,6 +87,8 @@ def bench_config(args, folder: Path, backend: str, workers: int):
         f"data.ffcv.compress_probability={args.ffcv_compress_probability}",
         f"data.ffcv.jpeg_quality={args.ffcv_jpeg_quality}", f"data.auto_augment='{args.auto_augment}'",
     ]
+    if shards is not None:
+        overrides += shard_overrides(shards)
     if backend == "ffcv":
         load_config(overrides)  # refuses what FFCV cannot do (AutoAugment) before converting anything
         beton = ffcv_beton(args, folder)
@@ -116,17 +130,26 @@ def time_epochs(loader, epochs: int, device: str) -> list[float]:
 KEEP_ALIVE = []  # freeing an ffcv Loader makes numba print a harmless KeyError from a finalizer
 
 
-def measure(args, folder: Path, backend: str, workers: int) -> dict:
-    cfg = bench_config(args, folder, backend, workers)
+def measure(args, folder: Path, backend: str, workers: int, shards: Path | None = None) -> dict:
+    cfg = bench_config(args, folder, backend, workers, shards)
+    if shards is not None:
+        prepare_dataset(cfg)  # index and check the shards before the clock starts
     loader = build_loader(cfg, "train", device=args.device)
     KEEP_ALIVE.append(loader)
     speeds = time_epochs(loader, args.epochs, args.device)
-    return {"backend": backend, "workers": workers, "img_s": statistics.mean(speeds),
+    return {"backend": backend, "workers": workers, "source": "shards" if shards else "folder",
+            "img_s": statistics.mean(speeds),
             "std": statistics.stdev(speeds) if len(speeds) > 1 else 0.0, "images_per_epoch": loader.num_samples}
 
 
 def main(argv) -> int:
     args = parse_args(argv)
+    if args.first_batch_shards:  # its own synthetic set; no folder needed
+        args.cache_dir.mkdir(parents=True, exist_ok=True)
+        rows = first_batch_report(args)
+        if args.json:
+            print(json.dumps({"first_batch": rows}))
+        return 0
     if args.data is None:
         from pipelines.photo_data import build_photo_imagefolder
         name = "photos" if args.photos == 1800 else f"photos-{args.photos}"
@@ -135,28 +158,26 @@ def main(argv) -> int:
     if not folder.is_dir():
         print(f"error: --data {folder} is not a folder", file=sys.stderr)
         return 2
+    shards = shard_copy(folder, args.cache_dir) if args.shards else None
     runs, skipped = [], {}
     for backend in args.backends:
         for workers in args.workers:
-            if backend in skipped:
-                continue
-            try:
-                run = measure(args, folder, backend, workers)
-            except UserInputError as error:  # build_loader: backend not importable here
-                skipped[backend] = str(error).splitlines()[0]
-                print(f"{backend:12s} skipped: {skipped[backend]}")
-                continue
-            runs.append(run)
-            print(f"{backend:12s} {workers} workers: {run['img_s']:8.0f} ± {run['std']:.0f} img/s", flush=True)
-
-    baseline = {r["workers"]: r["img_s"] for r in runs if r["backend"] == "torchvision"}
-    print(f"\n{'backend':12s} {'workers':>7s} {'img/s':>8s} {'× torchvision':>14s}")
-    for run in runs:
-        if run["workers"] in baseline:
-            run["ratio"] = run["img_s"] / baseline[run["workers"]]
-        print(f"{run['backend']:12s} {run['workers']:7d} {run['img_s']:8.0f} {run.get('ratio', float('nan')):14.2f}")
+            for source in [None] + ([shards] if shards and backend != "ffcv" else []):
+                if backend in skipped:
+                    continue
+                try:
+                    run = measure(args, folder, backend, workers, source)
+                except UserInputError as error:  # build_loader: backend not importable here
+                    skipped[backend] = str(error).splitlines()[0]
+                    print(f"{backend:12s} skipped: {skipped[backend]}")
+                    continue
+                runs.append(run)
+                print(f"{backend:12s} {workers} workers, {run['source']}: {run['img_s']:8.0f} ± {run['std']:.0f} img/s",
+                      flush=True)
+    print_table(runs)
     if args.json:
-        last = [r for r in runs if r["workers"] == args.workers[-1]]
+        last = [r for r in runs if r["workers"] == args.workers[-1] and r["source"] == "folder"]
+        from_shards = {r["backend"]: r for r in runs if r["workers"] == args.workers[-1] and r["source"] == "shards"}
         summary = {"workers": args.workers[-1], "data": str(folder), "image_size": args.image_size,
                    "auto_augment": args.auto_augment,
                    "ffcv_storage": {"max_resolution": args.ffcv_max_resolution, "write_mode": args.ffcv_write_mode,
@@ -164,9 +185,24 @@ def main(argv) -> int:
                                     "jpeg_quality": args.ffcv_jpeg_quality},
                    **{r["backend"]: r["img_s"] for r in last},
                    **{f"{r['backend']}_ratio": r["ratio"] for r in last if r["backend"] != "torchvision" and "ratio" in r},
+                   **{f"{name}_shards_ratio": r["shards_ratio"] for name, r in from_shards.items()},
                    "runs": runs, "skipped": skipped}
         print(json.dumps(summary))
     return 0
+
+
+def print_table(runs: list[dict]) -> None:
+    """Each run beside torchvision's (same workers, folder) and, from shards, beside its own folder run."""
+    baseline = {r["workers"]: r["img_s"] for r in runs if r["backend"] == "torchvision" and r["source"] == "folder"}
+    folder = {(r["backend"], r["workers"]): r["img_s"] for r in runs if r["source"] == "folder"}
+    print(f"\n{'backend':12s} {'source':>7s} {'workers':>7s} {'img/s':>8s} {'× torchvision':>14s} {'× folder':>9s}")
+    for run in runs:
+        if run["workers"] in baseline and run["source"] == "folder":
+            run["ratio"] = run["img_s"] / baseline[run["workers"]]
+        if run["source"] == "shards" and (run["backend"], run["workers"]) in folder:
+            run["shards_ratio"] = run["img_s"] / folder[run["backend"], run["workers"]]
+        print(f"{run['backend']:12s} {run['source']:>7s} {run['workers']:7d} {run['img_s']:8.0f} "
+              f"{run.get('ratio', float('nan')):14.2f} {run.get('shards_ratio', float('nan')):9.2f}")
 
 
 if __name__ == "__main__":

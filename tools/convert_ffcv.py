@@ -3,6 +3,8 @@
 
     python tools/convert_ffcv.py data/imagenet/train data/ffcv/train.beton
     python tools/convert_ffcv.py data/imagenet/val data/ffcv/val.beton --limit 5000 --json
+    python tools/convert_ffcv.py data/imagenet-wds data/ffcv/val.beton --split validation   # tar shards
+    python tools/convert_ffcv.py 'data/x/train-{0000..0099}.tar' data/ffcv/train.beton
 
 The images are those every loader reads (image extensions: torchvision's list), decoded as
 every loader decodes them. Bad ones (truncated, empty, not images, too small) are skipped and
@@ -22,8 +24,11 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines.errors import UserInputError
 from pipelines.ffcv_writer import WRITE_MODES, StorageSettings, convert_imagefolder
+from pipelines.webdataset_source import set_classes
+from pipelines.wds_ffcv import convert_shards
+from pipelines.wds_spec import named_shards
+from tools.conversion_report import run_conversion, summary_line
 from tools.output_guard import check_output_file
 
 DEFAULTS = StorageSettings()
@@ -31,7 +36,12 @@ DEFAULTS = StorageSettings()
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, help="ImageFolder: SRC/<class>/<image>")
+    parser.add_argument("src", type=Path, help="ImageFolder: SRC/<class>/<image>; or WebDataset shards: a folder "
+                                               "with _info.json, or a brace pattern of .tar files")
+    parser.add_argument("--split", default="train", help="shards: the info file's split to convert (default train)")
+    parser.add_argument("--num-classes", type=int, default=0,
+                        help="shards without a class count in an info file: the number of classes "
+                             "(default: one more than the largest label)")
     parser.add_argument("out", type=Path, help="output .beton (written to a temporary name, then renamed)")
     parser.add_argument("--max-resolution", type=int, default=DEFAULTS.max_resolution,
                         help="cap on the longer side in px, 0 = keep (default %(default)s; the loader's "
@@ -67,23 +77,20 @@ def main(argv) -> int:
         from pipelines.loader import INSTALL_HINTS
         print(f"error: FFCV is not installed here. {INSTALL_HINTS['ffcv']}", file=sys.stderr)
         return 2
-    try:
+    def convert() -> dict:
         check_output_file(args.out, inputs=[args.src], overwrite=args.overwrite, example="train.beton",
                           beside=(".json", ".skipped.txt"))
-        summary = convert_imagefolder(args.src, args.out, settings, workers=args.workers,
-                                      chunk_size=args.chunk_size, limit=args.limit)
-    except UserInputError as error:  # ConversionError too
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, SystemExit) as stop:  # SystemExit: SIGTERM/SIGHUP (pipelines/atomic_files.py)
-        print(f"stopped: nothing written to {args.out}", file=sys.stderr)
-        return stop.code if isinstance(stop, SystemExit) else 130
-    others = f", {summary['non_images']} files without an image extension ignored" if summary["non_images"] else ""
-    duplicates = f", {summary['duplicates']} duplicate paths (symlinks) ignored" if summary["duplicates"] else ""
-    reported = summary["skipped"] + summary["non_images"] + summary["duplicates"]
-    listed = f" (listed in {args.out}.skipped.txt)" if reported else ""
-    print(f"found {summary['found']}, written {summary['written']}, skipped {summary['skipped']}{others}{duplicates}"
-          f"{listed}, {summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s → {args.out}")
+        shards = named_shards(str(args.src), "train", args.split)
+        if shards is not None:  # WebDataset shards (pipelines/wds_ffcv.py)
+            classes = set_classes([shards], args.num_classes, args.workers)
+            return convert_shards(shards, classes, args.out, settings, workers=args.workers, limit=args.limit)
+        return convert_imagefolder(args.src, args.out, settings, workers=args.workers,
+                                   chunk_size=args.chunk_size, limit=args.limit)
+
+    summary = run_conversion(convert, args.out)
+    if isinstance(summary, int):
+        return summary
+    print(f"{summary_line(summary, Path(f'{args.out}.skipped.txt'))} → {args.out}")
     if args.json:
         print(json.dumps(summary))
     return 0

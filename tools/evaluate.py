@@ -31,8 +31,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from models.dual_norm import dual_norm_layers
 from pipelines.errors import UserInputError
-from pipelines.loader import find_classes
 from tools.robustness import imagenet_c, report as reporting, sets
+from tools.robustness.folders import data_classes
 from tools.robustness.load import load_any
 from train.attacks import ATTACKS, attack_checks, build_attack, describe
 from train.config import ATTACK_PRESETS, attack_preset
@@ -43,7 +43,9 @@ from train.tracking import wandb_mode
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="run/checkpoint folder, exported .safetensors, or timm state dict")
-    parser.add_argument("--data", required=True, type=Path, help="val ImageFolder (clean and robust accuracy)")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="val ImageFolder (clean and robust accuracy), or WebDataset shards: a folder with "
+                             "_info.json (its val/validation split) or a .tar brace pattern")
     parser.add_argument("--model", help="timm architecture of a plain state dict (e.g. tf_efficientnet_b0.ap_in1k)")
     parser.add_argument("--attack", nargs="+", action="append", metavar="NAME KEY=VALUE",
                         help="robust top-1 under an untargeted attack (sizes in pixel units), repeatable: "
@@ -101,7 +103,7 @@ def model_classes(classes: list[str] | None, model, data: Path) -> list[str]:
     """The class name of each output: from the weights, else the val folder's when the count fits."""
     outputs = model.net.get_classifier().weight.shape[0]
     source = "its weights" if classes else f"the class folders of {data}"
-    classes = classes or find_classes(data)
+    classes = classes or data_classes(data)
     if len(classes) != outputs:
         raise UserInputError(f"the model has {outputs} outputs but {source} name {len(classes)} classes")
     return classes

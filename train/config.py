@@ -30,6 +30,7 @@ DEFAULT_RECIPE = REPO_ROOT / "configs" / "demo.yaml"
 
 LOADERS = ("torchvision", "ffcv", "dali")
 BN_MODES = ("train", "eval")  # attack.bn_mode
+DATASETS = ("digits", "imagefolder", "webdataset")
 AUTO_AUGMENT_LOADERS = ("torchvision", "dali")  # FFCV's pipelines have no AutoAugment
 
 
@@ -93,10 +94,15 @@ class DaliConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # digits: built offline from scikit-learn | imagefolder: your folder
-    root: str = "data/digits"  # holds the train_dir/ and val_dir/ ImageFolders
-    train_dir: str = "train"
+    dataset: str = "digits"  # digits: built offline from scikit-learn | imagefolder: your folder | webdataset: tar shards
+    root: str = "data/digits"  # holds the train_dir/ and val_dir/ ImageFolders (webdataset: the _info.json)
+    train_dir: str = "train"  # webdataset: the info file's split name (val: val_dir, else "validation")
     val_dir: str = "val"
+    # webdataset (pipelines/wds_spec.py): brace patterns of tar shards, e.g. /data/x/train-{0000..0099}.tar,
+    # local or remote (pipe:CMD, http://), "|N" = N samples; "" → the splits of data.root's _info.json
+    train_shards: str = ""
+    val_shards: str = ""
+    num_classes: int = 0  # webdataset: 0 → the info file's, else one more than the largest label
     image_size: int = 224  # train crop
     val_image_size: int = 0  # 0 → image_size
     crop_ratio: float = 0.875  # val: resize shorter side to size/crop_ratio, center crop (224/256)
@@ -336,7 +342,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.collective_timeout_s >= 1, "collective_timeout_s", "must be ≥ 1 (seconds)"),
         (cfg.method in methods, "method", f"must be one of {methods}"),
         (cfg.loader in LOADERS, "loader", f"must be one of {LOADERS}"),
-        (cfg.data.dataset in ("digits", "imagefolder"), "data.dataset", "must be digits or imagefolder"),
+        (cfg.data.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}"),
+        (cfg.data.num_classes >= 0, "data.num_classes", "must be ≥ 0 (0: from the shards)"),
         (cfg.normalization in ("imagenet", "inception"), "normalization", "must be imagenet or inception"),
         (cfg.schedule.name in ("cosine", "step"), "schedule.name", "must be cosine or step"),
         (cfg.tracker in ("wandb", "none"), "tracker", "must be wandb or none"),

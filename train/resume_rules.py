@@ -12,7 +12,8 @@ watched, stored, evaluated or fed, not what it learns:
   keep_checkpoints, checkpoint_every_steps, on_nonfinite, collective_timeout_s
   eval_aux_bn, eval_robust, eval_attack
   compile, channels_last, loader, data.root, data.train_dir, data.val_dir, data.workers,
-  data.dali.*, data.ffcv.*       (where the data lives and how fast it is read; the classes
+  data.dali.*, data.ffcv.*, data.train_shards, data.val_shards
+                                 (where the data lives and how fast it is read; the classes
                                   must still be the checkpoint's)
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ MAY_CHANGE = (
     "keep_checkpoints", "checkpoint_every_steps", "on_nonfinite", "collective_timeout_s",
     "eval_aux_bn", "eval_robust", "eval_attack",
     "compile", "channels_last", "loader", "data.root", "data.train_dir", "data.val_dir", "data.workers",
-    "data.dali", "data.ffcv",
+    "data.dali", "data.ffcv", "data.train_shards", "data.val_shards",
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf
@@ -17,17 +18,45 @@ from torch import nn
 
 from pipelines.errors import UserInputError
 from pipelines.loader import build_loader, find_classes
+from pipelines.webdataset_source import dataset_classes
+from pipelines.wds_spec import shard_data, shard_split
 from tools.robustness.load import imagenet_wnids
 
 
-def folder_loader(folder: Path, cfg, accelerator, *, batch_size: int, workers: int):
-    """The torchvision val loader of `cfg` (the model's resize + center crop) over any ImageFolder."""
+def folder_loader(folder: Path, cfg, accelerator, *, batch_size: int, workers: int,
+                  model_classes: list[str] | None = None):
+    """The torchvision val loader of `cfg` (the model's resize + center crop) over any ImageFolder,
+    or over WebDataset shards (a folder with _info.json, its val split; or a .tar pattern)."""
+    shards = shard_data(str(folder), "val")
+    if shards is not None:
+        return shard_loader(shards, cfg, accelerator, batch_size=batch_size, workers=workers,
+                            model_classes=model_classes)
     folder = Path(folder).resolve()
     find_classes(folder)  # a clear error for a missing folder or one without class sub-folders
     cfg = OmegaConf.merge(cfg, {"loader": "torchvision", "batch_size": batch_size, "data": {
-        "root": str(folder.parent), "val_dir": folder.name, "workers": workers}})
+        "dataset": "imagefolder", "root": str(folder.parent), "val_dir": folder.name, "workers": workers}})
     return build_loader(cfg, "val", rank=accelerator.process_index, world_size=accelerator.num_processes,
                         device=accelerator.device)
+
+
+def shard_loader(shards: dict, cfg, accelerator, *, batch_size: int, workers: int, model_classes: list[str] | None):
+    """A shard set's val loader. Without class names in the set, its labels are the model's indices."""
+    named = shard_split(SimpleNamespace(**shards), "val").classes is not None
+    data = {**shards, "workers": workers, "num_classes": 0 if named else len(model_classes or [])}
+    cfg = OmegaConf.merge(cfg, {"loader": "torchvision", "batch_size": batch_size, "data": data})
+    loader = build_loader(cfg, "val", rank=accelerator.process_index, world_size=accelerator.num_processes,
+                          device=accelerator.device)
+    if model_classes and loader.classes == [str(i) for i in range(len(model_classes))]:
+        loader.classes = list(model_classes)
+    return loader
+
+
+def data_classes(source: Path) -> list[str]:
+    """The class names of an evaluation set: an ImageFolder's folders, a shard set's classes."""
+    shards = shard_data(str(source), "val")
+    if shards is None:
+        return find_classes(source)
+    return dataset_classes(SimpleNamespace(data=SimpleNamespace(**shards, num_classes=0, workers=0)), "val")
 
 
 def class_indices(folder_classes: list[str], model_classes: list[str], folder: Path) -> list[int]:

@@ -35,7 +35,8 @@ class EvalContext:
 
     def loader(self, folder: Path, *, relabel: bool = True):
         """The folder's val loader, labels in the model's class space (relabel), limited if asked."""
-        loader = folder_loader(folder, self.cfg, self.accelerator, batch_size=self.batch_size, workers=self.workers)
+        loader = folder_loader(folder, self.cfg, self.accelerator, batch_size=self.batch_size, workers=self.workers,
+                               model_classes=self.classes)
         if relabel and loader.classes != self.classes:
             loader = RelabeledLoader(loader, self.classes, folder)
         return LimitedLoader(loader, self.limit, self.batch_size) if self.limit > 0 else loader

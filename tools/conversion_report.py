@@ -1,0 +1,31 @@
+"""What the converters (tools/convert_ffcv.py, tools/convert_wds.py) do when they end: the exit
+status of a conversion that could not run or was stopped, and the line saying what was written."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipelines.errors import UserInputError
+
+
+def run_conversion(convert, out: Path) -> dict | int:
+    """convert()'s summary; or the exit status, its reason printed: 2 for an input that cannot give
+    one (UserInputError: one line, nothing written), 128 + N for signal N (pipelines/atomic_files.py
+    raises SIGTERM/SIGHUP as SystemExit), 130 for Ctrl-C."""
+    try:
+        return convert()
+    except UserInputError as error:  # ConversionError too
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, SystemExit) as stop:
+        print(f"stopped: nothing written to {out}", file=sys.stderr)
+        return stop.code if isinstance(stop, SystemExit) else 130
+
+
+def summary_line(summary: dict, skipped_list: Path) -> str:
+    """found …, written …, skipped … (and what else was not written, where it is listed), size."""
+    others = f", {summary['non_images']} files without an image extension ignored" if summary["non_images"] else ""
+    duplicates = f", {summary['duplicates']} duplicate paths (symlinks) ignored" if summary["duplicates"] else ""
+    listed = f" (listed in {skipped_list})" if summary["skipped"] + summary["non_images"] + summary["duplicates"] else ""
+    return (f"found {summary['found']}, written {summary['written']}, skipped {summary['skipped']}{others}{duplicates}"
+            f"{listed}, {summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s")
