@@ -15,6 +15,11 @@ time, and DALI's threads read and decode them. So
   - the order is a function of (seed, epoch), shards are disjoint, equally long for train;
   - mid-epoch resume starts the list after the consumed batches instead of decoding them;
   - val counts every image once: the last batch is simply shorter (no padding to cut off).
+An image that fails to decode mid-run (changed since the up-front check, or a kind DALI cannot
+decode: 1-bit or 32-bit integer TIFF) stops DALI's pipeline; DALI reports errors in batch order, so
+the failing batch is known, its files are decoded one by one to find the culprit, which is
+reported, counted in left_out and replaced by pipelines/loader.py's `substitute` from then on, and
+a new pipeline continues from that batch (its crops freshly drawn, as after a resume).
 AutoAugment/RandAugment (data.auto_augment) runs inside the train pipeline, on the GPU after
 nvJPEG or on the CPU: pipelines/dali_auto_augment.py.
 Random crops, flips and AutoAugment draws come from the pipeline's generator, seeded by (seed, rank) and the position
@@ -30,8 +35,9 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.dali_auto_augment import DaliAutoAugment
-from pipelines.image_folder import list_image_folder
-from pipelines.loader import ShardSampler, report_skipped, split_folder, to_device_batch
+from pipelines.errors import DataError
+from pipelines.image_decode import decode_problem
+from pipelines.loader import MAX_SUBSTITUTES, ShardSampler, checked_listing, substitute, to_device_batch
 
 # nvJPEG scratch buffers reserved up front so the first large images do not trigger reallocations
 # (the values of DALI's own ResNet-50 example).
@@ -106,10 +112,11 @@ def pipeline_seed(*parts: int) -> int:
 
 class DaliLoader:
     def __init__(self, cfg, split: str, *, rank: int, world_size: int, device: torch.device):
-        listing = list_image_folder(split_folder(cfg, split))
-        report_skipped(listing, rank)
+        listing = checked_listing(cfg, split, rank)
         samples = listing.images()
         self.classes = listing.classes
+        self.left_out = list(listing.left_out)  # + those that fail mid-run, as they do
+        self.failed: set[int] = set()  # indices that failed mid-run: substitutes stand in for them
         self.files, self.labels = [path for path, _ in samples], [label for _, label in samples]
         self.cfg, self.train, self.device, self.rank = cfg, split == "train", device, rank
         self.batch_size = cfg.batch_size
@@ -134,16 +141,48 @@ class DaliLoader:
 
     def __iter__(self):
         indices = self.epoch_indices()
-        if not indices:  # a shard smaller than one batch (train) or than one image (val)
-            return
-        iterator = self.iterator_for_new_epoch([self.files[i] for i in indices], [self.labels[i] for i in indices])
-        self.at_epoch_end = False
-        for (batch,) in iterator:
-            images = batch["images"].permute(0, 3, 1, 2)  # NHWC → NCHW view with channels-last strides
-            yield to_device_batch(images, batch["labels"].squeeze(1), self.device)
-        self.at_epoch_end = True
+        done = 0  # batches of this epoch yielded
+        while done * self.batch_size < len(indices):  # more than once only after a failed image
+            rest = [self.stand_in(i) for i in indices[done * self.batch_size:]]
+            batches = iter(self.iterator_for_new_epoch([self.files[i] for i in rest], [self.labels[i] for i in rest],
+                                                       start_batch=self.sampler.start_batch + done))
+            self.at_epoch_end, here = False, 0
+            while True:
+                try:
+                    (batch,) = next(batches)
+                except StopIteration:
+                    self.at_epoch_end = True
+                    return
+                except RuntimeError as error:  # DALI's pipeline is dead: find the file, then go on anew
+                    self.iterator = None
+                    self.replace_failed(error, rest[here * self.batch_size:(here + 1) * self.batch_size])
+                    break
+                images = batch["images"].permute(0, 3, 1, 2)  # NHWC → NCHW view with channels-last strides
+                done, here = done + 1, here + 1
+                yield to_device_batch(images, batch["labels"].squeeze(1), self.device)
 
-    def iterator_for_new_epoch(self, paths: list[str], labels: list[int]) -> DALIGenericIterator:
+    def stand_in(self, index: int) -> int:
+        return substitute(index, len(self.files), self.failed) if index in self.failed else index
+
+    def replace_failed(self, error: RuntimeError, batch: list[int]) -> None:
+        """Find which of the failed batch's images DALI cannot decode; report them, replace them."""
+        message = str(error)
+        if "fn.decoders" not in message and "fn.io.file.read" not in message:
+            raise error  # not about an image (out of memory...): not ours to hide
+        reasons = {index: reason for index in batch if (reason := dali_decode_problem(self.files[index]))}
+        if not reasons or len(reasons) > MAX_SUBSTITUTES:
+            what = "none of them fails alone" if not reasons else f"{len(reasons)} fail: has the folder changed?"
+            raise DataError(f"DALI failed on a batch of {len(batch)} images from {self.files[batch[0]]} "
+                            f"({dali_reason(message)}); {what}") from None
+        for index, reason in reasons.items():
+            path = self.files[index]
+            reason = decode_problem(path)[0] or f"DALI cannot decode it ({reason})"
+            self.failed.add(index)
+            self.left_out.append((path, f"failed mid-run: {reason}"))
+            print(f"warning: {path} does not decode ({reason}); the next image of the folder is used in "
+                  f"its place", flush=True)
+
+    def iterator_for_new_epoch(self, paths: list[str], labels: list[int], start_batch: int) -> DALIGenericIterator:
         """The kept iterator, reset once its source holds the new list (a reset makes DALI prefetch
         from the source at once), or a new one on first use or after an abandoned epoch."""
         if self.iterator is not None and self.at_epoch_end:
@@ -154,17 +193,18 @@ class DaliLoader:
         self.source = EpochFiles(self.batch_size)  # its own: nothing of the old pipeline reads it
         self.source.set(paths, labels)
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
-        self.iterator = DALIGenericIterator(self.build_pipeline(), ["images", "labels"], last_batch_policy=policy,
+        self.iterator = DALIGenericIterator(self.build_pipeline(start_batch), ["images", "labels"],
+                                            last_batch_policy=policy,
                                             auto_reset=False, prepare_first_batch=False)
         return self.iterator
 
-    def build_pipeline(self):
+    def build_pipeline(self, start_batch: int):
         cfg, data = self.cfg, self.cfg.data
         cuda = self.device.type == "cuda"
         common = dict(batch_size=self.batch_size, num_threads=data.dali.threads,
                       prefetch_queue_depth=data.dali.prefetch,
                       device_id=cuda_index(self.device) if cuda else None,  # None: a CPU-only pipeline
-                      seed=pipeline_seed(cfg.seed, self.rank, self.sampler.epoch, self.sampler.start_batch),
+                      seed=pipeline_seed(cfg.seed, self.rank, self.sampler.epoch, start_batch),
                       decode_device="mixed" if cuda else "cpu")
         if self.train:
             policy = DaliAutoAugment(data.auto_augment, data.image_size) if data.auto_augment else None
@@ -176,6 +216,33 @@ class DaliLoader:
         pipe.build()
         self.pipelines_built += 1
         return pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# One image alone, to find which of a failed batch's images DALI cannot decode
+
+@pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+def probe_pipeline(path: str):
+    encoded = fn.io.file.read(fn.external_source(source=lambda: [np.frombuffer(path.encode(), np.uint8)],
+                                                 batch=True, dtype=types.UINT8))
+    return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+
+def dali_decode_problem(path: str) -> str:
+    """'' if DALI's CPU decoder decodes the file at path, else its reason (~25 ms: a pipeline each)."""
+    try:
+        pipe = probe_pipeline(path)
+        pipe.build()
+        pipe.run()
+    except RuntimeError as error:
+        return dali_reason(str(error))
+    return ""
+
+
+def dali_reason(message: str) -> str:
+    """The line of a DALI pipeline error that says what went wrong (after "encountered:")."""
+    lines = [line.strip() for line in message.split("encountered:", 1)[-1].splitlines()]
+    return next((line for line in lines if line and not line.startswith("Current pipeline")), "unknown error")
 
 
 def cuda_index(device: torch.device) -> int:

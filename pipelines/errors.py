@@ -7,3 +7,7 @@ imports nothing of theirs.
 
 class UserInputError(Exception):
     pass
+
+
+class DataError(UserInputError):
+    """An image cannot be read mid-run and nothing can stand in for it."""

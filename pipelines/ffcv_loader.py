@@ -1,8 +1,11 @@
 """FFCV backend (`loader=ffcv`): .beton files decoded by ffcv's JIT pipeline on CPU threads.
 
-prepare(cfg) converts data.root's train/ and val/ folders to <root>/ffcv/{train,val}.beton once
-(again only when the storage settings or the source change); data.ffcv.train_beton/val_beton point
-at betons made with tools/convert_ffcv.py instead, which are used as they are.
+prepare(cfg) converts data.root's train/ and val/ folders to <root>/ffcv/{train,val}.beton once,
+and again when the storage settings or the folder's contents change (its fingerprint: every
+file's path, size and mtime); data.ffcv.train_beton/val_beton point at betons made with
+tools/convert_ffcv.py instead, used as they are, with a warning when their source folder has
+changed since. The images the converter left out are named at every start and counted in the
+run's report (loader.left_out).
 
 Per batch: decode + random-resized-crop (train) or center-crop at the 224/256 ratio (val), flip,
 → uint8 NHWC tensor → device → NCHW view with channels-last strides. Normalisation stays on the
@@ -29,6 +32,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from pipelines.errors import UserInputError
 from pipelines.ffcv_writer import StorageSettings, convert_imagefolder, read_metadata
+from pipelines.image_folder import check_no_empty_class, list_image_folder
 from pipelines.loader import ShardSampler, find_classes, split_folder, to_device_batch
 
 # ---------------------------------------------------------------------------------------------
@@ -46,11 +50,32 @@ def beton_path(cfg, split: str) -> Path:
 
 
 def is_current(beton: Path, source: Path, settings: StorageSettings) -> bool:
-    """Made by our writer from this folder with these settings, and complete."""
+    """Made by our writer from this folder, as it is now, with these settings, and complete."""
+    return not staleness(beton, source, settings)
+
+
+def staleness(beton: Path, source: Path, settings: StorageSettings) -> str:
+    """'' when the .beton is current (see is_current), else why it is not."""
     meta = read_metadata(beton)
-    return (beton.is_file() and meta is not None and meta.get("bytes") == beton.stat().st_size
-            and meta.get("source") == str(source.resolve()) and meta.get("limit") == 0
-            and meta.get("settings") == asdict(settings))
+    if not beton.is_file() or meta is None:
+        return "none yet"
+    if meta.get("bytes") != beton.stat().st_size:
+        return "the .beton is incomplete"
+    if meta.get("source") != str(source.resolve()) or meta.get("limit") != 0:
+        subset = f" (--limit {meta.get('limit')})" if meta.get("limit") else ""
+        return f"it was made from {meta.get('source')}{subset}"
+    if meta.get("settings") != asdict(settings):
+        return "the storage settings changed"
+    return folder_change(meta, source)
+
+
+def folder_change(meta: dict, source: Path) -> str:
+    """'' if source holds what it held when the .beton was made, else what changed."""
+    listing = list_image_folder(source)
+    if meta.get("fingerprint") == listing.fingerprint():
+        return ""
+    then, now = meta.get("found", 0) - meta.get("duplicates", 0), len(listing.files) + len(listing.unreadable)
+    return f"{source} changed since it was converted ({then} files then, {now} now)"
 
 
 def prepare(cfg) -> None:
@@ -58,20 +83,49 @@ def prepare(cfg) -> None:
     settings = storage_settings(cfg)
     for split in ("train", "val"):
         beton, source = beton_path(cfg, split), split_folder(cfg, split)
-        user_given = bool(cfg.data.ffcv.train_beton if split == "train" else cfg.data.ffcv.val_beton)
-        if (user_given and beton.is_file()) or is_current(beton, source, settings):
+        if cfg.data.ffcv.train_beton if split == "train" else cfg.data.ffcv.val_beton:
+            if beton.is_file():
+                warn_if_source_changed(beton, split)
+                continue
+        why = staleness(beton, source, settings)
+        if not why:
             continue
-        print(f"converting {source} → {beton} (once; FFCV reads the .beton)")
-        summary = convert_imagefolder(source, beton, settings, workers=cfg.data.workers)
-        if summary["skipped"]:
-            print(f"warning: {summary['skipped']} unreadable files skipped, listed in {beton}.skipped.txt")
+        print(f"converting {source} → {beton} ({why}; FFCV reads the .beton)")
+        convert_imagefolder(source, beton, settings, workers=cfg.data.workers)  # what it left out: beton_left_out
+
+
+def warn_if_source_changed(beton: Path, split: str) -> None:
+    """A given .beton whose source folder (known from its metadata, if it still exists) changed."""
+    meta = read_metadata(beton)
+    source = Path(meta["source"]) if meta and meta.get("source") else None
+    if source is None or not source.is_dir() or "fingerprint" not in meta:
+        return
+    change = folder_change(meta, source)
+    if change:
+        print(f"warning: data.ffcv.{split}_beton={beton}: {change}; it is used as it is (reconvert with "
+              f"tools/convert_ffcv.py --overwrite to train on the folder as it is now)", flush=True)
 
 
 def beton_classes(cfg, split: str, beton: Path) -> list[str]:
     meta = read_metadata(beton)
-    if meta is not None:
-        return meta["classes"]
-    return find_classes(split_folder(cfg, split))  # a .beton from elsewhere: trust the folder
+    if meta is None:
+        return find_classes(split_folder(cfg, split))  # a .beton from elsewhere: trust the folder
+    empty = set(meta.get("empty_classes", ()))  # converted before empty class folders were refused
+    check_no_empty_class(meta["source"], meta["classes"], {i for i, name in enumerate(meta["classes"])
+                                                           if name not in empty})
+    return meta["classes"]
+
+
+def beton_left_out(beton: Path, rank: int) -> list[tuple[str, str]]:
+    """The images of the source the converter left out (its metadata's list), said once (rank 0)."""
+    meta = read_metadata(beton) or {}
+    left_out = [tuple(entry) for entry in meta.get("left_out", ())]
+    if (left_out or meta.get("non_images")) and rank == 0:
+        examples = "".join(f"; {path}: {reason}" for path, reason in left_out[:2]) + "; …" * (len(left_out) > 2)
+        print(f"warning: {beton}: {len(left_out)} images of {meta['source']} are not in it, nor "
+              f"{meta.get('non_images', 0)} files without an image extension{examples} (all listed in "
+              f"{beton}.skipped.txt)", flush=True)
+    return left_out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +188,7 @@ class FfcvLoader:
             raise UserInputError(f"{beton} does not exist: convert with tools/convert_ffcv.py "
                                  f"or leave data.ffcv.{split}_beton empty to convert {split_folder(cfg, split)}")
         self.classes = beton_classes(cfg, split, beton)
+        self.left_out = beton_left_out(beton, rank)
         self.train, self.batch_size, self.device = split == "train", cfg.batch_size, device
         self.cfg = cfg
         self.sampler = ShardSampler(Reader(str(beton)).num_samples, shuffle=self.train, seed=cfg.seed,

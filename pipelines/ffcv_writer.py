@@ -3,15 +3,21 @@
     from pipelines.ffcv_writer import StorageSettings, convert_imagefolder
     summary = convert_imagefolder("data/imagenet/train", "data/ffcv/train.beton", StorageSettings())
 
+The files are those every loader reads (pipelines/image_folder.py's walk: image extensions only,
+the others reported), decoded by the loaders' rule (pipelines/image_decode.py: the same pixels as
+DALI and torchvision); a class folder without a usable image is refused, as every loader does.
 Two passes, both parallel with a progress bar:
-  1. check: open and decode every file (JPEGs at 1/8 DCT scale: cheap, yet a truncated file still
-     fails) and predict its stored size. A file that fails is skipped with its reason.
+  1. check: decode every image (the shared check: JPEGs at 1/8 DCT scale, cheap, yet a truncated
+     file still fails) and predict its stored size. A file that fails is skipped with its reason.
   2. write: ffcv's DatasetWriter on the good files only. A worker that raises inside DatasetWriter
      leaves its main loop waiting forever, so nothing that can fail may reach it (pass 1 is why).
-The .beton is written under a temporary name and renamed when complete. Beside it:
-  OUT.json          classes (sorted folder names, as torchvision), settings, counts — the loader
-                    reads the classes from here so train and val agree
-  OUT.skipped.txt   one line per skipped file or duplicate path (symlink loop): path <TAB> reason
+The .beton is written under a temporary name and renamed when complete; a conversion stopped by
+Ctrl-C, SIGTERM or SIGHUP removes it, and one killed outright has it removed by the next
+(pipelines/atomic_files.py). Beside it:
+  OUT.json          classes (sorted folder names, as torchvision), settings, counts, the source
+                    folder's fingerprint (the loader reconverts when it changes) and the images left
+                    out — the loader reads the classes from here so train and val agree
+  OUT.skipped.txt   one line per image skipped, non-image file or duplicate path: path <TAB> reason
 """
 from __future__ import annotations
 
@@ -19,16 +25,19 @@ import json
 import multiprocessing
 import os
 import time
+from functools import partial
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
+from pipelines.atomic_files import write_whole, written_whole
 from pipelines.errors import UserInputError
-from pipelines.image_folder import FolderListing, list_image_folder
+from pipelines.image_check import parallel_map
+from pipelines.image_decode import decode_problem, to_rgb
+from pipelines.image_folder import FolderListing, check_no_empty_class, list_image_folder
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 MAX_STORED_SIDE = 65_535  # .beton keeps width and height as uint16
@@ -77,12 +86,8 @@ def read_metadata(beton: str | Path) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # Finding files
 
-def list_imagefolder(src: Path, limit: int = 0) -> FolderListing:
-    """The shared walk's listing of src (classes, files, duplicate and unreadable entries).
-
-    Every regular file counts, not just image extensions: a stray file is reported, not hidden.
-    limit > 0 keeps that many files, evenly spaced over the sorted list (so every class shows up).
-    """
+def list_imagefolder(src: Path) -> FolderListing:
+    """The shared walk's listing of src (classes, files, duplicate and unreadable entries)."""
     if not src.is_dir():
         raise ConversionError(f"source {src} is a file, not a folder (expected SRC/<class>/<image>)"
                               if src.exists() else f"source folder {src} does not exist")
@@ -90,12 +95,16 @@ def list_imagefolder(src: Path, limit: int = 0) -> FolderListing:
         listing = list_image_folder(src)
     except FileNotFoundError:
         raise ConversionError(f"source folder {src} has no class sub-folders (expected SRC/<class>/<image>)") from None
-    files = listing.files
-    if not files:
+    if not listing.files:
         raise ConversionError(f"source folder {src} has {len(listing.classes)} class folders but no files")
-    if 0 < limit < len(files):
-        listing.files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
     return listing
+
+
+def spread_subset(files: list, limit: int) -> list:
+    """limit > 0: that many files, evenly spaced over the sorted list (so every class shows up)."""
+    if 0 < limit < len(files):
+        return [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
+    return files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,19 +120,9 @@ def stored_size(width: int, height: int, max_resolution: int) -> tuple[int, int]
 
 def check_image(path: str, settings: StorageSettings) -> str:
     """'' for a file the writer can store, else the reason it cannot."""
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # palette transparency, large-image warnings
-            with Image.open(path) as image:
-                width, height = image.size
-                image.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale, still reads every byte
-                image.convert("RGB")
-    except Image.DecompressionBombError as error:
-        return f"too large to decode safely: {error}"
-    except Exception as error:  # PIL raises many types for bad files; each is a skip, not a crash
-        return f"not a readable image: {type(error).__name__}: {error}"
+    problem, (width, height) = decode_problem(path)
+    if problem:
+        return problem
     width, height = stored_size(width, height, settings.max_resolution)
     if max(width, height) > MAX_STORED_SIDE:
         return f"{width}×{height} px is too large for .beton (max {MAX_STORED_SIDE}); set a max resolution"
@@ -132,16 +131,9 @@ def check_image(path: str, settings: StorageSettings) -> str:
     return ""
 
 
-def _check_job(args):
-    path, settings = args
-    return check_image(path, settings)
-
-
 def check_all(files: list[tuple[str, int]], settings: StorageSettings, workers: int, chunk_size: int) -> list[str]:
-    jobs = [(path, settings) for path, _ in files]
-    with multiprocessing.Pool(workers) as pool:
-        results = pool.imap(_check_job, jobs, chunksize=max(1, min(chunk_size, len(jobs) // (4 * workers))))
-        return list(tqdm(results, total=len(jobs), desc="check", unit="img"))
+    return parallel_map(partial(check_image, settings=settings), [path for path, _ in files], workers,
+                        desc="check", chunk_size=chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +164,11 @@ class CheckedImages:
                 with Image.open(path) as image:
                     target = stored_size(*image.size, self.settings.max_resolution)
                     image.draft("RGB", target)
-                    pixels = np.asarray(image.convert("RGB"))
+                    drafted = image.size
+                    rgb = to_rgb(image)
+            if rgb.size != drafted:  # EXIF rotated it by 90°
+                target = target[::-1]
+            pixels = np.asarray(rgb)
             if (pixels.shape[1], pixels.shape[0]) != target:
                 pixels = cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
         except Exception as error:
@@ -197,51 +193,43 @@ def write_beton(path: Path, images: CheckedImages, workers: int, chunk_size: int
     DatasetWriter(str(path), fields, num_workers=workers).from_indexed_dataset(images, chunksize=chunk_size)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:  # a full disk or a folder at `path`: no temporary file left behind
-        temporary.unlink(missing_ok=True)
-
-
 def convert_imagefolder(src: str | Path, out: str | Path, settings: StorageSettings, *,
                         workers: int = 0, chunk_size: int = 100, limit: int = 0) -> dict:
-    """Converts; returns the summary: found (real files, each once), written, skipped (unreadable),
-    duplicates (second paths to a file or folder, not converted), empty_classes, bytes, seconds."""
+    """Converts; returns the summary: found (files, each real one once), written, skipped (images
+    that cannot be stored), non_images (files without an image extension), duplicates (second
+    paths to a file or folder, not converted), bytes, seconds."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     settings.check()
-    workers = workers or os.cpu_count() or 1
-    listing = list_imagefolder(src, limit)
-    classes, files = listing.classes, listing.files
-    reasons = check_all(files, settings, workers, chunk_size)
-    good = [file for file, reason in zip(files, reasons) if not reason]
-    skipped = listing.unreadable + [(path, reason) for (path, _), reason in zip(files, reasons) if reason]
+    workers = workers or len(os.sched_getaffinity(0))
+    listing = list_imagefolder(src)
+    classes, non_images = listing.classes, listing.non_images()
+    images = [listing.files[i] for i in listing.image_indices()]
+    check_no_empty_class(src, classes, {label for _, label in images})  # the loaders' rule, before any work
+    images = spread_subset(images, limit)
+    reasons = check_all(images, settings, workers, chunk_size)
+    good = [file for file, reason in zip(images, reasons) if not reason]
+    skipped = listing.unreadable + [(path, reason) for (path, _), reason in zip(images, reasons) if reason]
     if not good:
-        raise ConversionError(f"none of the {len(files)} files under {src} is a readable image "
+        raise ConversionError(f"none of the {len(images)} image files under {src} can be stored "
                               f"(first: {skipped[0][0]}: {skipped[0][1]})")
+    if not limit:  # a class whose every image failed the check
+        check_no_empty_class(src, classes, {label for _, label in good}, some_left_out=True)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    images = CheckedImages(good, settings)
-    try:
-        write_beton(temporary, images, workers, chunk_size)
-        if images.failures.value:
-            raise ConversionError(f"{images.failures.value} files failed while writing (changed since "
+    with written_whole(out) as temporary:
+        checked = CheckedImages(good, settings)
+        write_beton(temporary, checked, workers, chunk_size)
+        if checked.failures.value:
+            raise ConversionError(f"{checked.failures.value} files failed while writing (changed since "
                                   f"they were checked?); nothing written, run again")
-        summary = {
-            "found": len(files) + len(listing.unreadable), "written": len(good), "skipped": len(skipped),
-            "duplicates": len(listing.duplicates),
-            "empty_classes": [classes[i] for i in sorted(set(range(len(classes))) - {label for _, label in files})],
-            "bytes": temporary.stat().st_size, "seconds": round(time.perf_counter() - start, 2),
-        }
-        metadata = {"source": str(src.resolve()), "classes": classes, "settings": asdict(settings),
-                    "limit": limit, **summary}
-        atomic_write_text(sidecar(out, ".skipped.txt"), "".join(f"{p}\t{r}\n" for p, r in skipped + listing.duplicates))
-        atomic_write_text(sidecar(out, ".json"), json.dumps(metadata, indent=1))
-        os.replace(temporary, out)  # last: a .beton that exists is complete
-    finally:
-        temporary.unlink(missing_ok=True)
-    return summary
+        summary = {"found": len(listing.files) + len(listing.unreadable), "written": len(good),
+                   "skipped": len(skipped), "non_images": len(non_images), "duplicates": len(listing.duplicates),
+                   "bytes": temporary.stat().st_size, "seconds": round(time.perf_counter() - start, 2)}
+        metadata = {"source": str(src.resolve()), "fingerprint": listing.fingerprint(), "classes": classes,
+                    "settings": asdict(settings), "limit": limit, **summary, "left_out": skipped}
+        listed = skipped + [(path, "not an image file (no image extension)") for path in non_images]
+        write_whole(sidecar(out, ".skipped.txt"), "".join(f"{p}\t{r}\n" for p, r in listed + listing.duplicates)
+                    .encode("utf-8", "surrogateescape"))
+        write_whole(sidecar(out, ".json"), json.dumps(metadata, indent=1).encode("utf-8", "surrogateescape"))
+    return summary  # the .beton is renamed into place last: one that exists is complete

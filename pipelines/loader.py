@@ -12,18 +12,30 @@ and ShardSampler below is its one rule, used by every backend:
          the incomplete last batch is dropped.
   val:   each process gets every world_size-th image; nothing is dropped or duplicated, so summing
          per-process counts gives every image counted exactly once.
+
+Bad images (the backends that read the folder: torchvision, DALI): every image is decoded once
+before training (pipelines/image_check.py, cached by the folder's contents); those that fail are
+left out with one line naming them. One that fails later anyway (changed since its check) is
+replaced by the next image of the folder that decodes (`substitute`), reported and counted, so
+the epoch's order stays a function of (seed, epoch). `loader.left_out` lists both kinds for the
+run's report; FFCV's converter leaves bad files out of the .beton and its list comes from there.
 """
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Iterator, Protocol
 
 import torch
 from torch.utils.data import Sampler
 
-from pipelines.errors import UserInputError
-from pipelines.image_folder import find_classes  # noqa: F401  (re-exported: the loaders' class rule)
+from pipelines.errors import DataError, UserInputError
+from pipelines.image_check import check_images, report_path
+from pipelines.image_folder import FolderListing, find_classes, list_image_folder
+
+FOLDER_BACKENDS = ("torchvision", "dali")  # decode the folder's files while training
+MAX_SUBSTITUTES = 16  # images failing mid-run at one place before a loader gives up (the folder is gone?)
 
 BACKENDS = {
     "torchvision": "pipelines.torchvision_loader",
@@ -41,6 +53,7 @@ INSTALL_HINTS = {
 class Loader(Protocol):
     classes: list[str]
     num_samples: int  # images this process yields per epoch
+    left_out: list[tuple[str, str]]  # (path, reason): images of the source this loader does not yield
 
     def __len__(self) -> int:  # batches this process yields per epoch
         ...
@@ -120,10 +133,40 @@ def split_folder(cfg, split: str) -> Path:
     return Path(cfg.data.root) / (cfg.data.train_dir if split == "train" else cfg.data.val_dir)
 
 
-def report_skipped(listing, rank: int) -> None:
-    """Say once (rank 0) what the folder walk left out, so no image is dropped silently."""
-    if listing.skipped and rank == 0:
-        print(f"warning: {listing.skipped_summary()}", flush=True)
+def checked_listing(cfg, split: str, rank: int) -> FolderListing:
+    """The split folder's walk with its undecodable images left out (cfg.data.check_images), and
+    one line (rank 0) for each kind of file no batch will hold, so none is dropped silently."""
+    listing = list_image_folder(split_folder(cfg, split))
+    if cfg.data.check_images:
+        listing.left_out = check_images(listing)
+    if rank == 0:
+        for line in folder_warnings(listing):
+            print(f"warning: {line}", flush=True)
+    return listing
+
+
+def folder_warnings(listing: FolderListing) -> list[str]:
+    lines = [listing.skipped_summary()] if listing.skipped else []
+    others = listing.non_images()
+    if others:
+        names = ", ".join(os.path.basename(path) for path in others[:3])
+        lines.append(f"{listing.root}: {len(others)} files without an image extension are not read "
+                     f"({names}{', …' if len(others) > 3 else ''})")
+    if listing.left_out:
+        examples = "; ".join(f"{path}: {reason}" for path, reason in listing.left_out[:2])
+        lines.append(f"{listing.root}: {len(listing.left_out)} images do not decode and are left out ({examples}"
+                     f"{'; …' * (len(listing.left_out) > 2)}); all listed in {report_path(listing)}")
+    return lines
+
+
+def substitute(index: int, n: int, failed) -> int:
+    """The image a loader uses in place of image `index` when it fails to decode mid-run: the next
+    one in the folder's order that has not failed (a function of the folder alone, so the epoch's
+    order stays a function of (seed, epoch), and every process and a resumed run agree)."""
+    for step in range(1, n):
+        if (index + step) % n not in failed:
+            return (index + step) % n
+    raise DataError("no image of the folder decodes any more: has it been moved or deleted?")
 
 
 def to_device_batch(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
@@ -140,6 +183,12 @@ def prepare_dataset(cfg) -> None:
         build_digits_imagefolder(cfg.data.root)
     for split in ("train", "val"):
         find_classes(split_folder(cfg, split))  # a clear error for a missing or empty folder
+    if cfg.loader in FOLDER_BACKENDS:
+        for split in ("train", "val"):
+            listing = list_image_folder(split_folder(cfg, split))
+            if cfg.data.check_images:  # here, once, with a progress bar (the main process goes first)
+                listing.left_out = check_images(listing)
+            listing.images()  # an empty class folder: refused before any work
     backend = import_backend(cfg.loader) if cfg.loader in BACKENDS else None
     if backend is not None and hasattr(backend, "prepare"):
         backend.prepare(cfg)

@@ -1,4 +1,8 @@
-"""Baseline backend: torchvision ImageFolder + DataLoader, PIL decode on CPU workers, uint8 out."""
+"""Baseline backend: torchvision ImageFolder + DataLoader, PIL decode on CPU workers, uint8 out.
+
+Images are decoded by pipelines/image_decode.py's rule (DALI's pixels for 16-bit, float, EXIF-rotated
+files); bad ones are left out or replaced as pipelines/loader.py says.
+"""
 from __future__ import annotations
 
 import random
@@ -10,8 +14,9 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from pipelines.augment_policy import timm_transform
-from pipelines.image_folder import list_image_folder
-from pipelines.loader import ShardSampler, report_skipped, split_folder, to_device_batch
+from pipelines.errors import DataError
+from pipelines.image_decode import decode_problem, open_rgb
+from pipelines.loader import MAX_SUBSTITUTES, ShardSampler, checked_listing, substitute, to_device_batch
 
 
 def ignore_interrupts(worker_id: int) -> None:
@@ -38,16 +43,17 @@ class SeededImageFolder(datasets.ImageFolder):
     """ImageFolder whose random augmentation is a function of (seed, epoch, index).
 
     So an epoch's images are the same whatever the worker count, and a resumed run skipping the
-    consumed batches sees exactly the images the uninterrupted run saw.
+    consumed batches sees exactly the images the uninterrupted run saw. Items are (image, label,
+    failures): an image that fails to decode (changed since its check) is replaced by the loaders'
+    `substitute`, with the same augmentation draws; failures says which (see decode).
     """
 
     seed: int = 0
     epoch: int = 0
 
-    def __init__(self, root, transform, *, rank: int = 0):
-        self.listing = list_image_folder(root)  # the walk all backends share (symlinks once)
-        report_skipped(self.listing, rank)
-        super().__init__(root, transform=transform)
+    def __init__(self, listing, transform):
+        self.listing = listing  # the walk all backends share (symlinks once), bad images left out
+        super().__init__(listing.root, transform=transform, loader=open_rgb)  # the one decode rule
 
     def find_classes(self, directory):
         return self.listing.classes, {name: i for i, name in enumerate(self.listing.classes)}
@@ -56,6 +62,7 @@ class SeededImageFolder(datasets.ImageFolder):
         return self.listing.images()
 
     def __getitem__(self, index: int):
+        image, label, failures = self.decode(index)
         seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
         # timm's AutoAugment draws from python's random, its RandAugment also from numpy's
         python_state, numpy_state = random.getstate(), np.random.get_state()
@@ -64,16 +71,34 @@ class SeededImageFolder(datasets.ImageFolder):
             random.seed(seed)
             np.random.seed(seed % 2**32)
             try:
-                return super().__getitem__(index)
+                return self.transform(image), label, failures
             finally:
                 random.setstate(python_state)
                 np.random.set_state(numpy_state)
 
+    def decode(self, index: int):
+        """(RGB image, label, failures) of image index, or of its substitute if it fails to decode;
+        failures: a "path<TAB>reason" line for each file that failed ("" when none did)."""
+        failed, failures = set(), []
+        while True:
+            path, label = self.samples[index]
+            try:
+                return self.loader(path), label, "\n".join(failures)
+            except Exception as error:  # PIL raises many types for a bad file; each means the same here
+                reason = decode_problem(path)[0] or f"{type(error).__name__}: {error}"  # the check's words
+                failures.append(f"{path}\t{reason}".replace("\n", " "))
+                failed.add(index)
+                if len(failed) > MAX_SUBSTITUTES:
+                    raise DataError(f"{self.samples[min(failed)][0]} and the next {MAX_SUBSTITUTES} images do not "
+                                    f"decode: has the folder been moved or deleted?") from error
+                index = substitute(index, len(self.samples), failed)
+
 
 class TorchvisionLoader:
     def __init__(self, cfg, split: str, *, rank: int, world_size: int, device: torch.device):
-        self.dataset = SeededImageFolder(split_folder(cfg, split), image_transform(cfg, split), rank=rank)
+        self.dataset = SeededImageFolder(checked_listing(cfg, split, rank), image_transform(cfg, split))
         self.classes = self.dataset.classes
+        self.left_out = list(self.dataset.listing.left_out)  # + those that fail mid-run, as they do
         self.dataset.seed = cfg.seed
         self.train = split == "train"
         self.batch_size, self.device = cfg.batch_size, device
@@ -101,8 +126,17 @@ class TorchvisionLoader:
         return self.sampler.num_batches
 
     def __iter__(self):
-        for images, labels in self.loader:
+        for images, labels, failures in self.loader:
+            for failure in filter(None, "\n".join(failures).splitlines()):
+                self.report_failure(*failure.split("\t", 1))
             yield to_device_batch(images, labels, self.device)
+
+    def report_failure(self, path: str, reason: str) -> None:
+        """Once per file and process: a line, and a place in left_out (the run's report)."""
+        if all(path != known for known, _ in self.left_out):
+            self.left_out.append((path, f"failed mid-run: {reason}"))
+            print(f"warning: {path} does not decode ({reason}); the next image of the folder is used "
+                  f"in its place (changed since it was checked?)", flush=True)
 
 
 def make_loader(cfg, split, *, rank, world_size, device):

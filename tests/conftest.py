@@ -25,6 +25,20 @@ def run_train(*args: str, launcher: list[str] | None = None, check: bool = True,
     return result
 
 
+@pytest.fixture(scope="session", autouse=True)
+def image_check_cache(tmp_path_factory):
+    """The image check's cache (pipelines/image_check.py) in a fresh folder, not the user's
+    ~/.cache: for this process and the runs it starts."""
+    folder = tmp_path_factory.mktemp("xdg_cache")
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small models on a shared 2-core machine: with other processes busy, two OpenMP threads
@@ -88,3 +102,30 @@ def small_photos(size: int) -> list:
     from skimage import data as photos
     return [np.asarray(Image.fromarray(load()).convert("RGB").resize((size, size), Image.BILINEAR))
             for load in (photos.astronaut, photos.coffee, photos.chelsea)]
+
+
+CLASSES = ["astronaut", "cat", "coffee"]  # photo_folder's, sorted
+
+
+def photo_folder(root: Path, per_class: dict[str, int], size: int = 40) -> Path:
+    """root/<split>/<class>/<k>.jpg (k < per_class[split]): distinct windows of three scikit-image photos."""
+    from PIL import Image
+    for split, count in per_class.items():
+        for name, photo in zip(["astronaut", "coffee", "cat"], small_photos(size + count)):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(count):
+                Image.fromarray(photo[k:k + size, k:k + size]).save(folder / f"{k:02d}.jpg", quality=90)
+    return root
+
+
+def spoil(folder: Path) -> dict[str, str]:
+    """The bad files of the issue, added to an ImageFolder split: {path: word of its reason}."""
+    whole = (folder / "cat" / "00.jpg").read_bytes()
+    (folder / "cat" / "00.jpg").write_bytes(whole[:len(whole) // 2])  # truncated
+    (folder / "coffee" / "empty.jpg").write_bytes(b"")
+    (folder / "coffee" / "text.jpg").write_text("a text file with an image name\n")
+    (folder / "coffee" / "notes.txt").write_text("not an image: no loader reads it\n")
+    (folder / "astronaut" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    return {str(folder / "cat" / "00.jpg"): "truncated", str(folder / "coffee" / "empty.jpg"): "empty",
+            str(folder / "coffee" / "text.jpg"): "identify"}

@@ -1,12 +1,14 @@
 """One fast_advprop training step through train/loop.py's train_step, as run.py sets it up, on
-rows [rank·20, rank·20 + 20) of a digits val batch; writes what the tests compare.
+rows [rank·20, rank·20 + 20) of a digits val batch, with STEPS attack iterations; writes what the
+tests compare.
 
-    python -m accelerate.commands.launch --multi_gpu --num_processes 2 tests/fast_advprop_step.py DIGITS OUT
-    python tests/fast_advprop_step.py DIGITS OUT            # one process: rows 0-19
+    python -m accelerate.commands.launch --multi_gpu --num_processes 2 tests/fast_advprop_step.py DIGITS OUT STEPS
+    python tests/fast_advprop_step.py DIGITS OUT STEPS      # one process: rows 0-19
 
 OUT/grads.pt: every parameter's gradient as the optimizer sees it (after DDP and the per-group
 scales; rank 0); OUT/shuffle_<rank>.pt: the tags (rank·1000 + row) each rank holds after
-shuffle_across_processes, and the adversarial examples it trained on.
+shuffle_across_processes, the adversarial examples it trained on, and `inputs`: the input of every
+forward of the step, in order (the clean rows, each attack iterate, the adversarial rows).
 """
 import sys
 from pathlib import Path
@@ -22,13 +24,14 @@ from models.factory import create_model  # noqa: E402
 from train.checkpoint import TrainState  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.loop import train_step  # noqa: E402
-from train.methods import StepContext, shuffle_across_processes  # noqa: E402
+from train.methods import StepContext  # noqa: E402
+from train.methods.fast_advprop import shuffle_across_processes  # noqa: E402
 from train.optim import create_schedule  # noqa: E402
 from train.step_guard import StepGuard  # noqa: E402
 
 ROWS = 20  # per process: 16 clean, 4 attacked (adv_fraction 0.2); seed 1 mixes the attacked rows
-OVERRIDES = ["method=fast_advprop", "seed=1", "attack.targeted=false", "attack.random_start=false", "attack.steps=1",
-             "attack.eps=4", f"batch_size={ROWS}", "tracker=none"]
+OVERRIDES = ["method=fast_advprop", "seed=1", "attack.targeted=false", "attack.random_start=false",
+             "attack.eps=4", "attack.step_size=1", f"batch_size={ROWS}", "tracker=none"]  # and attack.steps=STEPS
 
 
 def batch(digits: Path):
@@ -47,13 +50,15 @@ class RecordingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-def main(digits: Path, out: Path) -> None:
-    cfg = load_config([f"data.root={digits}", *OVERRIDES])
+def main(digits: Path, out: Path, steps: int) -> None:
+    cfg = load_config([f"data.root={digits}", *OVERRIDES, f"attack.steps={steps}"])
     accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     rank = accelerator.process_index
     torch.manual_seed(0)
     model = create_model(cfg, 10, dual_norm=True).to(memory_format=torch.channels_last)
     names = [name for name, _ in model.named_parameters()]
+    inputs = []  # of every forward, in order
+    model.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
     optimizer = RecordingSGD(model.parameters(), lr=0.1)
     model, optimizer = accelerator.prepare(model, optimizer)
     ctx = StepContext(model, accelerator.unwrap_model(model), cfg, 10, rank=rank,
@@ -70,9 +75,9 @@ def main(digits: Path, out: Path) -> None:
     tags = torch.arange(ROWS, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 1, 1) + 1000 * rank
     shuffled, tag_labels = shuffle_across_processes(ctx, tags.contiguous(), torch.arange(ROWS) + 1000 * rank)
     torch.save({"tags": shuffled[:, 0, 0, 0], "labels": tag_labels, "adversarial": result.adversarial,
-                "metrics": result.metrics},
+                "metrics": result.metrics, "inputs": inputs},
                out / f"shuffle_{rank}.pt")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))

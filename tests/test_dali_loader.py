@@ -237,3 +237,24 @@ def test_mixed_train_follows_the_epoch_list_on_cuda(dali, demo_cfg, photo_root):
     images, labels, batches = collect(loader)
     assert images.device.type == "cuda" and images.shape == (12, 3, 64, 64)
     assert torch.equal(labels.cpu(), epoch_labels(loader, loader.labels))
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)  # `pytest -m gpu` must finish in 2 minutes: a hang fails here
+@requires_cuda
+@pytest.mark.parametrize("policy", ["", "v0"])  # v0: AutoAugment on DALI's GPU operators, after nvJPEG
+def test_mixed_train_pipeline_is_kept_across_epochs_on_cuda(dali, demo_cfg, photo_root, policy):
+    cfg = photo_cfg(demo_cfg, photo_root, "loader=dali", "batch_size=4", "data.hflip=true", "data.min_scale=0.25",
+                    f"data.auto_augment='{policy}'")
+    loader = build_loader(cfg, "train", device="cuda:0")
+    epochs = []
+    for epoch in (0, 1, 2):
+        loader.set_epoch(epoch)
+        images, labels, batches = collect(loader)
+        assert images.device.type == "cuda" and images.dtype == torch.uint8 and images.shape == (16, 3, 64, 64)
+        assert batches[0][0].is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(labels.cpu(), epoch_labels(loader, loader.labels))  # this epoch's list, in order
+        assert images.float().std() > 20  # real photo content, not a constant fill
+        epochs.append(images)
+    assert loader.pipelines_built == 1  # one nvJPEG pipeline for every epoch
+    assert not torch.equal(epochs[0], epochs[1])

@@ -221,7 +221,7 @@ def test_cli_plain_state_dict_json_and_wandb(trained_demo_run, digits_root, acce
     report = json.loads((tmp_path / "out.json").read_text())
     direct = sets.clean(context(trained_demo_run / "final_main_bn.safetensors", accelerator), digits_root / "val")
     assert report["clean"]["top1"] == pytest.approx(direct["top1"])
-    assert report["pgd"][0]["top1"] <= report["clean"]["top1"] and report["errors"] == {}
+    assert report["robust"][0]["top1"] <= report["clean"]["top1"] and report["errors"] == {}
     assert "clean val" in result.stdout and "PGD-1 eps=4/255" in result.stdout
     assert report["corrupted"]["errors"]["contrast"].keys() == {"2"}
     assert "UN-normalised" in result.stdout

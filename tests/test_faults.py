@@ -1,6 +1,7 @@
 """Faults: preemption by signal, non-finite losses, damaged checkpoints."""
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from models.factory import create_model
 from train.checkpoint import TrainState
 from train.faults import NonFiniteLoss
 from train.loop import train_step
-from train.methods import METHODS, USES_DUAL_NORM, StepContext
+from train.methods import METHODS, StepContext
 from train.optim import create_optimizer, create_schedule
 from train.step_guard import StepGuard
 
@@ -26,7 +27,7 @@ def step_parts(demo_cfg, digits_root):
         cfg = demo_cfg(f"method={method}", "attack.steps=1", "batch_size=20",
                        *(["attack.targeted=false"] if method == "fast_advprop" else []), *overrides)
         torch.manual_seed(0)
-        model = create_model(cfg, 10, dual_norm=method in USES_DUAL_NORM)
+        model = create_model(cfg, 10, dual_norm=METHODS[method].dual_norm)
         accelerator = Accelerator(cpu=True)
         optimizer = create_optimizer(cfg, model, 1)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -40,8 +41,8 @@ def step_parts(demo_cfg, digits_root):
 
 
 def poisoned(method, part):
-    """METHODS[method] with the loss term `part` made NaN wherever it is yielded."""
-    original = METHODS[method]
+    """The record of `method` with the loss term `part` made NaN wherever its step yields it."""
+    original = METHODS[method].step
 
     def wrapper(ctx, images, labels):
         steps = original(ctx, images, labels)
@@ -53,7 +54,7 @@ def poisoned(method, part):
                 yield request
         except StopIteration as done:
             return done.value
-    return wrapper
+    return replace(METHODS[method], step=wrapper)
 
 
 def everything(ctx, optimizer) -> dict:

@@ -34,9 +34,10 @@ def save_jpeg(pixels: np.ndarray, path: Path, mode: str | None = None) -> bytes:
 
 
 def build_nasty_folder(root: Path) -> tuple[dict, dict]:
-    """Every kind of bad input beside good ones. Returns ({good file: class index}, {bad file: reason word})."""
+    """Every kind of bad input beside good ones. Returns ({good file: class index}, {bad file: reason
+    word}); NON_IMAGES are there too."""
     astronaut, coffee, chelsea = skimage_data.astronaut(), skimage_data.coffee(), skimage_data.chelsea()
-    for name in ("cat", "dog", "empty_class"):
+    for name in ("cat", "dog"):
         (root / name).mkdir(parents=True)
     save_jpeg(chelsea, root / "cat/plain.jpg")
     save_jpeg(coffee, root / "cat/café au lait ü.jpg")  # unicode and spaces in the name
@@ -52,12 +53,17 @@ def build_nasty_folder(root: Path) -> tuple[dict, dict]:
     Image.fromarray(np.tile(coffee[:4, :1], (1, 4000, 1))).save(root / "dog/sliver.png")  # 4000×4 → 500×0
     alpha = np.linspace(0, 255, coffee.shape[1], dtype=np.uint8)[None].repeat(coffee.shape[0], 0)
     Image.fromarray(np.dstack([coffee, alpha]), "RGBA").save(root / "dog/alpha.png")
-    Image.fromarray(chelsea).convert("P").save(root / "dog/palette.gif")
+    Image.fromarray(chelsea).convert("P").save(root / "dog/palette.png")
+    Image.fromarray(chelsea).convert("P").save(root / "dog/palette.gif")  # no loader reads .gif: not converted
+    (root / "dog/.DS_Store").write_bytes(b"\0\0\0\1Bud1")
     good = {"cat/plain.jpg": 0, "cat/café au lait ü.jpg": 0, "cat/cmyk.jpg": 0, "dog/gray.jpg": 1,
-            "dog/big.jpg": 1, "dog/alpha.png": 1, "dog/palette.gif": 1}
+            "dog/big.jpg": 1, "dog/alpha.png": 1, "dog/palette.png": 1}
     bad = {"cat/truncated.jpg": "truncated", "cat/empty.jpg": "empty", "cat/notes.jpg": "identify",
-           "cat/README.txt": "identify", "dog/tiny.png": "too small", "dog/sliver.png": "too small"}
+           "dog/tiny.png": "too small", "dog/sliver.png": "too small"}
     return good, bad
+
+
+NON_IMAGES = ["cat/README.txt", "dog/.DS_Store", "dog/palette.gif"]
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +95,18 @@ def test_nasty_folder_keeps_every_good_image_and_reports_every_bad_one(nasty_fol
     result = convert(src, out, "--max-resolution", 500, "--workers", 2, "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert (summary["found"], summary["written"], summary["skipped"]) == (len(good) + len(bad), len(good), len(bad))
-    assert summary["empty_classes"] == ["empty_class"]
+    assert (summary["found"], summary["written"], summary["skipped"], summary["non_images"]) == (
+        len(good) + len(bad) + len(NON_IMAGES), len(good), len(bad), len(NON_IMAGES))
+    assert "3 files without an image extension ignored" in result.stdout
 
     skipped = dict(line.split("\t") for line in Path(f"{out}.skipped.txt").read_text().splitlines())
-    assert {str(Path(p).relative_to(src)) for p in skipped} == set(bad)
+    assert {str(Path(p).relative_to(src)) for p in skipped} == set(bad) | set(NON_IMAGES)
     for name, word in bad.items():
         assert word in skipped[str(src / name)], skipped
+    assert all("no image extension" in skipped[str(src / name)] for name in NON_IMAGES)
     metadata = json.loads(Path(f"{out}.json").read_text())
-    assert metadata["classes"] == ["cat", "dog", "empty_class"]  # sorted folder names, empty one kept
+    assert metadata["classes"] == ["cat", "dog"]  # sorted folder names
+    assert {str(Path(p).relative_to(src)) for p, _ in metadata["left_out"]} == set(bad)  # what the loader reports
 
     images, labels = read_beton(out)
     assert Counter(labels) == Counter(good.values())
@@ -111,7 +120,7 @@ def test_nasty_folder_keeps_every_good_image_and_reports_every_bad_one(nasty_fol
 def test_limit_takes_a_spread_subset(nasty_folder, tmp_path):
     result = convert(nasty_folder[0], tmp_path / "few.beton", "--limit", 4, "--json")
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["found"] == 4 and summary["written"] + summary["skipped"] == 4
+    assert summary["written"] + summary["skipped"] == 4
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "only_empty_classes", "no_images"])
@@ -149,7 +158,8 @@ def test_symlink_loops_convert_each_real_image_once(nasty_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     good, bad = nasty_folder[1:]
-    assert (summary["found"], summary["written"], summary["duplicates"]) == (len(good) + len(bad), len(good), 2)
+    assert (summary["found"], summary["written"], summary["duplicates"]) == (len(good) + len(bad) + len(NON_IMAGES),
+                                                                             len(good), 2)
     listed = dict(line.split("\t") for line in Path(f"{out}.skipped.txt").read_text().splitlines())
     assert "already listed" in listed[str(src / "cat" / "self")] and str(src / "dog" / "up") in listed
     assert "2 duplicate paths (symlinks) ignored" in result.stdout

@@ -48,20 +48,17 @@ from train.checkpoint import TrainState
 from train.compile import compile_model
 from train.config import load_config
 from train.loop import train_step
-from train.methods import USES_DUAL_NORM, StepContext
+from train.methods import METHODS, StepContext, method_of
 from train.optim import create_optimizer, create_schedule
 from train.step_guard import StepGuard
 
-# name → config overrides; the attack presets are the paper's (train/config.py ATTACK_PRESETS)
-CASES = {
-    "vanilla": ["method=vanilla"],
-    "adv_train_pgd1": ["method=adv_train", "attack=pgd1"],
-    "goodfellow_mix_pgd1": ["method=goodfellow_mix", "attack=pgd1"],
-    "advprop_pgd1": ["method=advprop", "attack=pgd1"],
-    "advprop_pgd3": ["method=advprop", "attack=pgd3"],
-    "advprop_pgd5": ["method=advprop", "attack=pgd5"],
-    "fast_advprop": ["method=fast_advprop", "attack=pgd1", "attack.targeted=false"],
-}
+
+def bench_cases() -> dict[str, list[str]]:
+    """name → config overrides, from each registered method's record (its bench_cases); the attack
+    presets are the paper's (train/config.py ATTACK_PRESETS)."""
+    return {name: overrides for method in METHODS.values() for name, overrides in method.bench_cases.items()}
+
+
 TARGETS = {  # × vanilla, for runs under CONDITIONS; "attack_step": one PGD step with frozen weights
     "cpu": {"advprop_pgd1": 2.7, "advprop_pgd5": 5.9, "fast_advprop": 1.3, "attack_step": 0.8},
     "cuda": {"advprop_pgd1": 2.6, "advprop_pgd5": 6.0, "fast_advprop": 1.2, "attack_step": 0.8},
@@ -81,7 +78,7 @@ def build_case(overrides: list[str], args, accelerator: Accelerator):
                        f"channels_last={not args.no_channels_last}", f"nonfinite_check={args.nonfinite_check}",
                        *overrides])
     torch.manual_seed(0)  # the same initial weights for every method
-    model = create_model(cfg, NUM_CLASSES, dual_norm=cfg.method in USES_DUAL_NORM)
+    model = create_model(cfg, NUM_CLASSES, dual_norm=method_of(cfg).dual_norm)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -182,7 +179,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
     parser.add_argument("--rounds", type=int, default=9, help="round-robin passes over the methods")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per method and round")
-    parser.add_argument("--methods", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
+    cases = bench_cases()
+    parser.add_argument("--methods", default=",".join(cases), help=f"comma-separated subset of {list(cases)}")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--clock", default="wall", choices=["wall", "process"],
                         help="process: this process's CPU time (CPU only; with --threads 1 it ignores other load)")
@@ -197,14 +195,14 @@ def main() -> None:
     args = parser.parse_args()
     args.target = dict(args.target)
     names = ["vanilla"] + [n for n in args.methods.split(",") if n and n != "vanilla"]
-    unknown = [n for n in names if n not in CASES]
+    unknown = [n for n in names if n not in cases]
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {list(CASES)}")
+        parser.error(f"unknown methods {unknown}; choose from {list(cases)}")
     if args.clock == "process" and args.device != "cpu":
         parser.error("--clock process measures CPU time: use it with --device cpu")
-    unknown = [n for n in args.target if n not in CASES and n not in FIGURE_CASES]
+    unknown = [n for n in args.target if n not in cases and n not in FIGURE_CASES]
     if unknown:
-        parser.error(f"--target: no figure named {unknown}; choose from {[*CASES, *FIGURE_CASES]}")
+        parser.error(f"--target: no figure named {unknown}; choose from {[*cases, *FIGURE_CASES]}")
     targets = targets_for(args, CONDITIONS[args.device], TARGETS[args.device])
     problem = check_problems(names, targets, CONDITIONS[args.device]) if args.check else None
     if problem:
@@ -214,7 +212,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.amp)
     device = accelerator.device
-    steps = {name: build_case(CASES[name], args, accelerator) for name in names}
+    steps = {name: build_case(cases[name], args, accelerator) for name in names}
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(args.batch, 3, args.size, args.size, generator=generator).to(device)
     if not args.no_channels_last:

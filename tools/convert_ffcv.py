@@ -4,11 +4,15 @@
     python tools/convert_ffcv.py data/imagenet/train data/ffcv/train.beton
     python tools/convert_ffcv.py data/imagenet/val data/ffcv/val.beton --limit 5000 --json
 
-Bad files (truncated, empty, not images, too small) are skipped and listed in OUT.skipped.txt, with
-second paths to a file or folder (symlink loops: each real file is converted once);
-classes (sorted folder names, as torchvision) go to OUT.json. Exit 0 when the .beton is written,
-2 with a one-line error (and nothing written) when the source or settings cannot give one, or OUT
-is a folder, lies inside SRC, or exists (replace it with --overwrite).
+The images are those every loader reads (image extensions: torchvision's list), decoded as
+every loader decodes them. Bad ones (truncated, empty, not images, too small) are skipped and
+listed in OUT.skipped.txt, with files without an image extension and second paths to a file or
+folder (symlink loops: each real file is converted once); classes (sorted folder names, as
+torchvision) go to OUT.json. Exit 0 when the .beton is written; 2 with a one-line error (and
+nothing written) when the source or settings cannot give one (a class folder without a usable
+image, too), or OUT is a folder, lies inside SRC, or exists (replace it with --overwrite); 128 + N
+when stopped by signal N (the partial file is removed; one left by a SIGKILL is removed by the
+next conversion to OUT).
 """
 from __future__ import annotations
 
@@ -71,13 +75,15 @@ def main(argv) -> int:
     except UserInputError as error:  # ConversionError too
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit) as stop:  # SystemExit: SIGTERM/SIGHUP (pipelines/atomic_files.py)
+        print(f"stopped: nothing written to {args.out}", file=sys.stderr)
+        return stop.code if isinstance(stop, SystemExit) else 130
+    others = f", {summary['non_images']} files without an image extension ignored" if summary["non_images"] else ""
     duplicates = f", {summary['duplicates']} duplicate paths (symlinks) ignored" if summary["duplicates"] else ""
-    listed = f" (listed in {args.out}.skipped.txt)" if summary["skipped"] + summary["duplicates"] else ""
-    print(f"found {summary['found']}, written {summary['written']}, skipped {summary['skipped']}{duplicates}{listed}, "
-          f"{summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s → {args.out}")
-    if summary["empty_classes"]:
-        print(f"warning: {len(summary['empty_classes'])} empty class folders (kept in the class list): "
-              f"{summary['empty_classes'][:10]}")
+    reported = summary["skipped"] + summary["non_images"] + summary["duplicates"]
+    listed = f" (listed in {args.out}.skipped.txt)" if reported else ""
+    print(f"found {summary['found']}, written {summary['written']}, skipped {summary['skipped']}{others}{duplicates}"
+          f"{listed}, {summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s → {args.out}")
     if args.json:
         print(json.dumps(summary))
     return 0

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-r"""Robustness report for a trained model: clean, PGD, ImageNet-C, -A, -R and Stylized-ImageNet.
+r"""Robustness report for a trained model: clean, PGD, AutoAttack, APGD, ImageNet-C, -A, -R and
+Stylized-ImageNet.
 
     python tools/evaluate.py runs/demo --data data/digits/val --attack pgd eps=4 steps=5 \
-        --corrupt --json runs/demo/eval.json --wandb-run
+        --attack autoattack eps=4 --corrupt --json runs/demo/eval.json --wandb-run
     python tools/evaluate.py b0_ap.pth --model tf_efficientnet_b0.ap_in1k --data imagenet/val \
         --imagenet-c imagenet-c --imagenet-a imagenet-a --imagenet-r imagenet-r --stylized sin/val
 
@@ -11,7 +12,9 @@ main-norm .safetensors (tools/export.py), or a plain timm state dict (.safetenso
 --model NAME. Nothing is downloaded. Images go through the training run's val transform (resize
 the shorter side, center crop). Sizes of --attack are pixel units (/255) like the training config.
 A set that cannot be evaluated is reported as FAILED with the reason, the others still run and are
-reported and written, and the exit status is 1 (2: the model or an option is unusable). Runs under
+reported and written, and the exit status is 1 (2: the model or an option is unusable). Attacks
+are untargeted, on the eval-mode model through its main norms (--bn aux: the auxiliary ones).
+Runs under
 `accelerate launch` too (each process evaluates its shard; numbers are summed).
 """
 from __future__ import annotations
@@ -31,8 +34,8 @@ from pipelines.errors import UserInputError
 from pipelines.loader import find_classes
 from tools.robustness import imagenet_c, report as reporting, sets
 from tools.robustness.load import load_any
-from train.config import ATTACK_PRESETS, EvalAttackConfig, attack_preset
-from train.loop import pgd_kwargs
+from train.attacks import ATTACKS, attack_checks, build_attack, describe
+from train.config import ATTACK_PRESETS, attack_preset
 from train.model_artifacts import evaluated_artifact
 from train.tracking import wandb_mode
 
@@ -42,9 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("checkpoint", type=Path, help="run/checkpoint folder, exported .safetensors, or timm state dict")
     parser.add_argument("--data", required=True, type=Path, help="val ImageFolder (clean and robust accuracy)")
     parser.add_argument("--model", help="timm architecture of a plain state dict (e.g. tf_efficientnet_b0.ap_in1k)")
-    parser.add_argument("--attack", nargs="+", action="append", metavar="pgd|pgd5 KEY=VALUE",
-                        help="robust top-1 under untargeted PGD, e.g. `--attack pgd eps=4 steps=5` (keys of the "
-                             "config's attack: eps, step_size, steps, random_start; pixel units); repeatable")
+    parser.add_argument("--attack", nargs="+", action="append", metavar="NAME KEY=VALUE",
+                        help="robust top-1 under an untargeted attack (sizes in pixel units), repeatable: "
+                             "`pgd eps=4 steps=5` (keys: eps, step_size, steps, random_start, start_rule, "
+                             "reach_eps) or a preset pgd1|pgd3|pgd4|pgd5|fgsm; `autoattack eps=4` (the standard "
+                             "version: APGD-CE, APGD-T, FAB-T, Square; keys eps, seed); `apgd eps=4` (keys eps, "
+                             "steps, restarts, loss=ce|dlr, seed)")
     parser.add_argument("--imagenet-c", type=Path, help="ImageNet-C root: <corruption>/<1-5>/<wnid>/")
     parser.add_argument("--corrupt", action="store_true", help="synthesise ImageNet-C corruptions from --data")
     parser.add_argument("--corruptions", default=",".join(imagenet_c.CORRUPTIONS),
@@ -69,20 +75,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def parse_attack(tokens: list[str]) -> dict:
-    """`pgd KEY=VALUE…` or a preset (`pgd5 eps=2`) → {kwargs: pgd() kwargs, name, key: for the report}."""
+    """`NAME KEY=VALUE…` (NAME an attack kind of train/attacks/ or a PGD preset, `pgd5 eps=2`) →
+    {attack: the attack, key, name: for the report}."""
     name, *pairs = tokens
-    if name != "pgd" and name not in ATTACK_PRESETS:
-        raise UserInputError(f"--attack {name}: use pgd KEY=VALUE… or a preset {tuple(ATTACK_PRESETS)}")
-    try:  # the keys of the run config's eval_attack: untargeted PGD on the eval-mode model
-        attack = OmegaConf.merge(OmegaConf.structured(EvalAttackConfig), attack_preset("eval_attack", name)
-                                 if name != "pgd" else {}, OmegaConf.from_dotlist(pairs))
+    if name not in ATTACKS and name not in ATTACK_PRESETS:
+        raise UserInputError(f"--attack {name}: use one of {tuple(ATTACKS)} KEY=VALUE… or a PGD preset "
+                             f"{tuple(ATTACK_PRESETS)}")
+    kind = ATTACKS.get(name, ATTACKS["pgd"])
+    preset = attack_preset("eval_attack", name) if name in ATTACK_PRESETS else {}
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(kind.options), preset, OmegaConf.from_dotlist(pairs))
     except (OmegaConfBaseException, ValueError) as error:
         raise UserInputError(f"--attack {' '.join(tokens)}: {error} (robust accuracy is measured under "
-                             f"untargeted PGD, on the model's eval-mode BN statistics)".replace("\n", "; ")) from None
-    if attack.steps < 1 or attack.eps < 0 or attack.step_size <= 0:
-        raise UserInputError(f"--attack {' '.join(tokens)}: needs steps ≥ 1, eps ≥ 0, step_size > 0")
-    return {"kwargs": pgd_kwargs(attack), "key": f"pgd{attack.steps}_eps{attack.eps:g}",
-            "name": f"PGD-{attack.steps} eps={attack.eps:g}/255 step={attack.step_size:g}/255 untargeted"}
+                             f"untargeted attacks, on the model's eval-mode BN statistics)".replace("\n", "; ")) from None
+    problems = [f"{key} {problem}" for ok, key, problem in attack_checks(node, name) if not ok]
+    if kind.name == "pgd" and (node.steps < 1 or node.step_size <= 0):
+        problems.append("needs steps ≥ 1 and step_size > 0")
+    if problems:
+        raise UserInputError(f"--attack {' '.join(tokens)}: {'; '.join(problems)}")
+    key, title = describe(node)
+    return {"attack": build_attack(node), "key": key, "name": title}
 
 
 def model_classes(classes: list[str] | None, model, data: Path) -> list[str]:
@@ -106,7 +118,7 @@ def evaluate_all(args, ctx: sets.EvalContext, attacks: list, report: dict) -> No
 
     attempt("clean", lambda: sets.clean(ctx, args.data))
     if attacks:
-        attempt("pgd", lambda: [sets.robust(ctx, args.data, attack) for attack in attacks])
+        attempt("robust", lambda: [sets.robust(ctx, args.data, attack) for attack in attacks])
     if args.imagenet_c:
         clean_error = 100 - report["clean"]["top1"] if "clean" in report else None
         attempt("imagenet_c", lambda: sets.imagenet_c_folder(ctx, args.imagenet_c, clean_error))

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from models.factory import create_model
 from pipelines.errors import UserInputError
-from train.config import Config
+from train.config import schema
 from train.ema import load_ema, save_ema
 from train.resume_rules import ResumeMismatch, check_same_run
 
@@ -238,6 +238,25 @@ def check_resume(accelerator, cfg, run_dir: Path, classes: list[str] | None = No
         check_same_run(OmegaConf.load(run_dir / "config.yaml"), cfg, where=f"output_dir {run_dir}")
 
 
+def continued_settings(cfg) -> DictConfig | None:
+    """The config of the run that cfg continues: resume=PATH's checkpoint, or with resume=auto the
+    newest readable checkpoint of output_dir (else its config.yaml); None for a new run or where
+    nothing reads (check_resume then says what is wrong)."""
+    run_dir = Path(cfg.output_dir)
+    if cfg.resume == "none":
+        return None
+    folders = [Path(cfg.resume)] if cfg.resume != "auto" else reversed(list_checkpoints(checkpoint_dir(run_dir)))
+    for folder in folders:
+        try:
+            return read_run_settings(folder)[0]
+        except CheckpointError:
+            continue
+    try:
+        return OmegaConf.load(run_dir / "config.yaml") if cfg.resume == "auto" and holds_run(run_dir) else None
+    except (OSError, OmegaConfBaseException):
+        return None
+
+
 def restore(accelerator, cfg, run_dir: Path, classes: list[str], ema=None) -> tuple[TrainState, Path | None]:
     """resume=none: a fresh run. PATH: that checkpoint, or an error. auto: the newest loadable
     checkpoint of this run (older ones are tried when the newest is damaged), a fresh run if it has
@@ -279,7 +298,7 @@ def load_checkpoint_model(folder: Path):
     """(model, cfg, classes) rebuilt from a checkpoint folder, weights loaded strictly."""
     folder = Path(folder)
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(folder / "config.yaml"))
+        cfg = OmegaConf.merge(schema(), OmegaConf.load(folder / "config.yaml"))
         classes = json.loads((folder / "classes.json").read_text())
         state = load_file(str(folder / "model.safetensors"))
     except Exception as error:  # missing file, bad YAML/JSON, truncated safetensors

@@ -11,22 +11,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from pipelines.augment_policy import timm_transform
 from pipelines.errors import UserInputError
 from pipelines.ffcv_writer import WRITE_MODES, StorageSettings
-from train.methods import METHODS as METHOD_FUNCTIONS
+from train.attacks import PGDConfig, attack_checks
+from train.methods import METHODS as METHOD_RECORDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STORAGE = StorageSettings()  # the .beton storage defaults: the FFCV writer's
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "demo.yaml"
 
-METHODS = tuple(METHOD_FUNCTIONS)  # the names are train/methods.py's registry keys
 LOADERS = ("torchvision", "ffcv", "dali")
+BN_MODES = ("train", "eval")  # attack.bn_mode
 AUTO_AUGMENT_LOADERS = ("torchvision", "dali")  # FFCV's pipelines have no AutoAugment
 
 
@@ -35,14 +36,12 @@ class ConfigError(UserInputError):
 
 
 @dataclass
-class AttackConfig:
-    eps: float = 4.0  # L∞ radius in pixel units (/255)
-    step_size: float = 1.0  # pixel units per PGD step
-    steps: int = 5
+class AttackConfig(PGDConfig):
+    """The training attack: PGD (train/attacks/gradient_sign.py: eps, step_size, steps, random_start,
+    start_rule, clean_start_fraction, reach_eps; pixel units). A method may set some of these under
+    the recipe (its record's attack_defaults: advprop and fast_advprop the references' attack)."""
     targeted: bool = True  # Xie et al.: a random wrong class as target
-    random_start: bool = True
-    clean_start_fraction: float = 0.0  # with random_start: share of images starting at the clean image (Xie: 0.2)
-    bn_mode: str = "train"  # BN statistics the attack sees: train (batch statistics) | eval (running)
+    bn_mode: str = "train"  # the model the attack sees: train (BN batch statistics) | eval (running statistics)
 
 
 # `attack=NAME` (command line or recipe): the paper's attacker strengths (Xie et al., Table "attacker
@@ -57,34 +56,9 @@ ATTACK_PRESETS = {
 
 
 @dataclass
-class EvalAttackConfig:
+class EvalAttackConfig(PGDConfig):
     """The attack of the final robust accuracy: untargeted PGD on the eval-mode model (BN running
     statistics), so it has no `targeted` or `bn_mode`; every image starts at a random point."""
-    eps: float = 4.0
-    step_size: float = 1.0
-    steps: int = 5
-    random_start: bool = True
-
-
-@dataclass
-class AdvPropConfig:
-    adv_weight: float = 1.0  # weight of the adversarial loss term (Xie: 1)
-
-
-@dataclass
-class GoodfellowMixConfig:
-    alpha: float = 0.5  # loss = α·J(x) + (1 − α)·J(x_adv)
-
-
-@dataclass
-class FastAdvPropConfig:
-    adv_fraction: float = 0.2  # share of the batch that is attacked (Mei et al.: 4:1 clean:adv)
-    attack_weight: float = 0.5  # weight of the attack step's loss, whose gradient is reused
-    adv_weight: float = 0.5  # weight of the adversarial examples' loss
-    # The authors' --exact_same_training_budget: epochs and the schedule's epoch counts divided by
-    # 1 + adv_fraction (a step trains on that many times a vanilla step's images), so the run costs
-    # what vanilla training costs.
-    equal_budget: bool = False
 
 
 @dataclass
@@ -128,6 +102,9 @@ class DataConfig:
     hflip: bool = True
     auto_augment: str = ""  # timm policy (torchvision, dali loaders): v0 (TF EfficientNet), original, rand-m9-mstd0.5
     workers: int = 2  # decode workers (torchvision, ffcv) per process
+    # torchvision, dali: decode every image once before training (cached by the folder's contents,
+    # pipelines/image_check.py) and leave out those that fail; false: find them mid-run (replaced)
+    check_images: bool = True
     ffcv: FfcvConfig = field(default_factory=FfcvConfig)
     dali: DaliConfig = field(default_factory=DaliConfig)
 
@@ -165,11 +142,9 @@ class Config:
     bn_momentum: Optional[float] = None  # torch convention (TF's 0.99 is 0.01); None → timm default
     bn_eps: Optional[float] = None
     # method
-    method: str = "advprop"  # one of METHODS
+    method: str = "advprop"  # a name of train/methods/ (METHODS)
     attack: AttackConfig = field(default_factory=AttackConfig)  # or a preset: attack=pgd5
-    advprop: AdvPropConfig = field(default_factory=AdvPropConfig)
-    goodfellow_mix: GoodfellowMixConfig = field(default_factory=GoodfellowMixConfig)
-    fast_advprop: FastAdvPropConfig = field(default_factory=FastAdvPropConfig)
+    # and one node per method with options, named after it: advprop, goodfellow_mix, fast_advprop (schema())
     # data
     loader: str = "torchvision"  # one of LOADERS
     data: DataConfig = field(default_factory=DataConfig)
@@ -214,11 +189,27 @@ def read_recipe(path: Path) -> DictConfig:
     return OmegaConf.merge(read_recipe(base_path), recipe)
 
 
-def load_config(args: list[str] | None = None) -> DictConfig:
-    """Schema ← recipe (config=PATH, default configs/demo.yaml) ← key=value overrides, validated.
+def schema() -> DictConfig:
+    """The typed schema: Config, plus one node per registered method with options, named after it
+    (cfg.advprop, cfg.goodfellow_mix, cfg.fast_advprop: train/methods/)."""
+    cfg = OmegaConf.structured(Config)
+    with open_dict(cfg):
+        for record in METHOD_RECORDS.values():
+            if record.options is not None:
+                cfg[record.name] = OmegaConf.structured(record.options)
+    return cfg
+
+
+def load_config(args: list[str] | None = None, *,
+                continuing: Callable[[DictConfig], DictConfig | None] | None = None) -> DictConfig:
+    """Schema ← the method's attack defaults ← recipe (config=PATH, default configs/demo.yaml) ←
+    key=value overrides, validated, then the method's finalize.
 
     `attack=pgd5` (or `eval_attack=…`, or `attack: pgd5` in a recipe) sets that node to a preset of
     ATTACK_PRESETS; overrides apply in order, so `attack=pgd5 attack.eps=2` changes only ε.
+    continuing (train/run.py): cfg → the config of the run cfg continues, or None. For a continued
+    run the method's attack defaults are the values that run was made with (a key it predates: the
+    schema's, the old behaviour), so a method default that changed never stops or alters a resume.
     """
     args = list(args or [])
     recipe = DEFAULT_RECIPE
@@ -240,28 +231,38 @@ def load_config(args: list[str] | None = None) -> DictConfig:
         for key in ATTACK_NODES:
             if isinstance(recipe_cfg.get(key), str):
                 recipe_cfg[key] = attack_preset(key, recipe_cfg[key])
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), recipe_cfg, *overrides)
+        layers = [recipe_cfg, *overrides]
+        cfg = merged(layers, {})
+        defaults = method_attack_defaults(cfg, continuing)
+        if defaults:
+            cfg = merged(layers, defaults)
     except OmegaConfBaseException as error:
         raise ConfigError(f"bad config ({recipe}): {error}".replace("\n", "; ")) from None
     validate(cfg)
-    if cfg.method == "fast_advprop" and cfg.fast_advprop.equal_budget:
-        apply_equal_budget(cfg)
+    finalize = METHOD_RECORDS[cfg.method].finalize
+    if finalize is not None:
+        finalize(cfg)
+    return cfg
+
+
+def merged(layers: list, attack_defaults: dict) -> DictConfig:
+    cfg = OmegaConf.merge(schema(), {"attack": attack_defaults}, *layers)
     if not cfg.output_dir:
         cfg.output_dir = str(Path("runs") / cfg.name)
     return cfg
 
 
-def apply_equal_budget(cfg: DictConfig) -> None:
-    """Fast AdvProp at vanilla's cost (the authors' get_exact_same_budget): epochs and the schedule's
-    epoch counts divided by 1 + adv_fraction. The resolved config keeps the divided values and
-    equal_budget=false, so it reads (and resumes) as what runs, and is never divided twice."""
-    scale = 1 + cfg.fast_advprop.adv_fraction
-    before = cfg.epochs
-    cfg.epochs = max(1, round(cfg.epochs / scale))
-    cfg.schedule.warmup_epochs /= scale
-    cfg.schedule.decay_epochs /= scale
-    cfg.fast_advprop.equal_budget = False
-    print(f"fast_advprop.equal_budget: epochs {before} → {cfg.epochs}, schedule epochs ÷ {scale:g}")
+def method_attack_defaults(cfg: DictConfig, continuing=None) -> dict:
+    """The attack keys cfg's method sets under the recipe (load_config), or a continued run's values."""
+    record = METHOD_RECORDS.get(cfg.method)
+    if record is None or not record.attack_defaults:
+        return {}
+    saved = continuing(cfg) if continuing is not None else None
+    if saved is None:
+        return dict(record.attack_defaults)
+    made_with = saved.get("attack") or {}
+    before = OmegaConf.structured(AttackConfig)
+    return {key: made_with.get(key, before[key]) for key in record.attack_defaults}
 
 
 ATTACK_NODES = ("attack", "eval_attack")  # config nodes that accept a preset name
@@ -276,10 +277,9 @@ def attack_preset(key: str, name: str) -> dict:
 
 
 def validate(cfg: DictConfig) -> None:
-    attack, fast = cfg.attack, cfg.fast_advprop
-    fast_advprop = cfg.method == "fast_advprop"
+    methods = tuple(METHOD_RECORDS)
     checks = [
-        (cfg.method in METHODS, "method", f"must be one of {METHODS}"),
+        (cfg.method in methods, "method", f"must be one of {methods}"),
         (cfg.loader in LOADERS, "loader", f"must be one of {LOADERS}"),
         (cfg.data.dataset in ("digits", "imagefolder"), "data.dataset", "must be digits or imagefolder"),
         (cfg.normalization in ("imagenet", "inception"), "normalization", "must be imagenet or inception"),
@@ -303,36 +303,19 @@ def validate(cfg: DictConfig) -> None:
         (0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1)"),
         (not cfg.data.auto_augment or cfg.loader in AUTO_AUGMENT_LOADERS, "data.auto_augment",
          f"is applied by loader={' or loader='.join(AUTO_AUGMENT_LOADERS)} only"),
-        (cfg.advprop.adv_weight >= 0, "advprop.adv_weight", "must be ≥ 0"),
-        (0 <= cfg.goodfellow_mix.alpha <= 1, "goodfellow_mix.alpha", "must be in [0, 1]"),
-        (0 < fast.adv_fraction < 1, "fast_advprop.adv_fraction", "must be in (0, 1)"),
-        (fast.attack_weight > 0, "fast_advprop.attack_weight", "must be > 0 (its gradient is the attack's direction)"),
-        (fast.adv_weight >= 0, "fast_advprop.adv_weight", "must be ≥ 0"),
-        # fast_advprop trains on the attack step's gradient: it must be the true labels' loss in train mode
-        (not (fast_advprop and attack.targeted), "attack.targeted",
-         "must be false with method=fast_advprop (the attack's gradient is reused as the training "
-         "gradient, so the attack maximises the true labels' loss): add attack.targeted=false"),
-        (not (fast_advprop and attack.bn_mode != "train"), "attack.bn_mode",
-         "must be train with method=fast_advprop (the attack's forward is a training forward)"),
-        (not (fast_advprop and attack.steps < 1), "attack.steps", "must be ≥ 1 with method=fast_advprop"),
         (cfg.data.ffcv.write_mode in WRITE_MODES, "data.ffcv.write_mode", f"must be one of {WRITE_MODES}"),
         (cfg.data.ffcv.progressive.min_res <= (cfg.data.ffcv.progressive.max_res or cfg.data.image_size),
          "data.ffcv.progressive.min_res", "must be ≤ max_res (or data.image_size)"),
         (cfg.data.ffcv.progressive.start_epoch <= cfg.data.ffcv.progressive.end_epoch,
          "data.ffcv.progressive.start_epoch", "must be ≤ end_epoch"),
     ]
-    for key in ATTACK_NODES:
+    for key in ATTACK_NODES:  # each attack kind checks its own keys (train/attacks/)
         node = cfg.get(key)
         if node is not None:
-            checks += [
-                (node.eps >= 0, f"{key}.eps", "must be ≥ 0 (pixel units)"),
-                (node.steps >= 0, f"{key}.steps", "must be ≥ 0"),
-                (node.step_size >= 0, f"{key}.step_size", "must be ≥ 0 (pixel units)"),
-            ]
-    checks += [
-        (0 <= attack.clean_start_fraction <= 1, "attack.clean_start_fraction", "must be in [0, 1]"),
-        (attack.bn_mode in ("train", "eval"), "attack.bn_mode", "must be train or eval"),
-    ]
+            checks += attack_checks(node, key)
+    checks.append((cfg.attack.bn_mode in BN_MODES, "attack.bn_mode", f"must be one of {BN_MODES}"))
+    for record in METHOD_RECORDS.values():  # each method checks its options, and what it needs when chosen
+        checks += record.checks(cfg)
     for ok, key, problem in checks:
         if not ok:
             raise ConfigError(f"bad value for {key}: {OmegaConf.select(cfg, key)!r} {problem}")

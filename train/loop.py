@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from models.dual_norm import use_norm
-from train.attacks import pgd
+from train.attacks import Attack
 from train.faults import NonFiniteLoss
-from train.methods import BACKWARDS, METHODS, StepContext, StepOutput
+from train.methods import StepContext, StepOutput, method_of
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -81,14 +81,17 @@ def train_step(ctx: StepContext, accelerator, optimizer, scheduler, state, x, la
     cfg = ctx.cfg
     ctx.step = state.step
     guard.begin()
-    steps = METHODS[cfg.method](ctx, x, labels)
-    passes, request, out = BACKWARDS.get(cfg.method, 1), None, None
+    method = method_of(cfg)
+    steps = method.step(ctx, x, labels)
+    passes, request, out = method.backwards(cfg), None, None
     for index in range(passes):
         last = index == passes - 1
         # DDP all-reduces in the backward of a forward made outside no_sync: only the last one
         # of a sync step; the others (and every pass of an accumulation step) accumulate locally.
         with contextlib.nullcontext() if sync and last else accelerator.no_sync(ctx.model):
-            request = next(steps)  # the method's forward up to its next Backward
+            request = next(steps, None)  # the method's forward up to its next Backward
+            if request is None:
+                raise RuntimeError(f"method {cfg.method} yields fewer than the {passes} Backward requests its record says")
             if not guard.check(request.terms):
                 steps.close()
                 guard.abort()
@@ -96,7 +99,7 @@ def train_step(ctx: StepContext, accelerator, optimizer, scheduler, state, x, la
             accelerator.backward(sum(request.terms.values()) / cfg.grad_accum_steps)
     try:
         next(steps)
-        raise RuntimeError(f"method {cfg.method} yields more than {passes} Backward requests (BACKWARDS)")
+        raise RuntimeError(f"method {cfg.method} yields more than the {passes} Backward requests its record says")
     except StopIteration as done:
         out = done.value
     if sync:
@@ -187,10 +190,12 @@ class MetricWindow:
         return report
 
 
-def evaluate(model, loader, accelerator, *, route: str = "main", attack=None, desc: str = "val") -> dict:
+def evaluate(model, loader, accelerator, *, route: str = "main", attack: Attack | None = None,
+             desc: str = "val") -> dict:
     """Top-1/top-5 (percent) and loss over the whole val set, every image counted once.
 
-    attack: None for clean accuracy, or kwargs for pgd() (untargeted) to measure robust accuracy.
+    attack: None for clean accuracy, or an attack (train/attacks/: build_attack(node)) made on the
+    eval-mode model through `route`'s norms to measure robust accuracy (the bar shows its top-1 so far).
     """
     was_training = model.training
     model.eval()
@@ -201,25 +206,15 @@ def evaluate(model, loader, accelerator, *, route: str = "main", attack=None, de
         for images, labels in bar:
             x = to_float(images)
             if attack is not None:
-                x = pgd(model, x, labels, targeted=False, **attack)
+                x = attack(model, x, labels)
             with torch.no_grad():
                 logits = model(x).float()
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             totals += torch.stack([
                 (top5[:, 0] == labels).sum().float(), (top5 == labels[:, None]).any(1).sum().float(),
                 F.cross_entropy(logits, labels, reduction="sum"), torch.tensor(len(labels), device=x.device)])
+            if attack is not None:  # an attacked batch takes long enough for one host read
+                bar.set_postfix(top1=f"{100 * totals[0].item() / totals[3].item():.1f}%")
     model.train(was_training)
     top1, top5, loss, count = accelerator.reduce(totals, "sum").tolist()
     return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count, "images": int(count)}
-
-
-def robust_attack(cfg) -> dict:
-    """pgd() kwargs of the final robust accuracy: eval_attack, else the training attack's strength;
-    untargeted on the eval-mode model (evaluate() passes targeted=False), every image from a
-    random start (when random_start), whatever the training attack's clean-start share."""
-    return pgd_kwargs(cfg.eval_attack or cfg.attack)
-
-
-def pgd_kwargs(node) -> dict:
-    """An eval attack's config (pixel units) → pgd() kwargs ([0, 1] units), untargeted by the caller."""
-    return dict(eps=node.eps / 255, step_size=node.step_size / 255, steps=node.steps, random_start=node.random_start)

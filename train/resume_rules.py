@@ -20,7 +20,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.errors import UserInputError
-from train.config import Config
+from train.config import schema
 
 MAY_CHANGE = (
     "epochs", "name", "output_dir", "resume",
@@ -53,7 +53,7 @@ def may_change(key: str) -> bool:
 def changed_keys(saved: DictConfig | dict, current: DictConfig) -> list[tuple[str, object, object]]:
     """(key, saved value, current value) for every key that differs and may not change. A key newer
     than the saved run counts as its schema default (a new key's default keeps the old behaviour)."""
-    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(Config), resolve=True))
+    defaults = flatten(OmegaConf.to_container(schema(), resolve=True))
     old = {**defaults, **flatten(OmegaConf.to_container(OmegaConf.create(saved), resolve=True))}
     new = flatten(OmegaConf.to_container(current, resolve=True))
     return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())

@@ -30,14 +30,14 @@ from models.export import export_settings, save_main_norm
 from models.factory import create_model
 from pipelines.errors import UserInputError
 from pipelines.loader import build_loader, prepare_dataset
-from train.checkpoint import DiskFull, check_resume, restore, save_checkpoint
+from train.checkpoint import DiskFull, check_resume, continued_settings, restore, save_checkpoint
 from train.compile import compile_model, compiled_graphs
 from train.config import load_config, save_config
 from train.ema import create_ema
 from train.environment import describe
 from train.faults import NonFiniteLoss, StoppedAfterTraining, StopRequest
 from train.loop import evaluate, train_one_epoch
-from train.methods import BACKWARDS, USES_DUAL_NORM, StepContext
+from train.methods import StepContext, method_of
 from train.model_artifacts import ModelArtifacts
 from train.optim import create_optimizer, create_schedule
 from train.run_plot import PLOT_FILE, plot_run
@@ -67,7 +67,7 @@ def validate_epoch(ctx, accelerator, val_loader, ema=None) -> dict:
     if ema is not None:
         averaged = evaluate(ema.module, val_loader, accelerator, desc="val (EMA)")
         metrics.update({f"val_ema/{k}": v for k, v in averaged.items() if k != "images"})
-    if ctx.cfg.eval_aux_bn and ctx.cfg.method in USES_DUAL_NORM:
+    if ctx.cfg.eval_aux_bn and method_of(ctx.cfg).dual_norm:
         aux = evaluate(ctx.attack_model, val_loader, accelerator, route="aux", desc="val (aux norms)")
         metrics.update({f"val_aux/{k}": v for k, v in aux.items() if k != "images"})
     return metrics
@@ -75,7 +75,7 @@ def validate_epoch(ctx, accelerator, val_loader, ema=None) -> dict:
 
 def build_model(cfg, accelerator, num_classes: int):
     """The model (dual norms for methods that need them), its optimizer, both prepared by Accelerate."""
-    model = create_model(cfg, num_classes, dual_norm=cfg.method in USES_DUAL_NORM)
+    model = create_model(cfg, num_classes, dual_norm=method_of(cfg).dual_norm)
     if cfg.sync_bn and accelerator.num_processes > 1:
         if accelerator.device.type != "cuda":
             raise UserInputError("sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
@@ -89,11 +89,12 @@ def build_model(cfg, accelerator, num_classes: int):
 
 
 def main(argv: list[str]) -> None:
-    cfg = load_config(argv)
+    cfg = load_config(argv, continuing=continued_settings)  # a continued run keeps its method defaults
     # cpu=True without CUDA: under torchrun (`accelerate launch --multi_gpu`) that gives real
     # multi-process CPU training over gloo; Accelerate would otherwise run each process alone.
-    # A method whose last backward leaves some parameters out (BACKWARDS) needs DDP to look for them.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.method in BACKWARDS)
+    # A method with several backwards a step runs all but the last without DDP sync, and the last
+    # may leave parameters out (train/methods/record.py): DDP must look for them.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=method_of(cfg).backwards(cfg) > 1)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp],
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     run_dir = Path(cfg.output_dir)
@@ -150,7 +151,7 @@ def main(argv: list[str]) -> None:
             return stopped(accelerator, state, log)
     stop.training_saved()
     try:
-        finish(ctx, accelerator, val_loader, state, log, run_dir, classes, ema, environment, artifacts)
+        finish(ctx, accelerator, train_loader, val_loader, state, log, run_dir, classes, ema, environment, artifacts)
     except StoppedAfterTraining:
         log.close()
         raise
@@ -177,11 +178,11 @@ def stopped(accelerator, state, log) -> None:
     log.close()
 
 
-def finish(ctx, accelerator, val_loader, state, log, run_dir: Path, classes: list[str], ema, environment: dict,
-           artifacts: ModelArtifacts) -> None:
+def finish(ctx, accelerator, train_loader, val_loader, state, log, run_dir: Path, classes: list[str], ema,
+           environment: dict, artifacts: ModelArtifacts) -> None:
     """Final evaluation, plain-timm exports (to W&B too), summary.json, the plot and the table."""
     cfg = ctx.cfg
-    report = final_report(ctx, accelerator, val_loader, state, environment)
+    report = final_report(ctx, accelerator, train_loader, val_loader, state, environment)
     log.log({"epoch": state.epoch, **{f"final/{k}": v for k, v in report.items() if isinstance(v, (int, float))}},
             state.step)
     if accelerator.is_main_process:

@@ -44,8 +44,9 @@ def robust_results(run_dir: Path, lines: list[dict]) -> dict[str, float]:
             report = json.loads(path.read_text())
         except ValueError:
             continue
-        if isinstance(report, dict) and isinstance(report.get("pgd"), list):
-            results.update({f"{r['key']} ({path.stem})": r["top1"] for r in report["pgd"] if "top1" in r})
+        rows = report.get("robust", report.get("pgd")) if isinstance(report, dict) else None  # "pgd": older reports
+        if isinstance(rows, list):
+            results.update({f"{r['key']} ({path.stem})": r["top1"] for r in rows if "top1" in r})
     return results
 
 

@@ -1,23 +1,45 @@
 """What a finished run reports: summary.json and the table printed at the end."""
 from __future__ import annotations
 
+from accelerate.utils import gather_object
+from omegaconf import OmegaConf
+
+from train.attacks import PGDConfig, build_attack, describe
 from train.checkpoint import TrainState
 from train.environment import summary_line
-from train.loop import evaluate, robust_attack
+from train.loop import evaluate
 
 
-def final_report(ctx, accelerator, val_loader, state: TrainState, environment: dict) -> dict:
+def final_report(ctx, accelerator, train_loader, val_loader, state: TrainState, environment: dict) -> dict:
     cfg = ctx.cfg
     clean = evaluate(ctx.attack_model, val_loader, accelerator, desc="final val")
-    report = {"clean_top1": clean["top1"], "clean_top5": clean["top5"], "val_images": clean["images"]}
-    attack = cfg.eval_attack or cfg.attack
+    report = {"clean_top1": clean["top1"], "clean_top5": clean["top5"], "val_images": clean["images"],
+              "images_left_out": {"train": images_left_out(train_loader), "val": images_left_out(val_loader)}}
+    attack = robust_attack(cfg)
     if cfg.eval_robust and attack.steps > 0:
-        robust = evaluate(ctx.attack_model, val_loader, accelerator, attack=robust_attack(cfg), desc="robust val")
+        robust = evaluate(ctx.attack_model, val_loader, accelerator, attack=build_attack(attack), desc="robust val")
         report["robust_top1"] = robust["top1"]
-        report["robust_attack"] = f"PGD-{attack.steps} eps={attack.eps:g}/255 untargeted"
+        report["robust_attack"] = describe(attack)[1]
     report.update(throughput(state))
     report["environment"] = environment
     return report
+
+
+def robust_attack(cfg):
+    """The attack of the final robust accuracy: eval_attack, else untargeted PGD of the training
+    attack's strength (its ε, steps and step rule), every image from a random start (when
+    random_start), whatever the training attack's start rule; on the eval-mode model."""
+    if cfg.eval_attack is not None:
+        return cfg.eval_attack
+    training = cfg.attack
+    return OmegaConf.structured(PGDConfig(eps=training.eps, step_size=training.step_size, steps=training.steps,
+                                          random_start=training.random_start, reach_eps=training.reach_eps))
+
+
+def images_left_out(loader) -> int:
+    """Images of the split no batch held: undecodable at the check, or failed mid-run on any
+    process (each file once). A collective: every process calls it."""
+    return len({path for path, _ in gather_object(list(loader.left_out))})
 
 
 def throughput(state: TrainState) -> dict:
@@ -44,6 +66,7 @@ def print_table(cfg, report: dict) -> None:
               "– (every epoch fits one logging window: lower log_every)"),
              ("waiting for data (steady)", f"{100 * report['data_wait_fraction']:.1f} %" if steady else "–"),
              ("val images", str(report["val_images"])),
+             ("images left out (unreadable)", "train {train}, val {val}".format(**report["images_left_out"])),
              ("precision, processes", f"{environment['precision']}, {environment['processes']}"),
              ("device", environment["device"]),
              ("loader", environment["loader"] + (" (compiled model)" if environment["compile"] else "")),

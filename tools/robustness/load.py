@@ -24,7 +24,7 @@ from models.export import read_metadata
 from models.factory import NORMALIZATION, Normalized, create_net, read_weights
 from pipelines.errors import UserInputError
 from train.checkpoint import checkpoint_folder, load_checkpoint_model
-from train.config import Config
+from train.config import schema
 
 
 def load_any(path: str | Path, *, model_name: str | None = None):
@@ -65,7 +65,7 @@ def load_export(path: Path, metadata: dict):
                          "crop_ratio": float(metadata["crop_ratio"])}} if "image_size" in metadata else {}
     try:
         run_settings = OmegaConf.load(run_config) if has_run_config else {}
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), geometry, run_settings,
+        cfg = OmegaConf.merge(schema(), geometry, run_settings,
                               {"model": metadata["model"], "normalization": metadata["normalization"]})
     except OmegaConfBaseException as error:
         raise UserInputError(f"{run_config} (beside {path.name}) is not a run config: {error}") from None
@@ -94,7 +94,7 @@ def load_timm_state(path: Path, name: str):
         raise UserInputError(f"timm's mean for {name} is {pretrained['mean']}: not one we normalise with "
                              f"({', '.join(NORMALIZATION)})")
     size = pretrained.get("input_size", (3, 224, 224))[-1]
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), {
+    cfg = OmegaConf.merge(schema(), {
         "model": name, "normalization": normalization,
         "data": {"image_size": size, "val_image_size": size, "crop_ratio": pretrained.get("crop_pct", 0.875)}})
     num_classes = net.get_classifier().weight.shape[0]

@@ -1,7 +1,7 @@
 """The evaluation report three ways: a terminal table, JSON with every number, and W&B.
 
-The report is a dict: "model" (what was evaluated), one entry per evaluated set ("clean", "pgd"
-(a list), "imagenet_c", "corrupted", "imagenet_a", "imagenet_r", "stylized"), and "errors"
+The report is a dict: "model" (what was evaluated), one entry per evaluated set ("clean", "robust"
+(a list: one entry per attack, PGD, AutoAttack, APGD), "imagenet_c", "corrupted", "imagenet_a", "imagenet_r", "stylized"), and "errors"
 ({set: message}) for sets that could not be evaluated. Accuracies and errors are in percent.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ def format_table(report: dict) -> str:
              + (f", LIMITED to ~{info['limit']} images per set (a quick look, not a result)" if info["limit"] else ""),
              "", f"{'set':<56} {'top-1':>8} {'top-5':>8} {'images':>7}", "-" * 82]
     rows = [(TITLES["clean"], report["clean"])] if "clean" in report else []
-    rows += [(f"robust: {r['attack']}", r) for r in report.get("pgd", [])]
+    rows += [(f"robust: {r['attack']}", r) for r in report.get("robust", [])]
     rows += [(TITLES[key] + (f" ({report[key]['classes']}-class subset)" if "classes" in report[key] else ""),
               report[key]) for key in ("imagenet_a", "imagenet_r", "stylized") if key in report]
     lines += [f"{title:<56} {r['top1']:>7.2f}% {r['top5']:>7.2f}% {r['images']:>7}" for title, r in rows]
@@ -73,7 +73,7 @@ def flat_metrics(report: dict) -> dict[str, float]:
         for metric in ("top1", "top5", "loss"):
             if key in report:
                 metrics[f"eval/{key}/{metric}"] = report[key][metric]
-    for attack in report.get("pgd", []):
+    for attack in report.get("robust", []):
         metrics[f"eval/robust_{attack['key']}/top1"] = attack["top1"]
     for key in ("imagenet_c", "corrupted"):
         summary = report.get(key, {})

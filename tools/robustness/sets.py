@@ -1,7 +1,7 @@
 """One function per kind of evaluation set; each returns a dict of numbers (percent) for the report.
 
 All of them go through train/loop.py's evaluate() (top-1/top-5, every image counted once across
-processes, optional PGD) and the torchvision val loader of the model's config, so the numbers mean
+processes, optional attack) and the torchvision val loader of the model's config, so the numbers mean
 what the training run's val numbers mean.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ class EvalContext:
             loader = RelabeledLoader(loader, self.classes, folder)
         return LimitedLoader(loader, self.limit, self.batch_size) if self.limit > 0 else loader
 
-    def run(self, loader, desc: str, *, model: nn.Module | None = None, attack: dict | None = None) -> dict:
+    def run(self, loader, desc: str, *, model: nn.Module | None = None, attack=None) -> dict:
         return evaluate(model or self.model, loader, self.accelerator, route=self.route, attack=attack, desc=desc)
 
 
@@ -50,8 +50,8 @@ def clean(ctx: EvalContext, folder: Path) -> dict:
 
 
 def robust(ctx: EvalContext, folder: Path, attack: dict) -> dict:
-    """Top-1 under untargeted PGD; attack: {kwargs: pgd() keyword arguments ([0, 1] units), name, key}."""
-    result = ctx.run(ctx.loader(folder), attack["name"], attack=attack["kwargs"])
+    """Top-1 under an untargeted attack; attack: {attack: an attack of train/attacks/, name, key}."""
+    result = ctx.run(ctx.loader(folder), attack["name"], attack=attack["attack"])
     return {"attack": attack["name"], "key": attack["key"], **result}
 
 

@@ -1,0 +1,91 @@
+"""Files written whole or not at all, and no temporary file outliving its writer.
+
+    with written_whole(Path("data/ffcv/train.beton")) as temporary:
+        write(temporary)              # renamed to train.beton when the block completes
+
+The temporary file lies beside the target (.NAME.tmp-PID-HOST) and is removed however the block
+ends: an error, Ctrl-C, SIGTERM or SIGHUP (raised as SystemExit(128 + N) inside the block, after
+ending its worker processes, which would otherwise keep the exit waiting). A SIGKILL cannot be
+caught: the next writer of the same target removes the temporaries of processes that are gone.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+CAUGHT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def temporary_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{socket.gethostname()}")
+
+
+@contextmanager
+def written_whole(path: Path):
+    """Yields a temporary path to write; it becomes `path` when the block completes."""
+    remove_stale_temporaries(path)
+    temporary = temporary_path(path)
+    try:
+        with signals_end_the_block():
+            yield temporary
+            os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    with written_whole(path) as temporary:
+        temporary.write_bytes(data)
+
+
+@contextmanager
+def signals_end_the_block():
+    """SIGTERM and SIGHUP raise SystemExit in the block (main thread only: Python's rule for
+    handlers), so `finally` clauses run; on any exception the block's worker processes end too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = {number: signal.signal(number, stop) for number in CAUGHT_SIGNALS}
+    try:
+        yield
+    except BaseException:
+        for child in multiprocessing.active_children():  # e.g. ffcv's writers: the exit would wait for them
+            child.terminate()
+        raise
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries of `path` left by killed writers on this host; returns them.
+    (Also the names of earlier versions, NAME.tmp-PID.)"""
+    removed = []
+    for candidate in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f"{path.name}.tmp-*")]:
+        pid, _, host = candidate.name.rsplit(".tmp-", 1)[1].partition("-")
+        if pid.isdigit() and host in ("", socket.gethostname()) and not process_exists(int(pid)):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    if removed:
+        print(f"removed {len(removed)} temporary files left by killed writers of {path}: "
+              f"{', '.join(p.name for p in removed[:3])}", flush=True)
+    return removed
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

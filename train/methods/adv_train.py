@@ -1,0 +1,18 @@
+"""adv_train (Madry et al. 2018): cross-entropy on the attack's examples only; one norm set."""
+from __future__ import annotations
+
+import torch
+
+from train.methods.common import accuracy, cross_entropy, make_adversarial
+from train.methods.record import Backward, Method, MethodSteps, StepContext, StepOutput
+
+
+def step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> MethodSteps:
+    adversarial = make_adversarial(ctx, images, labels)
+    logits = ctx.model(adversarial)
+    loss = cross_entropy(ctx, logits, labels)
+    yield Backward({"adv": loss})
+    return StepOutput({"loss/adv": loss.detach(), "acc/adv": accuracy(logits, labels)}, adversarial)
+
+
+METHOD = Method("adv_train", step, bench_cases={"adv_train_pgd1": ["method=adv_train", "attack=pgd1"]})

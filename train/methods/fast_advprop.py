@@ -1,0 +1,128 @@
+"""fast_advprop (Mei et al., ICLR 2022): a 4:1 clean:adv split of the batch; every attack iteration
+is a training step; loss weights 1 / ½ / ½.
+
+As the authors' code (meijieru/fast_advprop, imagenet.py train() with --reuse_mid_grad
+--attack_in_train --original_attack): the last rows of the batch are attacked with untargeted PGD
+through the aux norms in train mode, and the forward and backward of *each* of its attack.steps
+iterations also train the shared weights and the aux norms (weight attack_weight; the input
+gradient of that same backward makes the next iterate). The last iterate is the adversarial
+batch, which is shuffled across processes (their --shuffle_before_train_adv: per-GPU BN
+statistics would otherwise leak labels) and trained on with weight adv_weight. A step therefore
+yields attack.steps + 1 Backward requests (the first also holds the clean loss).
+
+Loss scale (their use_param_sets counts; train/methods/__init__.py): each parameter's gradient is
+divided by the weighted number of images that reached it, an attacked row counting attack_weight
+once per iteration: shared weights n_clean + k·n_adv·attack_weight + n_adv·adv_weight, main norms
+n_clean, aux norms k·n_adv·attack_weight + n_adv·adv_weight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.dual_norm import AUX, use_norm
+from train.attacks import pgd_kwargs, pgd_step, start_point
+from train.methods.common import cross_entropy, per_group_scales, two_part_metrics
+from train.methods.record import Backward, Method, MethodSteps, StepContext, StepOutput
+
+# the authors' attacker (train/methods/advprop.py); its BN mode is train: its attack step trains
+REFERENCE_ATTACK = {"start_rule": "batch", "reach_eps": True}
+
+
+@dataclass
+class FastAdvPropConfig:
+    adv_fraction: float = 0.2  # share of the batch that is attacked (Mei et al.: 4:1 clean:adv)
+    attack_weight: float = 0.5  # weight of each attack iteration's loss, whose gradients are reused
+    adv_weight: float = 0.5  # weight of the adversarial examples' loss
+    # The authors' --exact_same_training_budget: epochs and the schedule's epoch counts divided by
+    # the images a step trains on per vanilla image, 1 + adv_fraction·attack.steps, so the run costs
+    # what vanilla training costs.
+    equal_budget: bool = False
+
+
+def step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> MethodSteps:
+    options, attack = ctx.cfg.fast_advprop, pgd_kwargs(ctx.cfg.attack)
+    n_adv = max(1, round(len(images) * options.adv_fraction))
+    n = len(images) - n_adv  # clean rows
+    clean_labels, adv_labels, source = labels[:n], labels[n:], images[n:]
+    iterations = attack["steps"]
+    aux_count = n_adv * (iterations * options.attack_weight + options.adv_weight)
+    shared = n + aux_count  # the weighted number of images behind the shared weights
+
+    clean_logits = ctx.model(images[:n])
+    clean_sum = cross_entropy(ctx, clean_logits, clean_labels, "sum")
+    adversarial = start_point(source, attack["eps"], attack["random_start"])
+    attack_sums = []
+    for iteration in range(iterations):
+        adversarial = adversarial.detach().requires_grad_(True)
+        with use_norm(ctx.attack_model, AUX):
+            attack_sum = cross_entropy(ctx, ctx.model(adversarial), adv_labels, "sum")
+        terms = {"clean": clean_sum / shared} if iteration == 0 else {}
+        yield Backward({**terms, "attack": options.attack_weight * attack_sum / shared})
+        adversarial = pgd_step(adversarial, source, adversarial.grad, eps=attack["eps"],
+                               step_size=attack["step_size"], targeted=False)
+        attack_sums.append(attack_sum.detach())
+
+    with use_norm(ctx.attack_model, AUX):
+        adversarial, adv_labels = shuffle_across_processes(ctx, adversarial, adv_labels)
+        adv_logits = ctx.model(adversarial)
+    adv_sum = cross_entropy(ctx, adv_logits, adv_labels, "sum")
+    yield Backward({"adv": options.adv_weight * adv_sum / shared})
+
+    metrics = two_part_metrics(clean_sum / n, adv_sum / n_adv, clean_logits, adv_logits, clean_labels, adv_labels)
+    metrics["loss/attack"] = torch.stack(attack_sums).mean() / n_adv  # mean over the iterations
+    return StepOutput(metrics, adversarial, per_group_scales(ctx, shared, main=n, aux=aux_count))
+
+
+def shuffle_across_processes(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor):
+    """Rows of every process, permuted by a seed they all share (the run's seed and step), this
+    process's share back. One process: a permutation of its own rows."""
+    everyone_images, everyone_labels = ctx.gather(images.contiguous()), ctx.gather(labels)
+    generator = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + ctx.step)
+    order = torch.randperm(len(everyone_labels), generator=generator).to(labels.device)
+    mine = order[ctx.rank * len(labels):(ctx.rank + 1) * len(labels)]
+    return everyone_images[mine].contiguous(memory_format=torch.channels_last), everyone_labels[mine]
+
+
+def backwards(cfg) -> int:
+    return cfg.attack.steps + 1
+
+
+def checks(cfg) -> list:
+    fast, attack = cfg.fast_advprop, cfg.attack
+    chosen = cfg.method == "fast_advprop"
+    return [
+        (0 < fast.adv_fraction < 1, "fast_advprop.adv_fraction", "must be in (0, 1)"),
+        (fast.attack_weight > 0, "fast_advprop.attack_weight", "must be > 0 (its gradient is the attack's direction)"),
+        (fast.adv_weight >= 0, "fast_advprop.adv_weight", "must be ≥ 0"),
+        # its attack gradient is the training gradient: the true labels' loss, in train mode
+        (not (chosen and attack.targeted), "attack.targeted",
+         "must be false with method=fast_advprop (the attack's gradient is reused as the training "
+         "gradient, so the attack maximises the true labels' loss): add attack.targeted=false"),
+        (not (chosen and attack.bn_mode != "train"), "attack.bn_mode",
+         "must be train with method=fast_advprop (the attack's forward is a training forward)"),
+        (not (chosen and attack.steps < 1), "attack.steps", "must be ≥ 1 with method=fast_advprop"),
+    ]
+
+
+def apply_equal_budget(cfg) -> None:
+    """Fast AdvProp at vanilla's cost (the authors' get_exact_same_budget, whose formula is for one
+    attack step): epochs and the schedule's epoch counts divided by 1 + adv_fraction·steps. The
+    resolved config keeps the divided values and equal_budget=false, so it reads (and resumes) as
+    what runs, and is never divided twice."""
+    if not cfg.fast_advprop.equal_budget:
+        return
+    scale = 1 + cfg.fast_advprop.adv_fraction * cfg.attack.steps
+    before = cfg.epochs
+    cfg.epochs = max(1, round(cfg.epochs / scale))
+    cfg.schedule.warmup_epochs /= scale
+    cfg.schedule.decay_epochs /= scale
+    cfg.fast_advprop.equal_budget = False
+    print(f"fast_advprop.equal_budget: epochs {before} → {cfg.epochs}, schedule epochs ÷ {scale:g}")
+
+
+METHOD = Method(
+    "fast_advprop", step, dual_norm=True, backwards=backwards, options=FastAdvPropConfig, checks=checks,
+    attack_defaults=REFERENCE_ATTACK, finalize=apply_equal_budget,
+    bench_cases={"fast_advprop": ["method=fast_advprop", "attack=pgd1", "attack.targeted=false"]})
