@@ -2,6 +2,7 @@
 """Cost of one training step of each method, as a ratio to a vanilla step, measured in one run.
 
     python tools/bench_step.py                                   # resnet18, batch 64, 96 px, CPU fp32
+    python tools/bench_step.py --threads 1 --clock process --check   # the CPU targets: exit 1 if one is missed
     python tools/bench_step.py --amp bf16 --json                 # last line: {"vanilla": 1.0, ...}
     python tools/bench_step.py --device cuda --amp bf16 --model resnet50 --batch 256 --size 224 --compile
 
@@ -9,22 +10,35 @@ A step is train/loop.py's train_step itself: the method (attack included), the n
 Accelerate's backward, the optimizer step and the LR schedule. Every method runs on the same timm
 model (random init), batch and device, channels-last, through the same Accelerator (so AMP is
 Accelerate's autocast + GradScaler). --compile compiles each method's model as compile=true does
-and reports the compile time (the warm-up steps' extra time over timed steps). Methods are timed
-round-robin after warm-up, so load from other processes hits all of them alike; the ratio is the
-best (minimum) step time over the best vanilla step time (as timeit does: other processes only
-ever add time), and the spread column is the lowest–highest ratio of per-round medians. On a
-shared CPU, `--threads 1 --clock process` (CPU time of this process) gives steadier numbers than
-wall time. The target column: on CPU the figures measured before the step was reworked (a
-regression guard: nothing may get slower), on CUDA the targets for ResNet-50, batch 256, bf16.
-The line under the table gives the measured cost of one attack step, the slope of the advprop
-ratios over k.
+and reports the compile time (the warm-up steps' extra time over timed steps).
+
+Methods are timed round-robin after warm-up, one step each per round by default, so each round's
+steps see the same load from other processes; a method's figure is the median over rounds of its
+step time over that round's vanilla step time (best over best moved every figure by ±10 % with
+one lucky vanilla step on the shared CPU), the spread column is the lowest–highest round, "best
+ms" the fastest step. On a shared CPU, `--threads 1 --clock process` (CPU time of this process)
+gives steadier numbers than wall time. The line under the table gives the cost of one attack step
+with frozen weights, the slope of the advprop ratios over k.
+
+Targets (TARGETS) apply under their conditions (CONDITIONS): on CPU resnet18, batch 64, 96 px,
+fp32, channels-last, eager, `--threads 1 --clock process` (the README's table, this project's
+2-core machine); on CUDA the GPU table's ResNet-50, batch 256, 224 px, bf16. `--target NAME=VALUE`
+adds or overrides one (other conditions, other machines). `--check` exits 1 with one line naming
+every figure above its target, and refuses (exit 2, before measuring) a run it cannot check: no
+targets apply, or --methods leaves out a case a target needs. On a shared machine, rerun a miss
+before believing it. `--markdown` prints the README table's rows (targets, then this run's
+figures with date, machine and torch version).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -45,10 +59,17 @@ def bench_cases() -> dict[str, list[str]]:
     return {name: overrides for method in METHODS.values() for name, overrides in method.bench_cases.items()}
 
 
-TARGETS = {  # × vanilla; "attack_step": one PGD step with frozen weights
-    "cpu": {"advprop_pgd1": 2.78, "advprop_pgd5": 5.90, "fast_advprop": 1.29},  # README's CPU table before
+TARGETS = {  # × vanilla, for runs under CONDITIONS; "attack_step": one PGD step with frozen weights
+    "cpu": {"advprop_pgd1": 2.7, "advprop_pgd5": 5.9, "fast_advprop": 1.3, "attack_step": 0.8},
     "cuda": {"advprop_pgd1": 2.6, "advprop_pgd5": 6.0, "fast_advprop": 1.2, "attack_step": 0.8},
 }
+CONDITIONS = {  # the README's: CPU on this project's 2-core machine, the GPU table's ResNet-50
+    "cpu": {"model": "resnet18", "batch": 64, "size": 96, "amp": "no", "no_channels_last": False,
+            "compile": False, "threads": 1, "clock": "process"},
+    "cuda": {"model": "resnet50", "batch": 256, "size": 224, "amp": "bf16", "no_channels_last": False},
+}
+# the cases a figure is computed from (a case's own ratio: the case)
+FIGURE_CASES = {"attack_step": ["advprop_pgd1", "advprop_pgd5"]}
 NUM_CLASSES = 10
 
 
@@ -99,6 +120,54 @@ def pgd_step_cost(ratios: dict[str, float]) -> float | None:
     return (steps[most] - steps[fewest]) / (most - fewest)
 
 
+def step_ratios(rounds: list[dict[str, list[float]]]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each case's step time over vanilla's: per round (the medians of the round's steps, measured
+    minutes apart at most, under the same load), and their median over rounds, the figure. A
+    median of paired ratios, not best over best: one lucky vanilla step would move every figure."""
+    per_round = {name: [statistics.median(r[name]) / statistics.median(r["vanilla"]) for r in rounds]
+                 for name in rounds[0]}
+    return {name: statistics.median(values) for name, values in per_round.items()}, per_round
+
+
+def targets_for(args, conditions: dict, targets: dict[str, float]) -> dict[str, float]:
+    """The device's targets if this run is under their conditions, then the --target ones."""
+    applies = all(getattr(args, key) == value for key, value in conditions.items())
+    return {**(targets if applies else {}), **args.target}
+
+
+def conditions_text(conditions: dict) -> str:
+    flags = {"no_channels_last": "channels-last", "compile": "eager"}
+    return " ".join(f"--{key} {value}" for key, value in conditions.items() if key not in flags) + "".join(
+        f", {flags[key]}" for key, value in conditions.items() if key in flags and not value)
+
+
+def check_problems(names: list[str], targets: dict[str, float], conditions: dict) -> str | None:
+    """Why --check cannot check this run (before any work), or None."""
+    if not targets:
+        return (f"--check: the targets are for {conditions_text(conditions)}; under other conditions give "
+                f"them with --target NAME=VALUE")
+    unmeasured = {name: [case for case in FIGURE_CASES.get(name, [name]) if case not in names] for name in targets}
+    unmeasured = {name: cases for name, cases in unmeasured.items() if cases}
+    if unmeasured:
+        return "--check: " + "; ".join(f"target {name} needs {', '.join(cases)} in --methods"
+                                       for name, cases in unmeasured.items())
+    return None
+
+
+def missed_targets(results: dict[str, float], targets: dict[str, float]) -> list[str]:
+    """'name figure > target' for every figure above its target."""
+    return [f"{name} {results[name]:.2f} > {target:g}" for name, target in targets.items()
+            if name in results and results[name] > target]
+
+
+def target_pair(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. advprop_pgd1=2.7)") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet18")
@@ -108,8 +177,8 @@ def main() -> None:
     parser.add_argument("--amp", default="no", choices=["no", "bf16", "fp16"], help="no = fp32")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
-    parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the methods")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per method and round")
+    parser.add_argument("--rounds", type=int, default=9, help="round-robin passes over the methods")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per method and round")
     cases = bench_cases()
     parser.add_argument("--methods", default=",".join(cases), help=f"comma-separated subset of {list(cases)}")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -119,11 +188,25 @@ def main() -> None:
     parser.add_argument("--nonfinite-check", default="auto", choices=["auto", "host", "device"],
                         help="the step guard's mode (train/step_guard.py; auto: device on CUDA)")
     parser.add_argument("--json", action="store_true", help="print the ratios as JSON on the last line")
+    parser.add_argument("--check", action="store_true", help="exit 1 naming every figure above its target")
+    parser.add_argument("--target", type=target_pair, action="append", default=[], metavar="NAME=VALUE",
+                        help="a target of this run (repeatable; over the device's): a case or attack_step")
+    parser.add_argument("--markdown", action="store_true", help="also print the figures as the README table's rows")
     args = parser.parse_args()
+    args.target = dict(args.target)
     names = ["vanilla"] + [n for n in args.methods.split(",") if n and n != "vanilla"]
     unknown = [n for n in names if n not in cases]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(cases)}")
+    if args.clock == "process" and args.device != "cpu":
+        parser.error("--clock process measures CPU time: use it with --device cpu")
+    unknown = [n for n in args.target if n not in cases and n not in FIGURE_CASES]
+    if unknown:
+        parser.error(f"--target: no figure named {unknown}; choose from {[*cases, *FIGURE_CASES]}")
+    targets = targets_for(args, CONDITIONS[args.device], TARGETS[args.device])
+    problem = check_problems(names, targets, CONDITIONS[args.device]) if args.check else None
+    if problem:
+        parser.error(problem)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,16 +222,11 @@ def main() -> None:
 
     warmup = {name: sum(time_steps(steps[name], batch, args.warmup, device)) for name in names}
     clock = time.process_time if args.clock == "process" else time.perf_counter
-    if args.clock == "process" and device.type != "cpu":
-        parser.error("--clock process measures CPU time: use it with --device cpu")
     rounds = [{name: time_steps(steps[name], batch, args.steps, device, clock) for name in names}
               for _ in range(args.rounds)]
 
     best = {name: min(t for r in rounds for t in r[name]) for name in names}
-    ratios = {name: best[name] / best["vanilla"] for name in names}
-    per_round = {name: [statistics.median(r[name]) / statistics.median(r["vanilla"]) for r in rounds]
-                 for name in names}
-    targets = TARGETS[device.type]
+    ratios, per_round = step_ratios(rounds)
     amp = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + GradScaler"}[args.amp]
     print(f"{args.model}, batch {args.batch}, {args.size} px, {device} ({torch.get_num_threads()} threads), {amp}, "
           f"{'NCHW' if args.no_channels_last else 'channels-last'}, {'compiled' if args.compile else 'eager'}, "
@@ -169,12 +247,35 @@ def main() -> None:
         results["compile_seconds"] = {name: round(warmup[name] - args.warmup * best[name], 1) for name in names}
         print("compile time (warm-up beyond steady steps): " + ", ".join(
             f"{name} {seconds:.0f} s" for name, seconds in results["compile_seconds"].items()))
+    if args.markdown:
+        print("\n".join(markdown_rows(results, names, targets, device)))
+    missed = missed_targets(results, targets) if args.check else []
     if args.json:
         print(json.dumps(results))
+    if missed:
+        sys.exit("error: missed the target: " + "; ".join(missed))
 
 
 def verdict(value: float, target: float | None) -> str:
     return "" if target is None else f"≤{target:g} {'ok' if value <= target else 'MISSED'}"
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+              if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    return f"{models[0] if models else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def markdown_rows(results: dict, names: list[str], targets: dict[str, float], device: torch.device) -> list[str]:
+    """The README table: header, the targets, this run's figures (date, machine, torch beside them)."""
+    figures = [name for name in names if name != "vanilla"] + (["attack_step"] if "attack_step" in results else [])
+    head = ["date", "machine", "torch", "vanilla img/s", *figures]
+    rows = [head, ["---"] * len(head), ["target", "", "", "", *[f"≤ {targets[f]:g}" if f in targets else "" for f in figures]],
+            [time.strftime("%Y-%m-%d"), machine(device), torch.__version__, f"{results['vanilla_img_per_s']:.0f}",
+             *[f"{results[f]:.2f}" for f in figures]]]
+    return ["| " + " | ".join(row) + " |" for row in rows]
 
 
 if __name__ == "__main__":
