@@ -17,7 +17,7 @@ from timm.loss import SoftTargetCrossEntropy
 from conftest import REPO, digits_val_batch
 from models.dual_norm import AUX, use_norm
 from models.factory import NORMALIZATION, create_model
-from pipelines.loader import ShardSampler, build_loader
+from pipelines.loader import ShardSampler, build_loader, prepare_dataset
 from train.attacks import pgd
 from train.batch_augment import BatchAugment, random_unmixed_class
 from train.config import ConfigError, load_config
@@ -146,6 +146,24 @@ def test_copies_of_an_image_get_their_own_augmentation(demo_cfg):
     dataset = loader.dataset
     assert torch.equal(images[0], dataset[(indices[0], 0)][0]) and torch.equal(images[2], dataset[(indices[0], 2)][0])
     assert torch.equal(dataset[indices[0]][0], dataset[(indices[0], 0)][0])  # copy 0: a run without repeats
+
+
+@pytest.mark.parametrize("loader_name", ["dali", "ffcv"])
+def test_dali_and_ffcv_read_the_shard_rules_copies_each_with_its_own_crop(demo_cfg, loader_name):
+    """DALI and FFCV take ShardSampler's repeated indices as they are and draw per position: an
+    image's copies come in a row, with its label, each a different crop."""
+    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[loader_name])
+    cfg = demo_cfg(f"loader={loader_name}", "data.repeated_aug=3", "data.workers=1", "data.dali.threads=1",
+                   "batch_size=12")
+    prepare_dataset(cfg)
+    loader = build_loader(cfg, "train")
+    loader.set_epoch(0)
+    images, labels = next(iter(loader))
+    indices, copies = loader.sampler.indices()[:12], loader.sampler.copies()[:12]
+    assert indices[0] == indices[1] == indices[2] != indices[3] and copies[:4] == [0, 1, 2, 0]
+    assert len(set(labels[:3].tolist())) == 1
+    for a, b in [(0, 1), (1, 2), (0, 2), (3, 4)]:
+        assert not torch.equal(images[a], images[b])
 
 
 # ----------------------------------------------------------------------------- methods and attacks
