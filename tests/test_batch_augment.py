@@ -171,7 +171,8 @@ def test_dali_and_ffcv_read_the_shard_rules_copies_each_with_its_own_crop(demo_c
 @pytest.fixture(scope="module")
 def tiny(demo_cfg_module):
     torch.manual_seed(0)
-    return create_model(demo_cfg_module("model=test_resnet"), CLASSES, dual_norm=False).to(memory_format=torch.channels_last)
+    model = create_model(demo_cfg_module("model=test_resnet"), CLASSES, dual_norm=False)
+    return model.to(memory_format=torch.channels_last)
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +301,8 @@ def test_deit_and_convnext_recipes_have_their_papers_batch_augmentation(name, re
     0.5 --mixup-mode batch --smoothing 0.1 --reprob 0.25 --remode pixel --recount 1; DeiT's RASampler (3)."""
     c = load_config([f"config={REPO / 'configs' / f'{name}.yaml'}"])
     data = c.data
-    assert (data.mixup, data.cutmix, data.mix_prob, data.mix_switch_prob, data.mix_mode) == (0.8, 1.0, 1.0, 0.5, "batch")
+    mixing = (data.mixup, data.cutmix, data.mix_prob, data.mix_switch_prob, data.mix_mode)
+    assert mixing == (0.8, 1.0, 1.0, 0.5, "batch")
     assert (c.label_smoothing, data.random_erasing, data.erasing_mode, data.erasing_count) == (0.1, 0.25, "pixel", 1)
     assert data.repeated_aug == repeats and c.advprop.mix_attacked is False  # the Fast AdvProp code's default
 
