@@ -160,10 +160,11 @@ def test_dali_and_ffcv_read_the_shard_rules_copies_each_with_its_own_crop(demo_c
     loader.set_epoch(0)
     images, labels = next(iter(loader))
     indices, copies = loader.sampler.indices()[:12], loader.sampler.copies()[:12]
-    assert indices[0] == indices[1] == indices[2] != indices[3] and copies[:4] == [0, 1, 2, 0]
-    assert len(set(labels[:3].tolist())) == 1
-    for a, b in [(0, 1), (1, 2), (0, 2), (3, 4)]:
-        assert not torch.equal(images[a], images[b])
+    assert indices == [i for i in indices[::3] for _ in range(3)] and copies == [0, 1, 2] * 4
+    assert torch.equal(labels, labels[::3].repeat_interleave(3))
+    # FFCV's crops are not seeded: two equal crops of 32 px are possible, a second pair is not likely
+    pairs = [(group + a, group + b) for group in range(0, 12, 3) for a, b in [(0, 1), (1, 2), (0, 2)]]
+    assert sum(not torch.equal(images[a], images[b]) for a, b in pairs) >= len(pairs) - 1
 
 
 # ----------------------------------------------------------------------------- methods and attacks
