@@ -121,7 +121,7 @@ class DaliLoader:
         self.cfg, self.train, self.device, self.rank = cfg, split == "train", device, rank
         self.batch_size = cfg.batch_size
         self.sampler = ShardSampler(len(self.files), shuffle=self.train, seed=cfg.seed, rank=rank,
-                                    world_size=world_size, batch_size=self.batch_size)
+                                    world_size=world_size, batch_size=self.batch_size, repeats=cfg.data.repeated_aug)
         self.source, self.iterator = None, None  # built on first use, then kept
         self.pipelines_built = 0
         self.at_epoch_end = False  # the iterator finished its last epoch: it can be reset for the next

@@ -192,7 +192,8 @@ class FfcvLoader:
         self.train, self.batch_size, self.device = split == "train", cfg.batch_size, device
         self.cfg = cfg
         self.sampler = ShardSampler(Reader(str(beton)).num_samples, shuffle=self.train, seed=cfg.seed,
-                                    rank=rank, world_size=world_size, batch_size=cfg.batch_size)
+                                    rank=rank, world_size=world_size, batch_size=cfg.batch_size,
+                                    repeats=cfg.data.repeated_aug)
         pipeline = image_pipeline(cfg, split, device)
         self.decoder = pipeline[0]
         labels = [IntDecoder(), ToTensor(), Squeeze()] + ([ToDevice(device)] if device.type == "cuda" else [])

@@ -9,7 +9,9 @@ backend (and every converted .beton) agrees on them.
 Sharding is the loader's job, not Accelerate's (Accelerate cannot prepare DALI/FFCV iterators),
 and ShardSampler below is its one rule, used by every backend:
   train: each process gets a disjoint, equally long shard of a permutation seeded by (seed, epoch);
-         the incomplete last batch is dropped.
+         the incomplete last batch is dropped. With repeated augmentation (DeiT's, data.repeated_aug)
+         each image of the permutation comes `repeats` times in a row before the striping, so its
+         copies go to different processes, and each process still takes its n / world_size.
   val:   each process gets every world_size-th image; nothing is dropped or duplicated, so summing
          per-process counts gives every image counted exactly once.
 
@@ -67,36 +69,48 @@ class Loader(Protocol):
 class ShardSampler(Sampler[int]):
     """This process's sample indices for one epoch: the shard arithmetic of every backend.
 
-    train: a permutation seeded by (seed, epoch), cut to a multiple of world_size, striped over the
-           processes, and cut again to whole batches (every process takes the same number of steps);
+    train: a permutation seeded by (seed, epoch), each index repeated `repeats` times in a row
+           (DeiT's RASampler; 1: no repeats), striped over the processes, cut to n // world_size per
+           process — an epoch's length stays the data set's, as DeiT's — and cut again to whole
+           batches (every process takes the same number of steps);
     val:   range(rank, n, world_size): every image once across processes, nothing padded.
     set_epoch(epoch, start_batch) fixes the epoch and skips its first start_batch batches (resume).
-    Iterating gives the indices from there on; len() counts them (torch's Sampler convention).
+    Iterating gives the indices from there on; len() counts them (torch's Sampler convention);
+    copies() gives each one's copy number (0 … repeats − 1), for loaders that seed an image's
+    augmentation by its index and must give its copies draws of their own.
     """
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int, world_size: int, batch_size: int):
-        self.n, self.shuffle, self.seed = n, shuffle, seed
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int, world_size: int, batch_size: int,
+                 repeats: int = 1):
+        self.n, self.shuffle, self.seed, self.repeats = n, shuffle, seed, repeats if shuffle else 1
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.epoch, self.start_batch = 0, 0
-        self._shard: tuple[int, list[int]] | None = None  # (epoch, its whole shard), kept: a randperm of n
+        self._shard: tuple[int, list[int], list[int]] | None = None  # (epoch, indices, copies), kept
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
-    def shard(self) -> list[int]:
-        """The epoch's whole shard, from its first batch."""
+    def shard(self) -> tuple[list[int], list[int]]:
+        """The epoch's whole shard, from its first batch: (indices, copy numbers)."""
         if not self.shuffle:
-            return list(range(self.rank, self.n, self.world_size))
+            indices = list(range(self.rank, self.n, self.world_size))
+            return indices, [0] * len(indices)
         if self._shard is None or self._shard[0] != self.epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=generator).tolist()
-            shard = order[self.rank:self.n - self.n % self.world_size:self.world_size]
-            self._shard = self.epoch, shard[:len(shard) - len(shard) % self.batch_size]
-        return self._shard[1]
+            order = torch.randperm(self.n, generator=generator)
+            # this process's stripe of positions in the repeated order [a, a, a, b, b, b, …]
+            positions = self.rank + self.world_size * torch.arange(self.n // self.world_size)
+            positions = positions[:len(positions) - len(positions) % self.batch_size]
+            self._shard = self.epoch, order[positions // self.repeats].tolist(), (positions % self.repeats).tolist()
+        return self._shard[1], self._shard[2]
 
     def indices(self) -> list[int]:
         """The indices still to come this epoch (after start_batch batches)."""
-        return self.shard()[self.start_batch * self.batch_size:]
+        return self.shard()[0][self.start_batch * self.batch_size:]
+
+    def copies(self) -> list[int]:
+        """The copy number of each of indices(): 0 without repeated augmentation."""
+        return self.shard()[1][self.start_batch * self.batch_size:]
 
     def __iter__(self):
         return iter(self.indices())

@@ -11,7 +11,7 @@ import signal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torchvision import datasets, transforms
 
 from pipelines.augment_policy import timm_transform
@@ -44,9 +44,10 @@ class SeededImageFolder(datasets.ImageFolder):
     """ImageFolder whose random augmentation is a function of (seed, epoch, index).
 
     So an epoch's images are the same whatever the worker count, and a resumed run skipping the
-    consumed batches sees exactly the images the uninterrupted run saw. Items are (image, label,
-    failures): an image that fails to decode (changed since its check) is replaced by the loaders'
-    `substitute`, with the same augmentation draws; failures says which (see decode).
+    consumed batches sees exactly the images the uninterrupted run saw. Under repeated augmentation
+    the key is (index, copy) and copies other than the first get draws of their own. Items are
+    (image, label, failures): an image that fails to decode (changed since its check) is replaced by
+    the loaders' `substitute`, with the same augmentation draws; failures says which (see decode).
     """
 
     seed: int = 0
@@ -66,9 +67,11 @@ class SeededImageFolder(datasets.ImageFolder):
     def left_out(self) -> list[tuple[str, str]]:
         return self.listing.left_out
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, copy = sample_key(key)
         image, label, failures = self.decode(index)
-        return seeded_by_sample(self.seed, self.epoch, index, functools.partial(self.transform, image)), label, failures
+        load = functools.partial(self.transform, image)
+        return seeded_by_sample(self.seed, self.epoch, index, load, copy), label, failures
 
     def decode(self, index: int):
         """(RGB image, label, failures) of image index, or of its substitute if it fails to decode;
@@ -88,10 +91,18 @@ class SeededImageFolder(datasets.ImageFolder):
                 index = substitute(index, len(self.samples), failed)
 
 
-def seeded_by_sample(seed: int, epoch: int, index: int, load):
-    """load() with torch's, python's and numpy's RNG seeded by (seed, epoch, index), the caller's
-    RNG states left as they were (workers=0 runs this in the training process)."""
+def sample_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """(index, copy) of a dataset key: an index, or (index, copy) under repeated augmentation."""
+    return key if isinstance(key, tuple) else (key, 0)
+
+
+def seeded_by_sample(seed: int, epoch: int, index: int, load, copy: int = 0):
+    """load() with torch's, python's and numpy's RNG seeded by (seed, epoch, index) — and copy, for
+    repeated augmentation's copies after the first — the caller's RNG states left as they were
+    (workers=0 runs this in the training process)."""
     sample_seed = (seed * 1_000_003 + epoch) * 10_000_019 + index
+    if copy:
+        sample_seed = int(np.random.SeedSequence([abs(sample_seed), copy]).generate_state(1, np.uint64)[0])
     # timm's AutoAugment draws from python's random, its RandAugment also from numpy's
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
@@ -105,6 +116,19 @@ def seeded_by_sample(seed: int, epoch: int, index: int, load):
             np.random.set_state(numpy_state)
 
 
+class CopyKeys(Sampler):
+    """A ShardSampler's (index, copy) pairs, under repeated augmentation (SeededImageFolder's keys)."""
+
+    def __init__(self, shard: ShardSampler):
+        self.shard = shard
+
+    def __iter__(self):
+        return zip(self.shard.indices(), self.shard.copies())
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+
 class TorchvisionLoader:
     def __init__(self, cfg, split: str, *, rank: int, world_size: int, device: torch.device):
         self.dataset = self.make_dataset(cfg, split, rank)
@@ -113,11 +137,12 @@ class TorchvisionLoader:
         self.dataset.seed = cfg.seed
         self.train = split == "train"
         self.batch_size, self.device = cfg.batch_size, device
-        self.sampler = ShardSampler(len(self.dataset), shuffle=self.train, seed=cfg.seed,
-                                    rank=rank, world_size=world_size, batch_size=self.batch_size)
+        self.sampler = ShardSampler(len(self.dataset), shuffle=self.train, seed=cfg.seed, rank=rank,
+                                    world_size=world_size, batch_size=self.batch_size, repeats=cfg.data.repeated_aug)
         workers = cfg.data.workers
+        keys = self.sampler if self.sampler.repeats == 1 else CopyKeys(self.sampler)
         self.loader = DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.sampler,  # train: whole batches only
+            self.dataset, batch_size=self.batch_size, sampler=keys,  # train: whole batches only
             num_workers=workers, pin_memory=device.type == "cuda",
             # Workers are re-made each epoch so they see the dataset's new epoch (see SeededImageFolder).
             persistent_workers=False, worker_init_fn=ignore_interrupts,

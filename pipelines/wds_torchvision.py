@@ -13,7 +13,7 @@ import functools
 import torch
 from torch.utils.data import Dataset
 
-from pipelines.torchvision_loader import TorchvisionLoader, image_transform, seeded_by_sample
+from pipelines.torchvision_loader import TorchvisionLoader, image_transform, sample_key, seeded_by_sample
 from pipelines.wds_read import ShardReader, decode_rgb, read_or_substitute
 
 
@@ -32,10 +32,12 @@ class ShardImages(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, copy = sample_key(key)
         (image, label), failures = read_or_substitute(self.reader, index, lambda s: (decode_rgb(s.image), s.label))
         lines = "\n".join(f"{where}\t{reason}".replace("\n", " ") for where, reason in failures)
-        return seeded_by_sample(self.seed, self.epoch, index, functools.partial(self.transform, image)), label, lines
+        load = functools.partial(self.transform, image)
+        return seeded_by_sample(self.seed, self.epoch, index, load, copy), label, lines
 
 
 class ShardTorchvisionLoader(TorchvisionLoader):

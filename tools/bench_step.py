@@ -28,6 +28,11 @@ every figure above its target, and refuses (exit 2, before measuring) a run it c
 targets apply, or --methods leaves out a case a target needs. On a shared machine, rerun a miss
 before believing it. `--markdown` prints the README table's rows (targets, then this run's
 figures with date, machine and torch version).
+
+`vanilla_mix_erase` is a vanilla step whose batch is first augmented as the DeiT recipe's (timm's
+RandomErasing, then Mixup or CutMix: train/batch_augment.py):
+
+    python tools/bench_step.py --methods vanilla_mix_erase --threads 1 --clock process
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ import torch
 from accelerate import Accelerator
 
 from models.factory import create_model
+from train.batch_augment import BatchAugment
 from train.checkpoint import TrainState
 from train.compile import compile_model
 from train.config import load_config
@@ -53,15 +59,24 @@ from train.optim import create_optimizer, create_schedule
 from train.step_guard import StepGuard
 
 
+# A vanilla step on a batch augmented as the DeiT recipe does (train/batch_augment.py: timm's
+# RandomErasing, then Mixup or CutMix), against the plain vanilla step
+AUGMENTED = {"vanilla_mix_erase": ["method=vanilla", "data.mixup=0.8", "data.cutmix=1.0",
+                                   "data.random_erasing=0.25", "label_smoothing=0.1"]}
+
+
 def bench_cases() -> dict[str, list[str]]:
     """name → config overrides, from each registered method's record (its bench_cases); the attack
-    presets are the paper's (train/config.py ATTACK_PRESETS)."""
-    return {name: overrides for method in METHODS.values() for name, overrides in method.bench_cases.items()}
+    presets are the paper's (train/config.py ATTACK_PRESETS). Then the augmented batch's case."""
+    methods = {name: overrides for method in METHODS.values() for name, overrides in method.bench_cases.items()}
+    return {**methods, **AUGMENTED}
 
 
 TARGETS = {  # × vanilla, for runs under CONDITIONS; "attack_step": one PGD step with frozen weights
-    "cpu": {"advprop_pgd1": 2.7, "advprop_pgd5": 5.9, "fast_advprop": 1.3, "attack_step": 0.8},
-    "cuda": {"advprop_pgd1": 2.6, "advprop_pgd5": 6.0, "fast_advprop": 1.2, "attack_step": 0.8},
+    "cpu": {"advprop_pgd1": 2.7, "advprop_pgd5": 5.9, "fast_advprop": 1.3, "attack_step": 0.8,
+            "vanilla_mix_erase": 1.03},
+    "cuda": {"advprop_pgd1": 2.6, "advprop_pgd5": 6.0, "fast_advprop": 1.2, "attack_step": 0.8,
+             "vanilla_mix_erase": 1.03},
 }
 CONDITIONS = {  # the README's: CPU on this project's 2-core machine, the GPU table's ResNet-50
     "cpu": {"model": "resnet18", "batch": 64, "size": 96, "amp": "no", "no_channels_last": False,
@@ -89,8 +104,10 @@ def build_case(overrides: list[str], args, accelerator: Accelerator):
     ctx = StepContext(model, accelerator.unwrap_model(model), cfg, NUM_CLASSES)
     guard = StepGuard(ctx.attack_model, optimizer, accelerator, mode=cfg.nonfinite_check, on_nonfinite="stop")
     state = TrainState()
+    augment = BatchAugment(cfg, NUM_CLASSES, accelerator.device)  # as train/loop.py's epoch (off: a no-op)
 
     def step(images, labels):
+        images, labels, ctx.unmixed = augment(images, labels)
         train_step(ctx, accelerator, optimizer, scheduler, state, images, labels, True, guard)
     return step
 

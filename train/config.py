@@ -22,6 +22,7 @@ from pipelines.augment_policy import timm_transform
 from pipelines.errors import UserInputError
 from pipelines.ffcv_writer import WRITE_MODES, StorageSettings
 from train.attacks import PGDConfig, attack_checks
+from train.batch_augment import checks as batch_augment_checks
 from train.methods import METHODS as METHOD_RECORDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +114,18 @@ class DataConfig:
     # torchvision, dali: decode every image once before training (cached by the folder's contents,
     # pipelines/image_check.py) and leave out those that fail; false: find them mid-run (replaced)
     check_images: bool = True
+    # On the training device, every loader (train/batch_augment.py: timm's RandomErasing, then Mixup/CutMix)
+    random_erasing: float = 0.0  # probability per image (timm's --reprob; DeiT 0.25); 0 → off
+    erasing_mode: str = "pixel"  # const | rand | pixel: the box's fill, in the model's normalised units (timm)
+    erasing_count: int = 1  # up to this many boxes per image (timm's --recount)
+    mixup: float = 0.0  # Mixup's Beta(α, α) (DeiT 0.8); 0 → off
+    cutmix: float = 0.0  # CutMix's Beta(α, α) (DeiT 1.0); 0 → off
+    mix_prob: float = 1.0  # chance that a batch (mix_mode=batch), a pair or an image is mixed
+    mix_switch_prob: float = 0.5  # mixup and cutmix both on: chance of CutMix instead of Mixup
+    mix_mode: str = "batch"  # batch | pair | elem: one λ per batch, per pair of images, per image (timm)
+    # DeiT's repeated augmentation (3): each drawn image comes this many times, with its own
+    # augmentation each, and an epoch still takes as many images as the data set has; 1 → off
+    repeated_aug: int = 1
     ffcv: FfcvConfig = field(default_factory=FfcvConfig)
     dali: DaliConfig = field(default_factory=DaliConfig)
 
@@ -162,7 +175,7 @@ class Config:
     # batches per optimizer step (their mean gradient); an epoch whose batches do not divide by it
     # ends with a step over the batches left (timm's train.py does the same)
     grad_accum_steps: int = 1
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # with data.mixup/cutmix: inside the mixed targets (timm's Mixup)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     channels_last: bool = True
@@ -379,6 +392,7 @@ def validate(cfg: DictConfig) -> None:
     for record in METHOD_RECORDS.values():  # each method checks its options, and what it needs when chosen
         checks += record.checks(cfg)
     checks += attack_size_checks(cfg)
+    checks += batch_augment_checks(cfg, METHOD_RECORDS.get(cfg.method))
     for ok, key, problem in checks:
         if not ok:
             raise ConfigError(f"bad value for {key}: {OmegaConf.select(cfg, key)!r} {problem}")

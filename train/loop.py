@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from models.dual_norm import use_norm
 from train.attacks import Attack
+from train.batch_augment import BatchAugment
 from train.faults import NonFiniteLoss
 from train.methods import StepContext, StepOutput, method_of
 from train.step_guard import ADVICE
@@ -48,10 +49,11 @@ def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler,
     end = state.batch + len(loader)
     optimizer.zero_grad(set_to_none=True)
     window = MetricWindow(warmup=True)
+    augment = BatchAugment(cfg, ctx.num_classes, accelerator.device)  # erasing, Mixup/CutMix (when on)
     bar = tqdm(window.timed(loader), desc=f"epoch {state.epoch + 1}/{cfg.epochs}", initial=state.batch, total=end,
                disable=not accelerator.is_local_main_process, leave=False)
     for images, labels in bar:
-        x = to_float(images)
+        x, labels, ctx.unmixed = augment(to_float(images), labels)
         group_start = state.batch - state.batch % accum  # groups are counted from the epoch's start
         sync = state.batch + 1 in (group_start + accum, end)
         step_before = state.step
@@ -70,7 +72,7 @@ def train_one_epoch(ctx: StepContext, accelerator, loader, optimizer, scheduler,
                 bar.set_postfix({k: f"{v:.3g}" for k, v in report.items() if k.startswith("train/loss")})
         if out is not None and sync and cfg.image_log_every and out.adversarial is not None \
                 and state.step % cfg.image_log_every == 0:
-            log.log_panel(x, out.adversarial, state.step)
+            log.log_panel(x if out.source is None else out.source, out.adversarial, state.step)
         if sync and state.batch < end:
             # several processes agree at reports only: a collective each step would sync the device
             if stop is not None and (report_now or accelerator.num_processes == 1) and stop.agreed(accelerator):

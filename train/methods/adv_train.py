@@ -15,4 +15,5 @@ def step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> Method
     return StepOutput({"loss/adv": loss.detach(), "acc/adv": accuracy(logits, labels)}, adversarial)
 
 
-METHOD = Method("adv_train", step, bench_cases={"adv_train_pgd1": ["method=adv_train", "attack=pgd1"]})
+METHOD = Method("adv_train", step, soft_targets=True,
+                bench_cases={"adv_train_pgd1": ["method=adv_train", "attack=pgd1"]})

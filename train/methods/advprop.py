@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from models.dual_norm import AUX
-from train.methods.common import (cross_entropy, main_and_aux_forward, make_adversarial, per_group_scales,
-                                  two_part_metrics)
+from train.methods.common import (attack_source, cross_entropy, main_and_aux_forward, make_adversarial,
+                                  per_group_scales, two_part_metrics)
 from train.methods.record import Backward, Method, MethodSteps, StepContext, StepOutput
 
 # the references' attack (module doc); a recipe or the command line may set any of them
@@ -28,19 +28,26 @@ REFERENCE_ATTACK = {"bn_mode": "eval", "start_rule": "batch", "reach_eps": True}
 @dataclass
 class AdvPropConfig:
     adv_weight: float = 1.0  # weight of the adversarial loss term (Xie: 1)
+    # With data.mixup/cutmix: false (the Fast AdvProp authors' default) mixes the clean pass only,
+    # the attack and the adversarial pass take the batch before the mix and its labels; true attacks
+    # the mixed images and trains the adversarial pass on them, against the mixed targets
+    # (their --other_aug_on_attack with --other_aug_on_adv, one mix per batch)
+    mix_attacked: bool = False
 
 
 def step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> MethodSteps:
-    weight = ctx.cfg.advprop.adv_weight
-    adversarial = make_adversarial(ctx, images, labels, route=AUX)
+    options = ctx.cfg.advprop
+    weight = options.adv_weight
+    source, source_labels = attack_source(ctx, images, labels, options.mix_attacked)
+    adversarial = make_adversarial(ctx, source, source_labels, route=AUX)
     clean_logits, adv_logits = main_and_aux_forward(ctx, images, adversarial)
     clean_sum = cross_entropy(ctx, clean_logits, labels, "sum")
-    adv_sum = cross_entropy(ctx, adv_logits, labels, "sum")
+    adv_sum = cross_entropy(ctx, adv_logits, source_labels, "sum")
     n = len(images)
     shared = n * (1 + weight)  # every image counts once, the adversarial ones with their weight
     yield Backward({"clean": clean_sum / shared, "adv": weight * adv_sum / shared})
-    metrics = two_part_metrics(clean_sum / n, adv_sum / n, clean_logits, adv_logits, labels, labels)
-    return StepOutput(metrics, adversarial, per_group_scales(ctx, shared, main=n, aux=n * weight))
+    metrics = two_part_metrics(clean_sum / n, adv_sum / n, clean_logits, adv_logits, labels, source_labels)
+    return StepOutput(metrics, adversarial, per_group_scales(ctx, shared, main=n, aux=n * weight), source)
 
 
 def checks(cfg) -> list:
@@ -49,4 +56,5 @@ def checks(cfg) -> list:
 
 METHOD = Method(
     "advprop", step, dual_norm=True, options=AdvPropConfig, checks=checks, attack_defaults=REFERENCE_ATTACK,
+    soft_targets=True,
     bench_cases={f"advprop_pgd{k}": ["method=advprop", f"attack=pgd{k}"] for k in (1, 3, 5)})

@@ -10,15 +10,20 @@ from torch import nn
 
 from models.dual_norm import AUX, MAIN, route_parameters, use_norm
 from train.attacks import build_attack, random_wrong_class
+from train.batch_augment import dominant_label, random_unmixed_class
 from train.methods.record import StepContext
 
 
 def cross_entropy(ctx: StepContext, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
-    return F.cross_entropy(logits.float(), labels, label_smoothing=ctx.cfg.label_smoothing, reduction=reduction)
+    """Class indices: with cfg.label_smoothing. Class probabilities (mixed targets, whose smoothing
+    timm's Mixup already applied): the soft-target cross-entropy, timm's SoftTargetCrossEntropy."""
+    smoothing = 0.0 if labels.is_floating_point() else ctx.cfg.label_smoothing
+    return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing, reduction=reduction)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(1) == labels).float().mean().detach() * 100
+    """Top-1 in percent; against the dominant label of mixed targets."""
+    return (logits.argmax(1) == dominant_label(labels)).float().mean().detach() * 100
 
 
 def two_part_metrics(clean_loss, adv_loss, clean_logits, adv_logits, clean_labels, adv_labels) -> dict:
@@ -45,12 +50,25 @@ def eval_mode(model: nn.Module, enabled: bool = True):
 def make_adversarial(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor,
                      route: str = MAIN) -> torch.Tensor:
     """The configured attack (cfg.attack) on images, through the norms of `route`, with the model
-    in train mode (batch statistics) or, attack.bn_mode=eval, in eval mode."""
+    in train mode (batch statistics) or, attack.bn_mode=eval, in eval mode. Untargeted it ascends
+    the loss of `labels` (class probabilities too: the soft-target loss); targeted it descends to a
+    random wrong class (mixed targets: a random class in neither of the two mixed labels)."""
     attack_cfg = ctx.cfg.attack
-    targets = random_wrong_class(labels, ctx.num_classes) if attack_cfg.targeted else labels
+    targets = labels
+    if attack_cfg.targeted:
+        mixed = labels.is_floating_point()
+        targets = random_unmixed_class(labels) if mixed else random_wrong_class(labels, ctx.num_classes)
     attack = build_attack(attack_cfg, targeted=attack_cfg.targeted)
     with use_norm(ctx.attack_model, route), eval_mode(ctx.attack_model, attack_cfg.bn_mode == "eval"):
         return attack(ctx.attack_model, images, targets)
+
+
+def attack_source(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, mix_attacked: bool):
+    """What a dual-norm method attacks: the batch it was given, or, with Mixup/CutMix on and
+    mix_attacked false (the Fast AdvProp authors' default), the batch before the mix."""
+    if ctx.unmixed is None or mix_attacked:
+        return images, labels
+    return ctx.unmixed
 
 
 # ----------------------------------------------------------------------------- dual norms

@@ -23,7 +23,7 @@ import torch
 
 from models.dual_norm import AUX, use_norm
 from train.attacks import pgd_kwargs, pgd_step, start_point
-from train.methods.common import cross_entropy, per_group_scales, two_part_metrics
+from train.methods.common import attack_source, cross_entropy, per_group_scales, two_part_metrics
 from train.methods.record import Backward, Method, MethodSteps, StepContext, StepOutput
 
 # the authors' attacker (train/methods/advprop.py); its BN mode is train: its attack step trains
@@ -39,13 +39,19 @@ class FastAdvPropConfig:
     # the images a step trains on per vanilla image, 1 + adv_fraction·attack.steps, so the run costs
     # what vanilla training costs.
     equal_budget: bool = False
+    # With data.mixup/cutmix: false (the authors' default) mixes the clean rows only, the attacked rows
+    # are the batch's before the mix, with their labels; true attacks and trains the attacked rows
+    # as mixed, against the mixed targets (their --other_aug_on_attack and --other_aug_on_adv, with
+    # one mix per batch instead of a new draw per attack iteration)
+    mix_attacked: bool = False
 
 
 def step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> MethodSteps:
     options, attack = ctx.cfg.fast_advprop, pgd_kwargs(ctx.cfg.attack)
     n_adv = max(1, round(len(images) * options.adv_fraction))
     n = len(images) - n_adv  # clean rows
-    clean_labels, adv_labels, source = labels[:n], labels[n:], images[n:]
+    attacked, attacked_labels = attack_source(ctx, images, labels, options.mix_attacked)
+    clean_labels, adv_labels, source = labels[:n], attacked_labels[n:], attacked[n:]
     iterations = attack["steps"]
     aux_count = n_adv * (iterations * options.attack_weight + options.adv_weight)
     shared = n + aux_count  # the weighted number of images behind the shared weights
@@ -64,6 +70,7 @@ def step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> Method
                                step_size=attack["step_size"], targeted=False)
         attack_sums.append(attack_sum.detach())
 
+    panel = adversarial  # before the shuffle: row for row the attacked source
     with use_norm(ctx.attack_model, AUX):
         adversarial, adv_labels = shuffle_across_processes(ctx, adversarial, adv_labels)
         adv_logits = ctx.model(adversarial)
@@ -72,7 +79,7 @@ def step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> Method
 
     metrics = two_part_metrics(clean_sum / n, adv_sum / n_adv, clean_logits, adv_logits, clean_labels, adv_labels)
     metrics["loss/attack"] = torch.stack(attack_sums).mean() / n_adv  # mean over the iterations
-    return StepOutput(metrics, adversarial, per_group_scales(ctx, shared, main=n, aux=aux_count))
+    return StepOutput(metrics, panel, per_group_scales(ctx, shared, main=n, aux=aux_count), source)
 
 
 def shuffle_across_processes(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor):
@@ -124,5 +131,5 @@ def apply_equal_budget(cfg) -> None:
 
 METHOD = Method(
     "fast_advprop", step, dual_norm=True, backwards=backwards, options=FastAdvPropConfig, checks=checks,
-    attack_defaults=REFERENCE_ATTACK, finalize=apply_equal_budget,
+    attack_defaults=REFERENCE_ATTACK, finalize=apply_equal_budget, soft_targets=True,
     bench_cases={"fast_advprop": ["method=fast_advprop", "attack=pgd1", "attack.targeted=false"]})

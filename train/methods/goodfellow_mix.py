@@ -30,5 +30,5 @@ def checks(cfg) -> list:
     return [(0 <= cfg.goodfellow_mix.alpha <= 1, "goodfellow_mix.alpha", "must be in [0, 1]")]
 
 
-METHOD = Method("goodfellow_mix", step, options=GoodfellowMixConfig, checks=checks,
+METHOD = Method("goodfellow_mix", step, options=GoodfellowMixConfig, checks=checks, soft_targets=True,
                 bench_cases={"goodfellow_mix_pgd1": ["method=goodfellow_mix", "attack=pgd1"]})

@@ -4,7 +4,8 @@ A method's step is a generator (ctx, images, labels) that yields Backward(terms)
 to backpropagate, weights applied — and returns a StepOutput. The loop (train/loop.py) owns what
 follows each Backward: the finiteness check of every term, loss scaling, gradient accumulation,
 DDP synchronisation (on the last Backward of a step only), then the per-group gradient scales of
-the StepOutput and the optimizer step. `images` are float [0, 1], channels-last, on the device.
+the StepOutput and the optimizer step. `images` are float [0, 1], channels-last, on the device; `labels` class indices
+(N,), or with Mixup/CutMix on class probabilities (N, K) (train/batch_augment.py).
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ class StepContext:
     world_size: int = 1
     gather: Callable[[torch.Tensor], torch.Tensor] = keep
     step: int = 0  # the optimizer step being made (the loop sets it): seeds the cross-process shuffle
+    # With Mixup/CutMix on (train/batch_augment.py) the step's labels are class probabilities (N, K)
+    # and this is the batch before the mix, (images, class indices), which the loop sets each step;
+    # None: the batch is not mixed.
+    unmixed: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -45,6 +50,7 @@ class StepOutput:
     adversarial: torch.Tensor | None = None  # for the image panel
     # (parameters, factor): gradients the loop multiplies before the optimizer step (per-group scale)
     grad_scales: list[tuple[list[torch.Tensor], float]] = field(default_factory=list)
+    source: torch.Tensor | None = None  # the images the attack started from (the panel's clean row); None: the batch
 
 
 MethodSteps = Generator[Backward, None, StepOutput]
@@ -76,6 +82,8 @@ class Method:
     attack_defaults  attack keys the method sets under the recipe: a recipe or the command line
                      still overrides them, and a continued run keeps the values it was made with
     finalize         cfg → None: changes the validated config once (the resolved config keeps it)
+    soft_targets     its step takes class probabilities (N, K) as labels and reads StepContext.unmixed
+                     as it needs: data.mixup/cutmix may be on (a method without it is refused then)
     bench_cases      tools/bench_step.py: case name → config overrides
     """
     name: str
@@ -86,4 +94,5 @@ class Method:
     checks: Callable[[object], list[Check]] = no_checks
     attack_defaults: dict = field(default_factory=dict)
     finalize: Callable[[object], None] | None = None
+    soft_targets: bool = False
     bench_cases: dict[str, list[str]] = field(default_factory=dict)
