@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import REPO
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from tools.robustness import imagenet_c, sets
 from tools.robustness.load import imagenet_wnids, load_any
 from train.checkpoint import checkpoint_folder

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from models.dual_norm import dual_norm_layers
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from tools.robustness import imagenet_c, report as reporting, sets
 from tools.robustness.folders import data_classes
 from tools.robustness.load import load_any

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from models.export import NonFiniteWeights, export_settings, save_main_norm
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from tools.output_guard import check_output_file
 from train.checkpoint import checkpoint_folder, load_checkpoint_model
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from models.export import NonFiniteWeights, non_finite_names, refuse_non_finite
 from models.factory import create_model, refused_pickle
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from train.config import schema
 from train.ema import load_ema, save_ema
 from train.faults import any_process

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from pipelines.augment_policy import timm_transform
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from pipelines.ffcv_writer import WRITE_MODES, StorageSettings
 from train.attacks import PGDConfig, attack_checks
 from train.methods import METHODS as METHOD_RECORDS

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from train.config import schema
 
 MAY_CHANGE = (

@@ -37,7 +37,7 @@ from timm.layers import convert_sync_batchnorm
 
 from models.export import NonFiniteWeights, export_settings, save_main_norm
 from models.factory import create_model
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from pipelines.loader import build_loader, prepare_dataset
 from train.checkpoint import DiskFull, check_resume, continued_settings, mark_validated, restore, save_checkpoint
 from train.compile import compile_model, compiled_graphs

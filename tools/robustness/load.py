@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from models.export import read_metadata
 from models.factory import NORMALIZATION, Normalized, create_net, read_weights
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from train.checkpoint import checkpoint_folder, load_checkpoint_model
 from train.config import schema
 
