@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipelines.augment_policy import timm_transform
 from common.errors import UserInputError
 from pipelines.ffcv_writer import WRITE_MODES, StorageSettings
+from pipelines.loader import BACKENDS
 from train.attacks import PGDConfig, attack_checks
 from train.methods import METHODS as METHOD_RECORDS
 
@@ -28,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 STORAGE = StorageSettings()  # the .beton storage defaults: the FFCV writer's
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "demo.yaml"
 
-LOADERS = ("torchvision", "ffcv", "dali")
+LOADERS = tuple(BACKENDS)  # pipelines/loader.py's backends: torchvision, ffcv, dali
 BN_MODES = ("train", "eval")  # attack.bn_mode
 DATASETS = ("digits", "imagefolder", "webdataset")
 AUTO_AUGMENT_LOADERS = ("torchvision", "dali")  # FFCV's pipelines have no AutoAugment
