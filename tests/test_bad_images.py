@@ -21,7 +21,7 @@ from conftest import CLASSES, photo_folder, run_train, spoil
 from pipelines.image_check import check_images, report_path
 from pipelines.image_folder import EmptyClasses, list_image_folder
 from pipelines.loader import build_loader, prepare_dataset
-from train.checkpoint import load_checkpoint_model
+from train.model_loading import load_checkpoint_model
 
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 HAVE_FFCV = importlib.util.find_spec("ffcv") is not None

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torchvision.utils import save_image
 
 from conftest import REPO, digits_val_batch, run_train, torch_default_threads
-from train.checkpoint import load_checkpoint_model
+from train.model_loading import load_checkpoint_model
 from train.tracking import PANEL_PADDING, perturbation_panel
 
 

@@ -17,7 +17,7 @@ from conftest import REPO
 from common.errors import UserInputError
 from tools.robustness import imagenet_c, sets
 from tools.robustness.load import imagenet_wnids, load_any
-from train.checkpoint import checkpoint_folder
+from train.model_loading import checkpoint_folder
 
 
 @pytest.fixture(scope="module")

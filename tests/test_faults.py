@@ -10,7 +10,7 @@ from accelerate import Accelerator
 
 from conftest import digits_val_batch, run_train, with_code
 from models.factory import create_model
-from train.checkpoint import TrainState
+from train.run_state import TrainState
 from train.faults import NonFiniteLoss
 from train.loop import train_step
 from train.methods import METHODS, StepContext
@@ -150,7 +150,7 @@ def test_stop_policy_names_the_step_that_made_weights_non_finite(step_parts, che
 
 def test_no_checkpoint_or_export_of_non_finite_weights_is_written(step_parts, tmp_path):
     from models.export import NonFiniteWeights, save_main_norm
-    from train.checkpoint import save_checkpoint
+    from train.checkpoint_io import save_checkpoint
 
     ctx, accelerator, optimizer, *_ = step_parts("advprop")
     with torch.no_grad():

@@ -195,7 +195,8 @@ def test_checkpoint_save_hitting_enospc(demo_cfg, tmp_path):
     from accelerate import Accelerator
 
     from models.factory import Normalized
-    from train.checkpoint import DiskFull, TrainState, save_checkpoint
+    from train.checkpoint_io import DiskFull, save_checkpoint
+    from train.run_state import TrainState
     from train.optim import create_optimizer
 
     cfg = demo_cfg()

@@ -30,7 +30,7 @@ import torch
 from accelerate import Accelerator
 
 from models.factory import create_model
-from train.checkpoint import TrainState
+from train.run_state import TrainState
 from train.compile import compile_model
 from train.config import load_config
 from train.loop import train_step

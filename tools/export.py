@@ -20,7 +20,7 @@ from pathlib import Path
 from models.export import NonFiniteWeights, export_settings, save_main_norm
 from common.errors import UserInputError
 from tools.output_guard import check_output_file
-from train.checkpoint import checkpoint_folder, load_checkpoint_model
+from train.model_loading import checkpoint_folder, load_checkpoint_model
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from models.export import export_settings, save_main_norm
-from train.checkpoint import checkpoint_folder, read_state
+from train.model_loading import checkpoint_folder
+from train.run_state import read_state
 
 RECORD = "wandb_artifacts.json"
 

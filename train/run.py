@@ -39,7 +39,7 @@ from models.export import NonFiniteWeights, export_settings, save_main_norm
 from models.factory import create_model
 from common.errors import UserInputError
 from pipelines.loader import build_loader, prepare_dataset
-from train.checkpoint import DiskFull, check_resume, continued_settings, mark_validated, restore, save_checkpoint
+from train.checkpoint_io import DiskFull, mark_validated, save_checkpoint
 from train.compile import compile_model, compiled_graphs
 from train.config import load_config, save_config
 from train.distributed import (die_with_launcher, doing, main_process_first_without_timeout, peer_timeout,
@@ -51,6 +51,7 @@ from train.loop import evaluate, train_one_epoch
 from train.methods import StepContext, method_of
 from train.model_artifacts import ModelArtifacts
 from train.optim import create_optimizer, create_schedule, steps_per_epoch
+from train.resume import check_resume, continued_settings, restore
 from train.output_dir import check_output_dir
 from train.run_plot import PLOT_FILE, plot_run
 from train.run_lock import claim_run_folder

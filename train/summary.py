@@ -5,7 +5,7 @@ from accelerate.utils import gather_object
 from omegaconf import OmegaConf
 
 from train.attacks import PGDConfig, build_attack, describe
-from train.checkpoint import TrainState
+from train.run_state import TrainState
 from train.environment import summary_line
 from train.loop import evaluate
 

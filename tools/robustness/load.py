@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from models.export import read_metadata
 from models.factory import NORMALIZATION, Normalized, create_net, read_weights
 from common.errors import UserInputError
-from train.checkpoint import checkpoint_folder, load_checkpoint_model
+from train.model_loading import checkpoint_folder, load_checkpoint_model
 from train.config import schema
 
 
