@@ -84,7 +84,7 @@ def test_exports_load_strict_into_plain_timm(trained_demo_run, digits_root, tmp_
         expected = trained(images)
         torch.testing.assert_close(plain((images - trained.mean) / trained.std), expected)
     final = timm.create_model(cfg.model, num_classes=len(classes))
-    final.load_state_dict(load_file(str(trained_demo_run / "final_main_bn.safetensors")), strict=True)
+    final.load_state_dict(load_file(str(trained_demo_run / "final_main_norm.safetensors")), strict=True)
 
 
 def test_vanilla_method_learns(digits_root, tmp_path):

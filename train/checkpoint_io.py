@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from models.export import NonFiniteWeights, non_finite_names, refuse_non_finite
 from models.factory import refused_pickle
+from train.config import read_saved_config
 from train.ema import load_ema, save_ema
 from train.faults import any_process
 from train.run_state import STATE_FILE, CheckpointError, TrainState, read_state
@@ -206,6 +207,6 @@ def read_run_settings(folder: Path) -> tuple[DictConfig, list[str] | None]:
     try:
         classes_file = Path(folder) / "classes.json"
         classes = json.loads(classes_file.read_text()) if classes_file.exists() else None
-        return OmegaConf.load(Path(folder) / "config.yaml"), classes
+        return read_saved_config(Path(folder) / "config.yaml"), classes
     except (OSError, ValueError, OmegaConfBaseException) as error:
         raise CheckpointError(f"checkpoint {folder} is unreadable: {type(error).__name__}: {error}") from None

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from train.config import read_saved_config
 from train.checkpoint_io import checkpoint_dir, list_checkpoints, load_checkpoint, read_run_settings
 from train.resume_rules import ResumeMismatch, check_same_run
 from train.run_state import CheckpointError, TrainState, read_state
@@ -47,7 +48,7 @@ def check_resume(accelerator, cfg, run_dir: Path, classes: list[str] | None = No
         except CheckpointError:
             continue
     if (run_dir / "config.yaml").is_file():  # a run stopped before any readable checkpoint
-        check_same_run(OmegaConf.load(run_dir / "config.yaml"), cfg, where=f"output_dir {run_dir}")
+        check_same_run(read_saved_config(run_dir / "config.yaml"), cfg, where=f"output_dir {run_dir}")
 
 def continued_settings(cfg) -> DictConfig | None:
     """The config of the run that cfg continues: resume=PATH's checkpoint, or with resume=auto the
@@ -63,7 +64,7 @@ def continued_settings(cfg) -> DictConfig | None:
         except CheckpointError:
             continue
     try:
-        return OmegaConf.load(run_dir / "config.yaml") if cfg.resume == "auto" and holds_run(run_dir) else None
+        return read_saved_config(run_dir / "config.yaml") if cfg.resume == "auto" and holds_run(run_dir) else None
     except (OSError, OmegaConfBaseException):
         return None
 
