@@ -22,6 +22,7 @@ command's output into the block's text, e.g. `markdown_table` for a tool's --mar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -48,6 +49,7 @@ class Figure:
     shape: Callable[[str], list[str]]  # a block's text → its structure (names, not numbers)
     expected_shape: Callable[[], list[str]] | None = None  # the structure the code gives now; None: not checked
     shown: str = ""  # the command as the README's reader would type it (default: command)
+    env: tuple[tuple[str, str], ...] = ()  # set for the command, on top of this process's environment
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,11 +106,80 @@ def demo_table_names() -> list[str]:
     return ["result"] + [name for name, _ in table_rows(cfg, report)]
 
 
+def loader_label(backend: str, storage: dict) -> str:
+    if backend == "ffcv":
+        return (f"FFCV, {storage['write_mode']} {storage['compress_probability']:g}, "
+                f"max resolution {storage['max_resolution']}")
+    return {"dali": "DALI (CPU pipeline without CUDA)"}.get(backend, backend)
+
+
+LOADER_HEADER = ["backend", "1 worker", "2 workers", "× torchvision (2)"]
+
+
+def loader_table(stdout: str) -> str:
+    """tools/bench_loaders.py --workers 1 2 --json: img/s per backend and worker count, and the
+    ratio to torchvision at 2 workers, all from the one run."""
+    import json
+
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    speed = {(r["backend"], r["workers"]): r for r in summary["runs"] if r["source"] == "folder"}
+    lines = ["| " + " | ".join(LOADER_HEADER) + " |", "|---|---|---|---|"]
+    for backend in dict.fromkeys(r["backend"] for r in summary["runs"]):
+        one, two = speed.get((backend, 1)), speed.get((backend, 2))
+        ratio = f"{two['ratio']:.2f}" if two and "ratio" in two else "–"
+        lines.append(f"| {loader_label(backend, summary['ffcv_storage'])} | "
+                     + " | ".join(f"{r['img_s']:,.0f} img/s" if r else "–" for r in (one, two)) + f" | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def loader_table_names() -> list[str]:
+    from pipelines.ffcv_writer import StorageSettings
+    from pipelines.loader import BACKENDS
+
+    storage = dataclasses.asdict(StorageSettings())
+    return LOADER_HEADER + [loader_label(backend, storage) for backend in BACKENDS]
+
+
+DUAL_NORMS_SWEEP = REPO_ROOT / "configs" / "sweeps" / "dual_norms.yaml"
+
+
+def dual_norms_table(stdout: str) -> str:
+    """compare_methods.py --json over configs/sweeps/dual_norms.yaml (runs MODEL-METHOD): clean top-1
+    and training seconds, one row per model, one column per method."""
+    import json
+
+    results = json.loads(stdout.strip().splitlines()[-1])
+    cells = {tuple(name.split("-", 1)): f"{r['clean_top1']:.1f} %, {r['train_seconds']:.0f} s"
+             for name, r in results.items()}
+    models, methods = dict.fromkeys(m for m, _ in cells), dict.fromkeys(k for _, k in cells)
+    lines = ["| model | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    lines += [f"| `{model}` | " + " | ".join(cells.get((model, method), "–") for method in methods) + " |"
+              for model in models]
+    return "\n".join(lines) + "\n"
+
+
+def dual_norms_names() -> list[str]:
+    import yaml
+
+    pairs = [name.split("-", 1) for name in yaml.safe_load(DUAL_NORMS_SWEEP.read_text())["runs"]]
+    return (["model"] + list(dict.fromkeys(method for _, method in pairs))
+            + [f"`{model}`" for model in dict.fromkeys(model for model, _ in pairs)])
+
+
 FIGURES = {figure.name: figure for figure in (
     Figure("demo", ("accelerate", "launch", "--config_file", "accelerate_config.yaml", "train/run.py",
                     "output_dir={tmp}/demo"),
            render=final_table, shape=table_names, expected_shape=demo_table_names,
            shown="accelerate launch --config_file accelerate_config.yaml train/run.py"),
+    Figure("loaders", (sys.executable, "tools/bench_loaders.py", "--workers", "1", "2", "--json", "--cache-dir",
+                       "{tmp}/bench"),
+           render=loader_table, shape=markdown_names, expected_shape=loader_table_names,
+           shown="python tools/bench_loaders.py --workers 1 2 --json"),
+    Figure("dual_norms", (sys.executable, "tools/compare_methods.py", "--sweep", str(DUAL_NORMS_SWEEP), "--out",
+                          "{tmp}/dual_norms", "--json", "tracker=none"),
+           render=dual_norms_table, shape=markdown_names, expected_shape=dual_norms_names,
+           shown="OMP_NUM_THREADS=1 python tools/compare_methods.py --sweep configs/sweeps/dual_norms.yaml --json "
+                 "tracker=none", env=(("OMP_NUM_THREADS", "1"),)),
 )}
 
 
@@ -164,7 +235,7 @@ def measure(figure: Figure, note: str = "", cwd: Path = REPO_ROOT, saved_output:
     where = machine(note)
     with tempfile.TemporaryDirectory(prefix=f"readme-{figure.name}-") as tmp:
         argv = [part.replace("{tmp}", tmp) for part in figure.command]
-        result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+        result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env={**os.environ, **dict(figure.env)})
     if result.returncode != 0:
         raise RuntimeError(f"figure {figure.name}: `{' '.join(argv)}` exited {result.returncode}:\n"
                            f"{result.stderr[-2000:]}")
@@ -209,15 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not (args.names or args.check) or (args.saved_output and len(args.names) != 1):
         print(f"error: name figures of {sorted(FIGURES)} (one with --from) or give --check", file=sys.stderr)
         return 2
-    text = args.readme.read_text()
     for name in args.names:
         try:
-            text = replace_block(text, name, measure(FIGURES[name], args.note, saved_output=args.saved_output))
+            body = measure(FIGURES[name], args.note, saved_output=args.saved_output)
+            text = replace_block(args.readme.read_text(), name, body)  # read now: it may have been edited meanwhile
         except (ValueError, RuntimeError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         write_atomically(args.readme, text)  # each figure kept as soon as it is measured
         print(f"rewrote figure {name} in {args.readme}")
+    text = args.readme.read_text()
     problems = check(text) if args.check else []
     for problem in problems:
         print(f"error: {args.readme}: {problem}", file=sys.stderr)
