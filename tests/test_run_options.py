@@ -100,6 +100,8 @@ def as_made_before_the_rename(run_dir, tmp_path):
     old = tmp_path / "old_run"
     shutil.copytree(run_dir, old, symlinks=True)
     for config in [old / "config.yaml", *old.glob("checkpoints/*/config.yaml")]:
+        if config.parent.is_symlink():  # last, best: another folder's file
+            continue
         text = config.read_text()
         assert "eval_aux_norm: true" in text
         config.write_text(text.replace("eval_aux_norm:", "eval_aux_bn:"))
