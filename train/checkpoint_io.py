@@ -33,6 +33,7 @@ from train.run_state import STATE_FILE, CheckpointError, TrainState, read_state
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
+
 def save_checkpoint(accelerator, run_dir: Path, name: str, state: TrainState, cfg, classes: list[str], *,
                     is_best: bool, keep: int, ema=None) -> Path:
     """Every process must call this (each writes its RNG state). Weights or optimizer state with a
@@ -64,6 +65,7 @@ def save_checkpoint(accelerator, run_dir: Path, name: str, state: TrainState, cf
     accelerator.wait_for_everyone()
     return final
 
+
 def refuse_non_finite_state(accelerator, name: str, ema=None) -> None:
     """NonFiniteWeights on every process if a process's model, EMA or optimizer state is not finite."""
     tensors = {}
@@ -78,6 +80,7 @@ def refuse_non_finite_state(accelerator, name: str, ema=None) -> None:
     if any_process(bool(bad), accelerator):
         refuse_non_finite(tensors, f"checkpoint {name} (the previous checkpoints are intact)")
         raise NonFiniteWeights(f"not writing checkpoint {name}: another process holds non-finite values")
+
 
 def mark_validated(accelerator, run_dir: Path, name: str, state: TrainState, *, is_best: bool, keep: int) -> bool:
     """After the validation of checkpoint `name` (saved with validated=False): record it (and the best
@@ -97,8 +100,10 @@ def mark_validated(accelerator, run_dir: Path, name: str, state: TrainState, *, 
     accelerator.wait_for_everyone()
     return True
 
+
 class DiskFull(RuntimeError):
     """A checkpoint did not fit on its disk; the previous checkpoints are intact."""
+
 
 def checkpoint_bytes(accelerator, ema=None) -> int:
     """About what a checkpoint takes: the model's, the optimizer's and the EMA's tensors."""
@@ -110,11 +115,13 @@ def checkpoint_bytes(accelerator, ema=None) -> int:
         tensors += list(ema.module.state_dict().values())
     return sum(t.numel() * t.element_size() for t in tensors)
 
+
 def mount_point(path: Path) -> Path:
     path = path.resolve()
     while not os.path.ismount(path):
         path = path.parent
     return path
+
 
 def disk_full_error(root: Path, error: Exception, needed: int) -> DiskFull | None:
     """A DiskFull naming the disk and the space needed, if `error` came from a full disk."""
@@ -126,6 +133,7 @@ def disk_full_error(root: Path, error: Exception, needed: int) -> DiskFull | Non
                     f"the previous checkpoints are intact: free some space (or lower keep_checkpoints) and rerun "
                     f"the same command to continue")
 
+
 def _replace_dir(source: Path, target: Path) -> None:
     if target.exists():
         old = target.with_name(f".old-{target.name}")
@@ -136,17 +144,20 @@ def _replace_dir(source: Path, target: Path) -> None:
     else:
         source.rename(target)
 
+
 def _point(link: Path, name: str) -> None:
     temporary = link.with_name(f".{link.name}.tmp")
     temporary.unlink(missing_ok=True)
     temporary.symlink_to(name)
     os.replace(temporary, link)
 
+
 def _prune(root: Path, keep: int) -> None:
     protected = {os.readlink(root / link) for link in ("last", "best") if (root / link).is_symlink()}
     for old in list_checkpoints(root)[:-keep]:
         if old.name not in protected:
             shutil.rmtree(old)
+
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint folders under root, oldest first (by training progress)."""
@@ -162,6 +173,7 @@ def list_checkpoints(root: Path) -> list[Path]:
             progress[folder] = (state.step, state.batch, folder.name)
     return sorted(progress, key=progress.get)
 
+
 def check_rng_file(accelerator, folder: Path) -> None:
     """Accelerate skips an unreadable RNG file with a log line and resumes with other random
     streams; an exact resume needs it, so a damaged one fails the checkpoint here."""
@@ -173,6 +185,7 @@ def check_rng_file(accelerator, folder: Path) -> None:
                           "random streams restart, so this resume is not bit-exact")
         return
     load(rng_file)
+
 
 def load_checkpoint(accelerator, folder: Path, ema=None) -> TrainState:
     state = read_state(folder)
@@ -188,6 +201,7 @@ def load_checkpoint(accelerator, folder: Path, ema=None) -> TrainState:
         raise CheckpointError(f"checkpoint {folder} cannot be loaded: {type(error).__name__}: {error}") from None
     return state
 
+
 def refused_pickle_file(folder: Path, error: Exception) -> str:
     """Which of the checkpoint's pickles torch.load(weights_only=True) refused, and why."""
     from accelerate.utils import load
@@ -201,6 +215,7 @@ def refused_pickle_file(folder: Path, error: Exception) -> str:
             break
     return (f"{culprit} {refused_pickle(error)}. A checkpoint this trainer wrote holds none: this one was "
             f"altered; resume from another checkpoint (resume=PATH) or a trusted copy")
+
 
 def read_run_settings(folder: Path) -> tuple[DictConfig, list[str] | None]:
     """The config (and classes, where saved) a checkpoint or run folder was made with."""

@@ -23,6 +23,7 @@ def checkpoint_folder(folder: Path) -> Path:
     raise UserInputError(f"{folder} is neither a checkpoint folder (no model.safetensors) nor a run folder "
                          f"with checkpoints/best or checkpoints/last")
 
+
 def load_checkpoint_model(folder: Path):
     """(model, cfg, classes) rebuilt from a checkpoint folder, weights loaded strictly."""
     folder = Path(folder)
@@ -40,6 +41,7 @@ def load_checkpoint_model(folder: Path):
         raise CheckpointError(f"checkpoint {folder}: {weights_mismatch(model.state_dict(), state, cfg, classes)}"
                               ) from None
     return model.eval(), cfg, classes
+
 
 def weights_mismatch(expected: dict, saved: dict, cfg, classes: list[str]) -> str:
     """One line: how the saved weights differ from the model that config.yaml and classes.json describe."""

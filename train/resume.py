@@ -8,8 +8,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from train.config import read_saved_config
 from train.checkpoint_io import checkpoint_dir, list_checkpoints, load_checkpoint, read_run_settings
+from train.config import read_saved_config
 from train.resume_rules import ResumeMismatch, check_same_run
 from train.run_state import CheckpointError, TrainState, read_state
 
@@ -19,8 +19,10 @@ def check_matches(accelerator, folder: Path, cfg, classes: list[str] | None) -> 
     check_same_run(saved_cfg, cfg, where=f"checkpoint {folder}", saved_classes=saved_classes, classes=classes,
                    saved_processes=read_state(folder).processes, processes=accelerator.num_processes)
 
+
 def holds_run(run_dir: Path) -> bool:
     return any((Path(run_dir) / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints"))
+
 
 def check_resume(accelerator, cfg, run_dir: Path, classes: list[str] | None = None) -> None:
     """Refuse, before any work, a command that would overwrite or mix runs: resume=none into a
@@ -50,6 +52,7 @@ def check_resume(accelerator, cfg, run_dir: Path, classes: list[str] | None = No
     if (run_dir / "config.yaml").is_file():  # a run stopped before any readable checkpoint
         check_same_run(read_saved_config(run_dir / "config.yaml"), cfg, where=f"output_dir {run_dir}")
 
+
 def continued_settings(cfg) -> DictConfig | None:
     """The config of the run that cfg continues: resume=PATH's checkpoint, or with resume=auto the
     newest readable checkpoint of output_dir (else its config.yaml); None for a new run or where
@@ -67,6 +70,7 @@ def continued_settings(cfg) -> DictConfig | None:
         return read_saved_config(run_dir / "config.yaml") if cfg.resume == "auto" and holds_run(run_dir) else None
     except (OSError, OmegaConfBaseException):
         return None
+
 
 def restore(accelerator, cfg, run_dir: Path, classes: list[str], ema=None) -> tuple[TrainState, Path | None]:
     """resume=none: a fresh run. PATH: that checkpoint, or an error. auto: the newest loadable
