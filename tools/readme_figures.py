@@ -193,7 +193,8 @@ def blocks(text: str) -> list[re.Match]:
 def check(text: str, figures: dict[str, Figure] = FIGURES) -> list[str]:
     """One line per problem of the figure blocks in `text`; [] where all is well."""
     problems, seen = [], set()
-    if text.count("<!-- figures:") != len(blocks(text)) or text.count("<!-- /figures -->") != len(blocks(text)):
+    opening, closing = (len(re.findall(pattern, text, re.M)) for pattern in (r"^<!-- figures:", r"^<!-- /figures -->"))
+    if opening != len(blocks(text)) or closing != len(blocks(text)):  # markers start their line
         problems.append("a figures marker is not closed (or a closing marker has no opening)")
     for block in blocks(text):
         name, body = block["name"], block["body"]
