@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import re
@@ -119,8 +120,6 @@ LOADER_HEADER = ["backend", "1 worker", "2 workers", "× torchvision (2)"]
 def loader_table(stdout: str) -> str:
     """tools/bench_loaders.py --workers 1 2 --json: img/s per backend and worker count, and the
     ratio to torchvision at 2 workers, all from the one run."""
-    import json
-
     summary = json.loads(stdout.strip().splitlines()[-1])
     speed = {(r["backend"], r["workers"]): r for r in summary["runs"] if r["source"] == "folder"}
     lines = ["| " + " | ".join(LOADER_HEADER) + " |", "|---|---|---|---|"]
@@ -146,8 +145,6 @@ DUAL_NORMS_SWEEP = REPO_ROOT / "configs" / "sweeps" / "dual_norms.yaml"
 def dual_norms_table(stdout: str) -> str:
     """compare_methods.py --json over configs/sweeps/dual_norms.yaml (runs MODEL-METHOD): clean top-1
     and training seconds, one row per model, one column per method."""
-    import json
-
     results = json.loads(stdout.strip().splitlines()[-1])
     cells = {tuple(name.split("-", 1)): f"{r['clean_top1']:.1f} %, {r['train_seconds']:.0f} s"
              for name, r in results.items()}
