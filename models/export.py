@@ -15,6 +15,10 @@ from safetensors.torch import save_file
 from models.dual_norm import export_main_norm
 
 
+EXPORT_FORMAT = "advprop-main-norm"  # the metadata "format" of our exports
+EXPORT_FORMATS = (EXPORT_FORMAT, "advprop-main-bn")  # what loaders accept: today's, and the name before norms
+
+
 class NonFiniteWeights(ValueError):
     """Weights with a NaN or an infinity: never written (a checkpoint or an export of them is lost work
     that looks like a model)."""
@@ -47,7 +51,7 @@ def save_main_norm(net: torch.nn.Module, path: Path, *, model_name: str, normali
     state = {k: v.detach().contiguous().cpu() for k, v in export_main_norm(net).items()}
     refuse_non_finite(state, str(path))
     metadata = {"model": model_name, "normalization": normalization, "num_classes": str(len(classes)),
-                "classes": json.dumps(classes), "format": "advprop-main-bn"}
+                "classes": json.dumps(classes), "format": EXPORT_FORMAT}
     if image_size:
         metadata.update(image_size=str(image_size), crop_ratio=str(crop_ratio))
     temporary = path.with_name(f".{path.name}.tmp")

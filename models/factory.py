@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.dual_norm import NORM_NAMES, convert_dual_norm, dual_norm_layers
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 
 IMAGENET_MEAN_255 = (124, 116, 104)  # timm's fill colour for geometric operations
 

@@ -35,7 +35,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines.dali_auto_augment import DaliAutoAugment
-from pipelines.errors import DataError
+from common.errors import DataError
 from pipelines.image_decode import decode_problem
 from pipelines.loader import MAX_SUBSTITUTES, ShardSampler, checked_listing, substitute, to_device_batch
 

@@ -1,13 +1,5 @@
-"""The error that means "the user's input cannot run": entry points print it as one line and exit 2.
+"""The shared errors' former home, kept so that `from pipelines.errors import UserInputError` still
+works; they live in common/errors.py (below every package)."""
+from common.errors import DataError, UserInputError
 
-The bottom of the import graph: pipelines/, models/, train/ and tools/ all raise it, and it
-imports nothing of theirs.
-"""
-
-
-class UserInputError(Exception):
-    pass
-
-
-class DataError(UserInputError):
-    """An image cannot be read mid-run and nothing can stand in for it."""
+__all__ = ["DataError", "UserInputError"]

@@ -30,7 +30,7 @@ from ffcv.reader import Reader
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from pipelines.ffcv_writer import StorageSettings, convert_imagefolder, read_metadata
 from pipelines.image_folder import check_no_empty_class, list_image_folder
 from pipelines.loader import ShardSampler, find_classes, split_folder, to_device_batch

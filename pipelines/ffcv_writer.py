@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.atomic_files import write_whole, written_whole
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from pipelines.image_check import parallel_map
 from pipelines.image_decode import decode_problem, to_rgb
 from pipelines.image_folder import FolderListing, check_no_empty_class, list_image_folder

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 
 
 class EmptyClasses(UserInputError):

@@ -32,7 +32,7 @@ from typing import Iterator, Protocol
 import torch
 from torch.utils.data import Sampler
 
-from pipelines.errors import DataError, UserInputError
+from common.errors import DataError, UserInputError
 from pipelines.image_check import check_images, report_path
 from pipelines.image_folder import FolderListing, find_classes, list_image_folder
 

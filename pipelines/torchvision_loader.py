@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision import datasets, transforms
 
 from pipelines.augment_policy import timm_transform
-from pipelines.errors import DataError
+from common.errors import DataError
 from pipelines.image_decode import decode_problem, open_rgb
 from pipelines.loader import MAX_SUBSTITUTES, ShardSampler, checked_listing, substitute, to_device_batch
 

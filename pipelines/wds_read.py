@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pipelines.errors import DataError
+from common.errors import DataError
 from pipelines.image_decode import to_rgb
 from pipelines.loader import MAX_SUBSTITUTES, substitute
 from pipelines.wds_index import SampleTable

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 
 INFO_FILES = ("_info.json", "_info.yaml", "_info.yml")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # a sample's image component (first found wins)

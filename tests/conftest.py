@@ -104,7 +104,7 @@ def trained_demo_run(digits_root, tmp_path_factory) -> Path:
 
 
 def load_exported(path: Path):
-    """A plain timm model (in our [0, 1]-input wrapper) from an exported main-BN safetensors file."""
+    """A plain timm model (in our [0, 1]-input wrapper) from an exported main-norm safetensors file."""
     import timm
     from safetensors.torch import load_file
 

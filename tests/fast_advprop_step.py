@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import digits_val_batch  # noqa: E402
 from models.factory import create_model  # noqa: E402
-from train.checkpoint import TrainState  # noqa: E402
+from train.run_state import TrainState  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.loop import train_step  # noqa: E402
 from train.methods import StepContext  # noqa: E402

@@ -21,7 +21,7 @@ from conftest import CLASSES, photo_folder, run_train, spoil
 from pipelines.image_check import check_images, report_path
 from pipelines.image_folder import EmptyClasses, list_image_folder
 from pipelines.loader import build_loader, prepare_dataset
-from train.checkpoint import load_checkpoint_model
+from train.model_loading import load_checkpoint_model
 
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 HAVE_FFCV = importlib.util.find_spec("ffcv") is not None
@@ -173,7 +173,7 @@ def test_a_run_with_bad_images_finishes_saves_every_epoch_and_counts_them(loader
         model, cfg, classes = load_checkpoint_model(run_dir / "checkpoints" / name)
         assert classes == CLASSES and cfg.epochs == 2
         assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert (run_dir / "final_main_bn.safetensors").is_file()
+    assert (run_dir / "final_main_norm.safetensors").is_file()
 
 
 def _reports(root: Path, loader: str) -> str:

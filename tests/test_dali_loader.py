@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import run_train  # the module pytest loaded (tests/ is on sys.path)
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from pipelines.loader import build_loader, prepare_dataset
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

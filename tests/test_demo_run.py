@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torchvision.utils import save_image
 
 from conftest import REPO, digits_val_batch, run_train, torch_default_threads
-from train.checkpoint import load_checkpoint_model
+from train.model_loading import load_checkpoint_model
 from train.tracking import PANEL_PADDING, perturbation_panel
 
 
@@ -84,7 +84,7 @@ def test_exports_load_strict_into_plain_timm(trained_demo_run, digits_root, tmp_
         expected = trained(images)
         torch.testing.assert_close(plain((images - trained.mean) / trained.std), expected)
     final = timm.create_model(cfg.model, num_classes=len(classes))
-    final.load_state_dict(load_file(str(trained_demo_run / "final_main_bn.safetensors")), strict=True)
+    final.load_state_dict(load_file(str(trained_demo_run / "final_main_norm.safetensors")), strict=True)
 
 
 def test_vanilla_method_learns(digits_root, tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from models.dual_norm import AUX, MAIN, NORM_TYPES, DualNorm, convert_dual_norm, export_main_norm, use_norm
 from models.factory import create_model
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 
 FAMILIES = [
     "resnet18",  # BatchNorm2d

@@ -36,7 +36,7 @@ def test_dual_layernorm_models_learn_and_export_plain_timm(model, method, digits
     trained = load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
     assert any(".aux." in key for key in trained)  # it did train auxiliary norms
 
-    export = run_dir / "final_main_bn.safetensors"
+    export = run_dir / "final_main_norm.safetensors"
     timm.create_model(model, num_classes=10).load_state_dict(load_file(str(export)), strict=True)
     result = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), str(export), "--data",
                              str(digits_root / "val"), "--workers", "0", "--json", str(tmp_path / "eval.json")],

@@ -128,7 +128,7 @@ def test_autoattack_is_at_most_pgd_and_equals_torchattacks(trained_demo_run, dig
     (["autoattack", "eps=0"], "autoattack.eps"), (["apgd", "loss=hinge"], "apgd.loss"),
     (["apgd", "nonsense=1"], "nonsense"), (["cw"], "use one of")])
 def test_bad_attack_options_are_one_clear_error(tokens, problem):
-    from pipelines.errors import UserInputError
+    from common.errors import UserInputError
     from tools.evaluate import parse_attack
     with pytest.raises(UserInputError, match=problem):
         parse_attack(tokens)

@@ -6,7 +6,7 @@ from accelerate import Accelerator
 
 from conftest import digits_val_batch
 from models.factory import create_model
-from train.checkpoint import TrainState
+from train.run_state import TrainState
 from train.loop import train_one_epoch
 from train.methods import StepContext
 from train.optim import create_schedule, steps_per_epoch

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from models.dual_norm import AUX, use_norm
-from train.checkpoint import check_resume, continued_settings
+from train.resume import check_resume, continued_settings
 from train.config import ConfigError, load_config
 from train.methods import METHODS, Backward, Method, StepOutput, register
 from train.methods.common import accuracy, cross_entropy

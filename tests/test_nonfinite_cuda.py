@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from conftest import REPO, digits_val_batch
 from models.factory import create_model
 from test_faults import PARTS, assert_unchanged, everything, poisoned
-from train.checkpoint import TrainState
+from train.run_state import TrainState
 from train.loop import train_step
 from train.methods import METHODS, StepContext
 from train.optim import create_optimizer, create_schedule

@@ -9,7 +9,7 @@ from timm.layers import BatchNormAct2d, convert_sync_batchnorm
 from conftest import REPO
 from models.dual_norm import NORM_TYPES, DualNorm, convert_dual_norm
 from models.factory import create_model, create_net
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from pipelines.torchvision_loader import image_transform
 from train.config import ConfigError, load_config
 from train.optim import create_optimizer, global_batch

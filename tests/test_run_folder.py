@@ -149,7 +149,7 @@ def test_sigterm_in_the_final_evaluation_stops_at_once_and_a_rerun_redoes_it(dig
     err = stderr.text
     assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped the final evaluation" in err and "rerun the same command" in err
-    assert not (run_dir / "summary.json").exists() and not (run_dir / "final_main_bn.safetensors").exists()
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "final_main_norm.safetensors").exists()
     trained = (run_dir / "checkpoints" / "last" / "model.safetensors").read_bytes()
 
     args = [*common, "eval_attack.steps=2"]  # evaluation settings may change on resume
@@ -158,7 +158,7 @@ def test_sigterm_in_the_final_evaluation_stops_at_once_and_a_rerun_redoes_it(dig
     assert (run_dir / "checkpoints" / "last" / "model.safetensors").read_bytes() == trained  # no training
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["val_images"] == 360 and "robust_top1" in summary
-    assert (run_dir / "final_main_bn.safetensors").exists()
+    assert (run_dir / "final_main_norm.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------- a full disk
@@ -195,7 +195,8 @@ def test_checkpoint_save_hitting_enospc(demo_cfg, tmp_path):
     from accelerate import Accelerator
 
     from models.factory import Normalized
-    from train.checkpoint import DiskFull, TrainState, save_checkpoint
+    from train.checkpoint_io import DiskFull, save_checkpoint
+    from train.run_state import TrainState
     from train.optim import create_optimizer
 
     cfg = demo_cfg()
@@ -234,7 +235,7 @@ def test_export_never_writes_over_its_checkpoint_or_a_folder(finished_run, tmp_p
                  and not p.is_symlink())
     refused(tool("export.py", best, other / "x.safetensors"), "inside the checkpoint folder")
     refused(tool("export.py", best, tmp_path), "is a folder")
-    refused(tool("export.py", best, finished_run / "final_main_bn.safetensors"), "exists", "--overwrite")
+    refused(tool("export.py", best, finished_run / "final_main_norm.safetensors"), "exists", "--overwrite")
     refused(tool("export.py", finished_run / "config.yaml", tmp_path / "x.safetensors"), "is a file, not a folder")
     assert fingerprint(finished_run) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary file anywhere
@@ -246,7 +247,7 @@ def test_export_never_writes_over_its_checkpoint_or_a_folder(finished_run, tmp_p
 
 
 def test_evaluate_refuses_a_model_name_that_contradicts_the_weights(trained_demo_run, digits_root):
-    result = tool("evaluate.py", trained_demo_run / "final_main_bn.safetensors", "--data", digits_root / "val",
+    result = tool("evaluate.py", trained_demo_run / "final_main_norm.safetensors", "--data", digits_root / "val",
                   "--model", "resnet34")
     refused(result, "--model resnet34 does not match", "resnet18")
 

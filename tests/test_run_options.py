@@ -1,13 +1,17 @@
 """Run options end to end on one small run, trained for 1 epoch and then extended to 2 by the same
 command: gradient accumulation over an uneven epoch, log_every, checkpoint_every_steps, the LR
-schedule per step across the extension, eval_aux_bn and `tools/evaluate.py --bn aux`."""
+schedule per step across the extension, eval_aux_norm and `tools/evaluate.py --norm aux`; and the
+same run rewritten as it was written before the BatchNorm-era names became norm names (it loads,
+its export loads, the same command continues it)."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, run_train
 
@@ -15,7 +19,7 @@ from conftest import REPO, run_train
 # epoch, the last of 2 batches; global batch 256, so LR = lr_per_256 = 0.4 (configs/demo.yaml)
 OPTIONS = ["tracker=none", "model=test_resnet", "attack.steps=1", "eval_robust=false", "image_log_every=0",
            "grad_accum_steps=4", "log_every=2", "checkpoint_every_steps=4", "keep_checkpoints=10",
-           "schedule.warmup_epochs=0.5", "eval_aux_bn=true"]
+           "schedule.warmup_epochs=0.5", "eval_aux_norm=true"]
 STEPS_PER_EPOCH, BASE_LR, WARMUP_LR, MIN_LR = 6, 0.4, 1e-6, 1e-5
 
 
@@ -72,16 +76,62 @@ def test_lr_per_step_follows_the_schedule_and_the_extended_epochs(extended_run):
     assert logged[8] > 10 * MIN_LR
 
 
-def test_eval_aux_bn_and_evaluate_bn_aux_agree(extended_run, digits_root, tmp_path):
+def test_eval_aux_norm_and_evaluate_norm_aux_agree(extended_run, digits_root, tmp_path):
     epochs = [line for line in read_jsonl(extended_run / "metrics.jsonl") if "val/top1" in line]
     assert [line["epoch"] for line in epochs] == [1, 2] and all("val_aux/top1" in line for line in epochs)
     assert epochs[-1]["val_aux/loss"] != epochs[-1]["val/loss"]  # other norms, other numbers
     report = tmp_path / "aux.json"
     result = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"),
                              str(extended_run / "checkpoints" / "epoch_0002"), "--data", str(digits_root / "val"),
-                             "--bn", "aux", "--json", str(report)], capture_output=True, text=True, timeout=600,
+                             "--norm", "aux", "--json", str(report)], capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     aux = json.loads(report.read_text())["clean"]
     assert aux["top1"] == pytest.approx(epochs[-1]["val_aux/top1"])
     assert aux["loss"] == pytest.approx(epochs[-1]["val_aux/loss"], rel=1e-5)
+
+
+def as_made_before_the_rename(run_dir, tmp_path):
+    """A copy of run_dir as this trainer wrote it when only BatchNorms were dual: eval_aux_bn in
+    every config.yaml, final_main_bn.safetensors of format advprop-main-bn."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old_run"
+    shutil.copytree(run_dir, old, symlinks=True)
+    for config in [old / "config.yaml", *old.glob("checkpoints/*/config.yaml")]:
+        if config.parent.is_symlink():  # last, best: another folder's file
+            continue
+        text = config.read_text()
+        assert "eval_aux_norm: true" in text
+        config.write_text(text.replace("eval_aux_norm:", "eval_aux_bn:"))
+    export = old / "final_main_norm.safetensors"
+    with safe_open(str(export), framework="pt") as file:
+        metadata = {**file.metadata(), "format": "advprop-main-bn"}
+    save_file(load_file(str(export)), str(old / "final_main_bn.safetensors"), metadata=metadata)
+    export.unlink()
+    return old
+
+
+def test_a_run_and_export_from_before_the_rename_load_and_resume(extended_run, digits_root, tmp_path):
+    from tools.evaluate import parse_args
+    from tools.robustness.load import load_any
+
+    old = as_made_before_the_rename(extended_run, tmp_path)
+    old_export = tmp_path / "old_export.safetensors"  # an export of format advprop-main-bn, elsewhere
+    shutil.copy(old / "final_main_bn.safetensors", old_export)
+    model, cfg, classes = load_any(old_export)
+    new_model, _, _ = load_any(extended_run / "final_main_norm.safetensors")
+    assert cfg.model == "test_resnet" and classes == [str(d) for d in range(10)]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), new_model.state_dict().values()))
+    folder_model, folder_cfg, _ = load_any(old / "checkpoints" / "epoch_0002")  # its config says eval_aux_bn
+    assert folder_cfg.eval_aux_norm is True and len(folder_model.state_dict()) > len(model.state_dict())
+    assert parse_args(["x", "--data", "d", "--bn", "aux"]).norm == "aux"  # evaluate.py's old option name
+
+    # the same command continues it (the old key on the command line too), not "other settings"
+    options = [o.replace("eval_aux_norm", "eval_aux_bn") for o in OPTIONS]
+    rerun = run_train(f"data.root={digits_root}", f"output_dir={old}", *options, "epochs=2",
+                      env={"OMP_NUM_THREADS": "1"})
+    assert "redoing the final evaluation" in rerun.stdout
+    assert "eval_aux_bn is now called eval_aux_norm" in rerun.stderr
+    assert (old / "final_main_norm.safetensors").is_file() and not (old / "final_main_bn.safetensors").exists()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from pipelines.ffcv_writer import WRITE_MODES, StorageSettings
 from pipelines.loader import BACKENDS, build_loader, prepare_dataset
 from tools.wds_bench import first_batch_report, shard_copy, shard_overrides

@@ -50,7 +50,7 @@ from accelerate import Accelerator
 
 from models.factory import create_model
 from train.batch_augment import BatchAugment
-from train.checkpoint import TrainState
+from train.run_state import TrainState
 from train.compile import compile_model
 from train.config import load_config
 from train.loop import train_step

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from pipelines.image_check import cache_folder, check_images, folder_key, report_path
 from pipelines.image_folder import list_image_folder
 

@@ -4,6 +4,7 @@
     python tools/compare_methods.py                              # configs/sweeps/compare_methods.yaml
     python tools/compare_methods.py --out runs/compare epochs=4  # extra overrides for every run
     python tools/compare_methods.py tracker=none                 # no W&B
+    python tools/compare_methods.py --sweep configs/sweeps/dual_norms.yaml --json   # + every summary as JSON
 
 Each run is a separate `train/run.py` process writing to <out>/<run name>; a run whose summary.json
 already exists is not trained again (delete its folder to redo it). The table reads each run's
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--only", default="", help="comma-separated run names (default: all)")
     parser.add_argument("--group", help="W&B group of the runs (default: compare_methods-<out folder name>)")
+    parser.add_argument("--json", action="store_true",
+                        help="also print every run's summary.json as one JSON object on the last line")
     parser.add_argument("overrides", nargs="*", help="key=value for every run")
     args = parser.parse_args()
     runs = sweep_runs(args.sweep, args.overrides)
@@ -97,6 +100,8 @@ def main() -> None:
     if cfg.tracker == "wandb":
         run_id = log_comparison(results, group=group, project=cfg.wandb_project, out=args.out.resolve())
         print(f"W&B group {group}: comparison run {run_id} (under {args.out}/wandb)")
+    if args.json:
+        print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 
 
 def run_conversion(convert, out: Path) -> dict | int:

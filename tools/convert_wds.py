@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from pipelines.wds_writer import convert_folder
 from tools.conversion_report import run_conversion, summary_line
 

@@ -13,7 +13,8 @@ main-norm .safetensors (tools/export.py), or a plain timm state dict (.safetenso
 the shorter side, center crop). Sizes of --attack are pixel units (/255) like the training config.
 A set that cannot be evaluated is reported as FAILED with the reason, the others still run and are
 reported and written, and the exit status is 1 (2: the model or an option is unusable). Attacks
-are untargeted, on the eval-mode model through its main norms (--bn aux: the auxiliary ones).
+are untargeted, on the eval-mode model through its main norms (--norm aux: the auxiliary ones;
+--bn is its old name, still accepted).
 Runs under
 `accelerate launch` too (each process evaluates its shard; numbers are summed).
 """
@@ -30,7 +31,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from models.dual_norm import dual_norm_layers
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from tools.robustness import imagenet_c, report as reporting, sets
 from tools.robustness.folders import data_classes
 from tools.robustness.load import load_any
@@ -61,7 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--imagenet-a", type=Path, help="ImageNet-A root (<wnid>/ folders, 200 classes)")
     parser.add_argument("--imagenet-r", type=Path, help="ImageNet-R root (<wnid>/ folders, 200 classes)")
     parser.add_argument("--stylized", type=Path, help="Stylized-ImageNet val ImageFolder")
-    parser.add_argument("--bn", choices=("main", "aux"), default="main", help="norms of a dual-norm checkpoint")
+    parser.add_argument("--norm", choices=NORMS, default="main", help="norms of a dual-norm checkpoint")
+    parser.add_argument("--bn", choices=NORMS, dest="norm", action=OldName, help=argparse.SUPPRESS)
     parser.add_argument("--image-size", type=int, help="val crop size (default: the run's or timm's)")
     parser.add_argument("--crop-ratio", type=float, help="val crop ratio (default: the run's or timm's)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -74,6 +76,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(its wandb_id.txt), else a new run; offline without a login")
     parser.add_argument("--wandb-project", default="advprop")
     return parser.parse_args(argv)
+
+
+NORMS = ("main", "aux")
+
+
+class OldName(argparse._StoreAction):
+    """An option's name from before a rename (--bn → --norm): still works, and says the new name."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is now called --{self.dest} (the old name still works)", file=sys.stderr)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def parse_attack(tokens: list[str]) -> dict:
@@ -155,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         attacks = [parse_attack(tokens) for tokens in args.attack or []]
         model, cfg, classes = load_any(args.checkpoint, model_name=args.model)
         classes = model_classes(classes, model, args.data)
-        if args.bn == "aux" and not dual_norm_layers(model):
-            raise UserInputError(f"--bn aux: {args.checkpoint} has no auxiliary norms (a dual-norm method's "
+        if args.norm == "aux" and not dual_norm_layers(model):
+            raise UserInputError(f"--norm aux: {args.checkpoint} has no auxiliary norms (a dual-norm method's "
                                  f"checkpoint folder has them; exports keep the main norms only)")
     except (UserInputError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -166,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator()
     set_seed(args.seed, device_specific=True)
     ctx = sets.EvalContext(model.to(accelerator.device, memory_format=torch.channels_last), cfg, classes,
-                           accelerator, route=args.bn, batch_size=args.batch_size, workers=args.workers,
+                           accelerator, route=args.norm, batch_size=args.batch_size, workers=args.workers,
                            limit=args.limit, seed=args.seed)
-    report = {"model": {"path": str(args.checkpoint), "name": cfg.model, "bn": args.bn, "classes": len(classes),
+    report = {"model": {"path": str(args.checkpoint), "name": cfg.model, "norm": args.norm, "classes": len(classes),
                         "image_size": cfg.data.val_image_size or cfg.data.image_size,
                         "crop_ratio": cfg.data.crop_ratio, "limit": args.limit}, "errors": {}}
     evaluate_all(args, ctx, attacks, report)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 
 
 def check_output_file(out: Path, *, inputs: list[Path], overwrite: bool, example: str,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One PNG of a training run, without W&B: losses, val top-1 (main and aux BN), robust top-1,
+"""One PNG of a training run, without W&B: losses, val top-1 (main and aux norms), robust top-1,
 learning rate, throughput and data wait, from the run's metrics.jsonl and any evaluate.py --json
 files in its folder. train/run.py writes the same picture at the end of every run.
 

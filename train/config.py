@@ -10,6 +10,7 @@ Attack sizes are in pixel units like the paper (attack.eps=4 means 4/255 on [0, 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from pipelines.augment_policy import timm_transform
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from pipelines.ffcv_writer import WRITE_MODES, StorageSettings
+from pipelines.loader import BACKENDS
 from train.attacks import PGDConfig, attack_checks
 from train.batch_augment import checks as batch_augment_checks
 from train.methods import METHODS as METHOD_RECORDS
@@ -29,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 STORAGE = StorageSettings()  # the .beton storage defaults: the FFCV writer's
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "demo.yaml"
 
-LOADERS = ("torchvision", "ffcv", "dali")
+LOADERS = tuple(BACKENDS)  # pipelines/loader.py's backends: torchvision, ffcv, dali
 BN_MODES = ("train", "eval")  # attack.bn_mode
 DATASETS = ("digits", "imagefolder", "webdataset")
 AUTO_AUGMENT_LOADERS = ("torchvision", "dali")  # FFCV's pipelines have no AutoAugment
@@ -185,7 +187,7 @@ class Config:
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 3, weights untouched) | skip the batch
     nonfinite_check: str = "auto"  # host: check each loss before backward | device: no per-step sync (CUDA) | auto
     # evaluation
-    eval_aux_bn: bool = False  # also validate through the auxiliary norms each epoch (dual-norm methods)
+    eval_aux_norm: bool = False  # also validate through the auxiliary norms each epoch (dual-norm methods)
     eval_robust: bool = True  # robust top-1 under eval_attack (untargeted) at the end
     eval_attack: Optional[EvalAttackConfig] = None  # e.g. eval_attack=pgd5 (one attack for all methods); None → attack
     # logging and checkpoints
@@ -263,6 +265,8 @@ def load_config(args: list[str] | None = None, *,
         if "=" not in arg:
             raise ConfigError(f"argument {arg!r} is not of the form key=value")
         key, value = arg.split("=", 1)
+        key = current_key(key, "command line")
+        arg = f"{key}={value}"
         if key == "config":
             recipe = Path(value)
         elif key in ATTACK_NODES:
@@ -272,7 +276,7 @@ def load_config(args: list[str] | None = None, *,
     if not recipe.is_file():
         raise ConfigError(f"config file {recipe} does not exist")
     try:
-        recipe_cfg = read_recipe(recipe)
+        recipe_cfg = with_current_names(read_recipe(recipe), str(recipe))
         for key in ATTACK_NODES:
             if isinstance(recipe_cfg.get(key), str):
                 recipe_cfg[key] = attack_preset(key, recipe_cfg[key])
@@ -311,6 +315,38 @@ def method_attack_defaults(cfg: DictConfig, continuing=None) -> dict:
 
 
 ATTACK_NODES = ("attack", "eval_attack")  # config nodes that accept a preset name
+
+# keys renamed since (old → new): a recipe, an override or a saved run's config.yaml may still use
+# the old name, which means the new one (BatchNorm-era names, now that every norm kind is dual)
+RENAMED_KEYS = {"eval_aux_bn": "eval_aux_norm"}
+
+
+def current_key(key: str, where: str = "") -> str:
+    """key, or its new name if it is an old one (with a warning naming where it was given)."""
+    if key not in RENAMED_KEYS:
+        return key
+    if where:
+        print(f"note: {where}: {key} is now called {RENAMED_KEYS[key]} (the old name still works)", file=sys.stderr)
+    return RENAMED_KEYS[key]
+
+
+def with_current_names(node, where: str = "") -> DictConfig:
+    """A config whose renamed keys carry their new names (the new name wins where both are given)."""
+    node = OmegaConf.create(node)
+    old = [key for key in RENAMED_KEYS if key in node]
+    if not old:
+        return node
+    data = OmegaConf.to_container(node)
+    for key in old:
+        value = data.pop(key)
+        data.setdefault(current_key(key, where), value)
+    return OmegaConf.create(data)
+
+
+def read_saved_config(path: Path) -> DictConfig:
+    """A run's or checkpoint's config.yaml, in today's key names (runs made before a rename still
+    load and resume)."""
+    return with_current_names(OmegaConf.load(path))
 
 
 def attack_preset(key: str, name: str) -> dict:

@@ -1,11 +1,11 @@
-"""The trained model in W&B: main-BN exports logged as artifacts of type `model`.
+"""The trained model in W&B: main-norm exports logged as artifacts of type `model`.
 
-    model-<W&B run id>        the main-BN weights (plain timm, safetensors), one version per logged epoch
+    model-<W&B run id>        the main-norm weights (plain timm, safetensors), one version per logged epoch
     model-<W&B run id>-ema    the EMA's, at the end of a run that keeps one
 
 Aliases: `latest` (the end of training), `best` (the best val top-1 so far), `epoch-N`. During
 training, wandb_log_checkpoints=best logs the weights each time val top-1 improves, `all` every
-epoch, `none` only the end. Only the main-BN weights go up, never the optimizer state. The
+epoch, `none` only the end. Only the main-norm weights go up, never the optimizer state. The
 metadata says how to use the file elsewhere: timm model name, classes, normalisation, val image
 size and crop ratio, method and attack, and the epoch's (or the final) accuracies.
 
@@ -22,10 +22,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from models.export import export_settings, save_main_norm
-from train.checkpoint import checkpoint_folder, read_state
+from models.export import EXPORT_FORMAT, export_settings, save_main_norm
+from train.model_loading import checkpoint_folder
+from train.run_state import read_state
 
 RECORD = "wandb_artifacts.json"
+FINAL_EXPORT, FINAL_EMA_EXPORT = "final_main_norm.safetensors", "final_ema_main_norm.safetensors"
+# their names before every norm kind was dual (runs made then hold these; a rerun replaces them)
+OLD_FINAL_EXPORTS = {FINAL_EXPORT: "final_main_bn.safetensors", FINAL_EMA_EXPORT: "final_ema_main_bn.safetensors"}
 
 
 def logged_artifacts(run_dir: Path) -> dict:
@@ -47,7 +51,7 @@ class ModelArtifacts:
         return {"model": cfg.model, "classes": self.classes, "num_classes": len(self.classes),
                 "normalization": cfg.normalization, "image_size": export["image_size"],
                 "crop_ratio": export["crop_ratio"], "method": cfg.method,
-                "attack": OmegaConf.to_container(cfg.attack, resolve=True), "format": "advprop-main-bn",
+                "attack": OmegaConf.to_container(cfg.attack, resolve=True), "format": EXPORT_FORMAT,
                 "load": "timm.create_model(model, num_classes=num_classes).load_state_dict(safetensors.torch."
                         "load_file(file), strict=True); inputs in [0, 1], normalised as `normalization` says",
                 **results}
@@ -77,12 +81,12 @@ class ModelArtifacts:
                      self.metadata(epoch=epoch, val_top1=metrics["val/top1"], val_top5=metrics["val/top5"]))
 
     def final(self, report: dict, epoch: int, best_is_last: bool) -> None:
-        """The end-of-run exports (final_main_bn.safetensors, final_ema_main_bn.safetensors)."""
+        """The end-of-run exports (FINAL_EXPORT, FINAL_EMA_EXPORT)."""
         results = {k: report[k] for k in ("clean_top1", "clean_top5", "robust_top1", "robust_attack") if k in report}
         aliases = ["latest", f"epoch-{epoch}"] + (["best"] if best_is_last else [])
-        self.log(f"final_{epoch:04d}", self.name, self.run_dir / "final_main_bn.safetensors", aliases,
+        self.log(f"final_{epoch:04d}", self.name, self.run_dir / FINAL_EXPORT, aliases,
                  self.metadata(epoch=epoch, **results))
-        ema = self.run_dir / "final_ema_main_bn.safetensors"
+        ema = self.run_dir / FINAL_EMA_EXPORT
         if ema.is_file():
             self.log(f"final_ema_{epoch:04d}", f"{self.name}-ema", ema, ["latest", f"epoch-{epoch}"],
                      self.metadata(epoch=epoch, ema_decay=self.cfg.ema_decay))
@@ -102,7 +106,7 @@ def evaluated_artifact(checkpoint: Path, run_dir: Path | None) -> str | None:
         if state.batch:  # saved mid-epoch: no artifact holds these weights
             return None
         ema, epoch = False, state.epoch
-    else:  # final_main_bn.safetensors / final_ema_main_bn.safetensors: the run's last end
+    else:  # a final export (today's name or the BatchNorm-era one): the run's last end
         ema = checkpoint.name.startswith("final_ema")
         epoch = max((e["epoch"] for e in entries if e["final"] and e["ema"] == ema), default=None)
     match = [e for e in entries if e["epoch"] == epoch and e["ema"] == ema]

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 
 
 class OutputDirUnusable(UserInputError):

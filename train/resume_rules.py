@@ -10,7 +10,7 @@ watched, stored, evaluated or fed, not what it learns:
   name, output_dir, resume
   tracker, wandb_project, wandb_group, wandb_log_checkpoints, log_every, image_log_every
   keep_checkpoints, checkpoint_every_steps, on_nonfinite, collective_timeout_s
-  eval_aux_bn, eval_robust, eval_attack
+  eval_aux_norm, eval_robust, eval_attack
   compile, channels_last, loader, data.root, data.train_dir, data.val_dir, data.workers,
   data.dali.*, data.ffcv.*, data.train_shards, data.val_shards
                                  (where the data lives and how fast it is read; the classes
@@ -20,14 +20,14 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.errors import UserInputError
-from train.config import schema
+from common.errors import UserInputError
+from train.config import schema, with_current_names
 
 MAY_CHANGE = (
     "epochs", "name", "output_dir", "resume",
     "tracker", "wandb_project", "wandb_group", "wandb_log_checkpoints", "log_every", "image_log_every",
     "keep_checkpoints", "checkpoint_every_steps", "on_nonfinite", "collective_timeout_s",
-    "eval_aux_bn", "eval_robust", "eval_attack",
+    "eval_aux_norm", "eval_robust", "eval_attack",
     "compile", "channels_last", "loader", "data.root", "data.train_dir", "data.val_dir", "data.workers",
     "data.dali", "data.ffcv", "data.train_shards", "data.val_shards",
 )
@@ -53,9 +53,10 @@ def may_change(key: str) -> bool:
 
 def changed_keys(saved: DictConfig | dict, current: DictConfig) -> list[tuple[str, object, object]]:
     """(key, saved value, current value) for every key that differs and may not change. A key newer
-    than the saved run counts as its schema default (a new key's default keeps the old behaviour)."""
+    than the saved run counts as its schema default (a new key's default keeps the old behaviour); a
+renamed key counts under its new name (train/config.py RENAMED_KEYS)."""
     defaults = flatten(OmegaConf.to_container(schema(), resolve=True))
-    old = {**defaults, **flatten(OmegaConf.to_container(OmegaConf.create(saved), resolve=True))}
+    old = {**defaults, **flatten(OmegaConf.to_container(with_current_names(saved), resolve=True))}
     new = flatten(OmegaConf.to_container(current, resolve=True))
     return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if old.get(key) != new.get(key) and not may_change(key)]

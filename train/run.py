@@ -6,7 +6,7 @@
     python train/run.py method=vanilla tracker=none                                  # one process
 
 Leaves in output_dir (default runs/<name>): config.yaml, metrics.jsonl, checkpoints/ (last, best),
-final_main_bn.safetensors (plain timm weights), panels/*.png, summary.json, wandb/.
+final_main_norm.safetensors (plain timm weights), panels/*.png, summary.json, wandb/.
 One run at a time writes an output_dir; rerunning the command continues it (train/resume_rules.py
 says which settings may change). Exit status: 0 finished, or stopped by a signal with a checkpoint
 saved; 2 bad input (nothing written); 3 non-finite loss or weights (none saved); 4 disk full
@@ -37,9 +37,9 @@ from timm.layers import convert_sync_batchnorm
 
 from models.export import NonFiniteWeights, export_settings, save_main_norm
 from models.factory import create_model
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from pipelines.loader import build_loader, prepare_dataset
-from train.checkpoint import DiskFull, check_resume, continued_settings, mark_validated, restore, save_checkpoint
+from train.checkpoint_io import DiskFull, mark_validated, save_checkpoint
 from train.compile import compile_model, compiled_graphs
 from train.config import load_config, save_config
 from train.distributed import (die_with_launcher, doing, main_process_first_without_timeout, peer_timeout,
@@ -49,8 +49,9 @@ from train.environment import describe, use_cpu_threads
 from train.faults import NonFiniteLoss, StopInValidation, StoppedAfterTraining, StopRequest
 from train.loop import evaluate, train_one_epoch
 from train.methods import StepContext, method_of
-from train.model_artifacts import ModelArtifacts
+from train.model_artifacts import FINAL_EMA_EXPORT, FINAL_EXPORT, OLD_FINAL_EXPORTS, ModelArtifacts
 from train.optim import create_optimizer, create_schedule, steps_per_epoch
+from train.resume import check_resume, continued_settings, restore
 from train.output_dir import check_output_dir
 from train.run_plot import PLOT_FILE, plot_run
 from train.run_lock import claim_run_folder
@@ -80,7 +81,7 @@ def validate_epoch(ctx, accelerator, val_loader, ema=None, stop=None) -> dict:
     if ema is not None:
         averaged = evaluate(ema.module, val_loader, accelerator, desc="val (EMA)", stop=stop)
         metrics.update({f"val_ema/{k}": v for k, v in averaged.items() if k != "images"})
-    if ctx.cfg.eval_aux_bn and method_of(ctx.cfg).dual_norm:
+    if ctx.cfg.eval_aux_norm and method_of(ctx.cfg).dual_norm:
         aux = evaluate(ctx.attack_model, val_loader, accelerator, route="aux", desc="val (aux norms)", stop=stop)
         metrics.update({f"val_aux/{k}": v for k, v in aux.items() if k != "images"})
     return metrics
@@ -233,9 +234,12 @@ def finish(ctx, accelerator, train_loader, val_loader, state, log, run_dir: Path
             state.step)
     if accelerator.is_main_process:
         export = export_settings(cfg, classes)
-        save_main_norm(ctx.attack_model.net, run_dir / "final_main_bn.safetensors", **export)
+        save_main_norm(ctx.attack_model.net, run_dir / FINAL_EXPORT, **export)
         if ema is not None:
-            save_main_norm(ema.module.net, run_dir / "final_ema_main_bn.safetensors", **export)
+            save_main_norm(ema.module.net, run_dir / FINAL_EMA_EXPORT, **export)
+        for new, old in OLD_FINAL_EXPORTS.items():  # a run made before the rename: its old-named exports are stale
+            if (run_dir / new).is_file():
+                (run_dir / old).unlink(missing_ok=True)
         (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
         artifacts.final(report, state.epoch, best_is_last=state.best_epoch == state.epoch)
         plot_run(run_dir)

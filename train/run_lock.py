@@ -11,7 +11,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 
 _held: list[int] = []  # descriptors of the folders this process has locked
 

@@ -3,8 +3,8 @@
     python tools/plot_run.py runs/demo               # writes runs/demo/run.png
     from train.run_plot import plot_run; plot_run(Path("runs/demo"))
 
-Panels: training loss (clean, adversarial, attack) against the optimizer step; val top-1 (main BN,
-aux BN, EMA) against the epoch; robust top-1 (the run's final PGD and every PGD of evaluate.py
+Panels: training loss (clean, adversarial, attack) against the optimizer step; val top-1 (main norms,
+aux norms, EMA) against the epoch; robust top-1 (the run's final PGD and every PGD of evaluate.py
 --json files in the run folder) beside clean top-1; learning rate; images per second; the share of
 time spent waiting for data. train/run.py writes it at the end of every run. The PNG's metadata
 lists the panels drawn ("Panels") and the run it shows ("Run").
@@ -73,7 +73,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     curves(panels["training loss"], lines, "optimizer step", "loss", "step",
            {"clean": "train/loss/clean", "adversarial": "train/loss/adv", "attack": "train/loss/attack"})
     curves(panels["val top-1"], lines, "epoch", "top-1 (%)", "epoch",
-           {"main BN": "val/top1", "aux BN": "val_aux/top1", "EMA": "val_ema/top1"}, marker="o")
+           {"main norms": "val/top1", "aux norms": "val_aux/top1", "EMA": "val_ema/top1"}, marker="o")
     bars(panels["robust top-1"], robust_results(run_dir, lines))
     curves(panels["learning rate"], lines, "optimizer step", "LR", "step", {"LR": "perf/lr"})
     curves(panels["throughput"], lines, "optimizer step", "img/s", "step", {"img/s": "perf/img_per_s"})

@@ -5,7 +5,7 @@ from accelerate.utils import gather_object
 from omegaconf import OmegaConf
 
 from train.attacks import PGDConfig, build_attack, describe
-from train.checkpoint import TrainState
+from train.run_state import TrainState
 from train.environment import summary_line
 from train.loop import evaluate
 
@@ -52,7 +52,9 @@ def throughput(state: TrainState) -> dict:
             "data_wait_fraction": state.steady_wait_seconds / state.steady_seconds if steady else None}
 
 
-def print_table(cfg, report: dict) -> None:
+def table_rows(cfg, report: dict) -> list[tuple[str, str]]:
+    """(name, value) of each row of the final table (tools/readme_figures.py checks the README's
+    copy against these names)."""
     environment = report["environment"]
     rows = [("method", cfg.method), ("model", cfg.model),
             ("clean top-1 (main norms)", f"{report['clean_top1']:.2f} %"),
@@ -71,6 +73,11 @@ def print_table(cfg, report: dict) -> None:
              ("device", environment["device"]),
              ("loader", environment["loader"] + (" (compiled model)" if environment["compile"] else "")),
              ("libraries", summary_line(environment))]
+    return rows
+
+
+def print_table(cfg, report: dict) -> None:
+    rows = table_rows(cfg, report)
     width = max(len(name) for name, _ in rows)
     print("\n".join(["", f"{'result':<{width}}  value", "-" * (width + 12)]
                     + [f"{name:<{width}}  {value}" for name, value in rows]))

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipelines.errors import UserInputError
+from common.errors import UserInputError
 from pipelines.loader import build_loader, find_classes
 from pipelines.webdataset_source import dataset_classes
 from pipelines.wds_spec import shard_data, shard_split

@@ -2,7 +2,7 @@
 
     model, cfg, classes = load_any("runs/demo")                                  # run → checkpoints/best
     model, cfg, classes = load_any("runs/demo/checkpoints/epoch_0008")           # a checkpoint folder
-    model, cfg, classes = load_any("runs/demo/final_main_bn.safetensors")        # our main-norm export
+    model, cfg, classes = load_any("runs/demo/final_main_norm.safetensors")      # our main-norm export
     model, cfg, classes = load_any("b0_ap.pth", model_name="tf_efficientnet_b0.ap_in1k")  # plain timm
 
 model: a `Normalized` (takes [0, 1] images) in eval mode. cfg: a run config (train/config.py)
@@ -20,11 +20,11 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.export import read_metadata
+from models.export import EXPORT_FORMATS, read_metadata
 from models.factory import NORMALIZATION, Normalized, create_net, read_weights
-from pipelines.errors import UserInputError
-from train.checkpoint import checkpoint_folder, load_checkpoint_model
-from train.config import schema
+from common.errors import UserInputError
+from train.model_loading import checkpoint_folder, load_checkpoint_model
+from train.config import read_saved_config, schema
 
 
 def load_any(path: str | Path, *, model_name: str | None = None):
@@ -40,7 +40,7 @@ def load_any(path: str | Path, *, model_name: str | None = None):
         metadata = read_metadata(path) if path.suffix == ".safetensors" else {}
     except Exception as error:  # safetensors' own error type: not a safetensors file
         raise UserInputError(f"cannot read weights {path}: {type(error).__name__}: {error}") from None
-    if metadata.get("format") == "advprop-main-bn":
+    if metadata.get("format") in EXPORT_FORMATS:
         check_model_name(model_name, metadata["model"], path)
         return load_export(path, metadata)
     if not model_name:
@@ -64,7 +64,7 @@ def load_export(path: Path, metadata: dict):
     geometry = {"data": {"image_size": int(metadata["image_size"]), "val_image_size": int(metadata["image_size"]),
                          "crop_ratio": float(metadata["crop_ratio"])}} if "image_size" in metadata else {}
     try:
-        run_settings = OmegaConf.load(run_config) if has_run_config else {}
+        run_settings = read_saved_config(run_config) if has_run_config else {}
         cfg = OmegaConf.merge(schema(), geometry, run_settings,
                               {"model": metadata["model"], "normalization": metadata["normalization"]})
     except OmegaConfBaseException as error:

@@ -19,7 +19,7 @@ TITLES = {"clean": "clean val", "imagenet_a": "ImageNet-A", "imagenet_r": "Image
 
 def format_table(report: dict) -> str:
     info = report["model"]
-    lines = [f"model: {info['name']} from {info['path']}, {info['bn']} BN, {info['image_size']} px, "
+    lines = [f"model: {info['name']} from {info['path']}, {info['norm']} norms, {info['image_size']} px, "
              f"crop ratio {info['crop_ratio']:g}"
              + (f", LIMITED to ~{info['limit']} images per set (a quick look, not a result)" if info["limit"] else ""),
              "", f"{'set':<56} {'top-1':>8} {'top-5':>8} {'images':>7}", "-" * 82]

@@ -1,11 +1,12 @@
-"""Checkpoints: Accelerate's save_state (model as safetensors, optimizer, grad scaler, per-rank RNG)
-plus our progress (train_state.json) and the resolved config, written atomically.
+"""Checkpoint files: Accelerate's save_state (model as safetensors, optimizer, grad scaler, per-rank RNG)
+plus our progress (train_state.json, train/run_state.py) and the resolved config, written atomically.
 
     <output_dir>/checkpoints/epoch_0003/   one folder per save (step_00001234/ for mid-epoch saves)
     <output_dir>/checkpoints/last  → newest   best → best val top-1   (relative symlinks)
 
 A save goes to a hidden temporary folder that is renamed into place when every rank is done, so a
 crash mid-save leaves the previous checkpoints intact; only renamed folders count as checkpoints.
+Which checkpoint a run continues from is train/resume.py's.
 """
 from __future__ import annotations
 
@@ -14,45 +15,19 @@ import json
 import os
 import pickle
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from safetensors.torch import load_file
 
 from models.export import NonFiniteWeights, non_finite_names, refuse_non_finite
-from models.factory import create_model, refused_pickle
-from pipelines.errors import UserInputError
-from train.config import schema
+from models.factory import refused_pickle
+from train.config import read_saved_config
 from train.ema import load_ema, save_ema
 from train.faults import any_process
-from train.resume_rules import ResumeMismatch, check_same_run
-
-STATE_FILE = "train_state.json"
-
-
-class CheckpointError(UserInputError):
-    pass
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # current epoch (0-based); == cfg.epochs when training is done
-    batch: int = 0  # batches of `epoch` already consumed (mid-epoch resume)
-    step: int = 0  # optimizer steps so far
-    best_top1: float = -1.0
-    best_epoch: int = 0  # the epoch (1-based) of best_top1; 0 → none yet
-    train_images: int = 0  # images trained on, all processes
-    train_seconds: float = 0.0
-    steady_images: int = 0  # the same without each epoch's first logging window (start-up)
-    steady_seconds: float = 0.0
-    steady_wait_seconds: float = 0.0  # of steady_seconds, spent waiting for the loader
-    processes: int = 0  # processes that trained it (0: not recorded); a resume must use as many
-    # False: an epoch's training saved before its validation; a resume validates it first
-    validated: bool = True
-    metrics_lines: int = -1  # lines of metrics.jsonl when it was saved (-1: not recorded); a resume drops later ones
+from train.run_state import STATE_FILE, CheckpointError, TrainState, read_state
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -184,13 +159,6 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(old)
 
 
-def read_state(folder: Path) -> TrainState:
-    try:
-        return TrainState(**json.loads((Path(folder) / STATE_FILE).read_text()))
-    except (OSError, ValueError, TypeError) as error:
-        raise CheckpointError(f"checkpoint {folder} is unreadable: {STATE_FILE}: {error}") from None
-
-
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint folders under root, oldest first (by training progress)."""
     if not root.is_dir():
@@ -254,134 +222,6 @@ def read_run_settings(folder: Path) -> tuple[DictConfig, list[str] | None]:
     try:
         classes_file = Path(folder) / "classes.json"
         classes = json.loads(classes_file.read_text()) if classes_file.exists() else None
-        return OmegaConf.load(Path(folder) / "config.yaml"), classes
+        return read_saved_config(Path(folder) / "config.yaml"), classes
     except (OSError, ValueError, OmegaConfBaseException) as error:
         raise CheckpointError(f"checkpoint {folder} is unreadable: {type(error).__name__}: {error}") from None
-
-
-def check_matches(accelerator, folder: Path, cfg, classes: list[str] | None) -> None:
-    saved_cfg, saved_classes = read_run_settings(folder)
-    check_same_run(saved_cfg, cfg, where=f"checkpoint {folder}", saved_classes=saved_classes, classes=classes,
-                   saved_processes=read_state(folder).processes, processes=accelerator.num_processes)
-
-
-def holds_run(run_dir: Path) -> bool:
-    return any((Path(run_dir) / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints"))
-
-
-def check_resume(accelerator, cfg, run_dir: Path, classes: list[str] | None = None) -> None:
-    """Refuse, before any work, a command that would overwrite or mix runs: resume=none into a
-    folder that holds a run, resume=PATH into a folder with checkpoints of its own, or settings
-    other than those of the checkpoint (or run folder) being continued (train/resume_rules.py).
-    classes: compared too when known (the loaders are built after this first check)."""
-    run_dir, resume = Path(run_dir), cfg.resume
-    if resume == "none":
-        if holds_run(run_dir):
-            raise ResumeMismatch(f"output_dir {run_dir} already holds a run, and resume=none would overwrite it: "
-                                 f"give a new output_dir, or resume=auto to continue it")
-        return
-    if resume != "auto":
-        folder, own = Path(resume), checkpoint_dir(run_dir).resolve()
-        if not folder.is_dir():
-            raise CheckpointError(f"resume={folder}: no checkpoint folder there")
-        if list_checkpoints(own) and own not in folder.resolve().parents:
-            raise ResumeMismatch(f"output_dir {run_dir} holds checkpoints of its own run; continuing {folder} "
-                                 f"there would mix two runs: give a new output_dir")
-        check_matches(accelerator, folder, cfg, classes)
-        return
-    for folder in reversed(list_checkpoints(checkpoint_dir(run_dir))):
-        try:  # the newest checkpoint that says what it was made with; damage is restore()'s to handle
-            return check_matches(accelerator, folder, cfg, classes)
-        except CheckpointError:
-            continue
-    if (run_dir / "config.yaml").is_file():  # a run stopped before any readable checkpoint
-        check_same_run(OmegaConf.load(run_dir / "config.yaml"), cfg, where=f"output_dir {run_dir}")
-
-
-def continued_settings(cfg) -> DictConfig | None:
-    """The config of the run that cfg continues: resume=PATH's checkpoint, or with resume=auto the
-    newest readable checkpoint of output_dir (else its config.yaml); None for a new run or where
-    nothing reads (check_resume then says what is wrong)."""
-    run_dir = Path(cfg.output_dir)
-    if cfg.resume == "none":
-        return None
-    folders = [Path(cfg.resume)] if cfg.resume != "auto" else reversed(list_checkpoints(checkpoint_dir(run_dir)))
-    for folder in folders:
-        try:
-            return read_run_settings(folder)[0]
-        except CheckpointError:
-            continue
-    try:
-        return OmegaConf.load(run_dir / "config.yaml") if cfg.resume == "auto" and holds_run(run_dir) else None
-    except (OSError, OmegaConfBaseException):
-        return None
-
-
-def restore(accelerator, cfg, run_dir: Path, classes: list[str], ema=None) -> tuple[TrainState, Path | None]:
-    """resume=none: a fresh run. PATH: that checkpoint, or an error. auto: the newest loadable
-    checkpoint of this run (older ones are tried when the newest is damaged), a fresh run if it has
-    none, an error if none loads. Each is first checked by check_resume."""
-    check_resume(accelerator, cfg, run_dir, classes)
-    if cfg.resume == "none":
-        return TrainState(), None
-    if cfg.resume != "auto":
-        return load_checkpoint(accelerator, Path(cfg.resume), ema), Path(cfg.resume)
-    checkpoints = list_checkpoints(checkpoint_dir(run_dir))
-    problems = []
-    for folder in reversed(checkpoints):
-        try:
-            check_matches(accelerator, folder, cfg, classes)
-            return load_checkpoint(accelerator, folder, ema), folder
-        except CheckpointError as error:
-            accelerator.print(f"warning: skipping damaged checkpoint: {error}")
-            problems.append(str(error))
-    if not checkpoints:
-        return TrainState(), None
-    raise CheckpointError(f"none of the {len(checkpoints)} checkpoints in {checkpoint_dir(run_dir)} can be loaded "
-                          f"(newest: {problems[0]}); resume=PATH picks one, or give a new output_dir for a new run")
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a checkpoint's model outside training (export, evaluation)
-
-def checkpoint_folder(folder: Path) -> Path:
-    """A checkpoint folder itself, or a run folder's (or its checkpoints/ folder's) best, else last."""
-    for candidate in (folder, folder / "best", folder / "last",
-                      folder / "checkpoints" / "best", folder / "checkpoints" / "last"):
-        if (candidate / "model.safetensors").is_file():
-            return candidate
-    raise UserInputError(f"{folder} is neither a checkpoint folder (no model.safetensors) nor a run folder "
-                         f"with checkpoints/best or checkpoints/last")
-
-
-def load_checkpoint_model(folder: Path):
-    """(model, cfg, classes) rebuilt from a checkpoint folder, weights loaded strictly."""
-    folder = Path(folder)
-    try:
-        cfg = OmegaConf.merge(schema(), OmegaConf.load(folder / "config.yaml"))
-        classes = json.loads((folder / "classes.json").read_text())
-        state = load_file(str(folder / "model.safetensors"))
-    except Exception as error:  # missing file, bad YAML/JSON, truncated safetensors
-        raise CheckpointError(f"checkpoint {folder} is unreadable: {type(error).__name__}: {error}") from None
-    dual = any(".main." in key for key in state)
-    model = create_model(OmegaConf.merge(cfg, {"pretrained_path": ""}), len(classes), dual_norm=dual)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError:
-        raise CheckpointError(f"checkpoint {folder}: {weights_mismatch(model.state_dict(), state, cfg, classes)}"
-                              ) from None
-    return model.eval(), cfg, classes
-
-
-def weights_mismatch(expected: dict, saved: dict, cfg, classes: list[str]) -> str:
-    """One line: how the saved weights differ from the model that config.yaml and classes.json describe."""
-    missing = [k for k in expected if k not in saved]
-    unexpected = [k for k in saved if k not in expected]
-    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
-              if k in saved and saved[k].shape != expected[k].shape]
-    parts = [f"{len(names)} {what} (e.g. {names[0]})" for names, what in (
-        (missing, "tensors of the model missing"), (unexpected, "unexpected tensors"),
-        (shapes, "of another shape (saved vs model)")) if names]
-    return (f"model.safetensors does not hold the model its config.yaml and classes.json describe ({cfg.model}, "
-            f"{len(classes)} classes): {', '.join(parts)}. The files come from different runs: copy the whole "
-            f"checkpoint folder from one run")
