@@ -78,7 +78,8 @@ def test_the_targets_apply_under_their_conditions_only():
 
 
 def test_missed_targets_names_each_figure_above_its_target():
-    assert TARGETS["cpu"] == {"advprop_pgd1": 2.7, "advprop_pgd5": 5.9, "fast_advprop": 1.3, "attack_step": 0.8}
+    assert TARGETS["cpu"] == {"advprop_pgd1": 2.7, "advprop_pgd5": 5.9, "fast_advprop": 1.3, "attack_step": 0.8,
+                              "vanilla_mix_erase": 1.03}  # the issues' CPU targets
     measured = {"vanilla": 1.0, "advprop_pgd1": 2.74, "advprop_pgd5": 6.81, "fast_advprop": 1.3, "attack_step": 1.02}
     assert missed_targets(measured, TARGETS["cpu"]) == [
         "advprop_pgd1 2.74 > 2.7", "advprop_pgd5 6.81 > 5.9", "attack_step 1.02 > 0.8"]  # on the target passes
