@@ -7,6 +7,9 @@ The temporary file lies beside the target (.NAME.tmp-PID-HOST) and is removed ho
 ends: an error, Ctrl-C, SIGTERM or SIGHUP (raised as SystemExit(128 + N) inside the block, after
 ending its worker processes, which would otherwise keep the exit waiting). A SIGKILL cannot be
 caught: the next writer of the same target removes the temporaries of processes that are gone.
+
+Python drops an exception raised by a signal handler that runs inside a fork hook, a finalizer or
+a __del__: such a signal is sent again, and checked for before anything is renamed into place.
 """
 from __future__ import annotations
 
@@ -14,9 +17,12 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+
+from common.dropped_signals import signal_again_if_dropped
 
 CAUGHT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -31,8 +37,9 @@ def written_whole(path: Path):
     remove_stale_temporaries(path)
     temporary = temporary_path(path)
     try:
-        with signals_end_the_block():
+        with signals_end_the_block() as raise_if_stopped:
             yield temporary
+            raise_if_stopped()
             os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -46,24 +53,60 @@ def write_whole(path: Path, data: bytes) -> None:
 @contextmanager
 def signals_end_the_block():
     """SIGTERM and SIGHUP raise SystemExit in the block (main thread only: Python's rule for
-    handlers), so `finally` clauses run; on any exception the block's worker processes end too."""
+    handlers), so `finally` clauses run; on any exception the block's worker processes end too.
+    Yields `raise_if_stopped()`: call it before committing anything (a rename, a listing)."""
+    stop = SignalStop()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop.raise_if_stopped
         return
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = {number: signal.signal(number, stop) for number in CAUGHT_SIGNALS}
+    previous = {number: signal.signal(number, stop.handle) for number in CAUGHT_SIGNALS}
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = signal_again_if_dropped(previous_hook, stop.dropped_signal, stop.resend)
     try:
-        yield
+        yield stop.raise_if_stopped
+        stop.raise_if_stopped()  # a signal whose SystemExit Python dropped
     except BaseException:
+        stop.end()
         for child in multiprocessing.active_children():  # e.g. ffcv's writers: the exit would wait for them
             child.terminate()
         raise
     finally:
+        stop.end()
+        sys.unraisablehook = previous_hook
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+class SignalStop:
+    """The block's caught signal. Its SystemExit may be dropped (see common/dropped_signals.py):
+    the signal is then sent again while the block runs, and raise_if_stopped() checks for it."""
+    LOCK = threading.Lock()  # no resend after the block has given the signal back to its old handler
+
+    def __init__(self):
+        self.caught: list[int] = []
+        self.running = True
+
+    def handle(self, signum, frame):
+        if not self.running:
+            return  # a resent signal during the clean-up: already stopping
+        self.caught.append(signum)
+        raise SystemExit(128 + signum)
+
+    def dropped_signal(self, error: BaseException) -> int | None:
+        return error.code - 128 if self.caught and isinstance(error, SystemExit) else None
+
+    def resend(self, signum: int) -> None:
+        with self.LOCK:
+            if self.running:
+                os.kill(os.getpid(), signum)
+
+    def raise_if_stopped(self) -> None:
+        if self.caught:
+            raise SystemExit(128 + self.caught[0])
+
+    def end(self) -> None:
+        with self.LOCK:
+            self.running = False
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:

@@ -147,10 +147,11 @@ def convert_folder(src: str | Path, out: str | Path, *, split: str, shard_size: 
     remove_stale_staging(out, split)
     staging = temporary_path(out / split)
     try:
-        with signals_end_the_block():
+        with signals_end_the_block() as raise_if_stopped:
             staging.mkdir()
             lengths = write_shards(good, staging, names, shard_size)
             size = sum(f.stat().st_size for f in staging.iterdir())
+            raise_if_stopped()
             commit(out, staging, info, split, names, lengths, listing.classes, name or src.resolve().parent.name)
             listed = "".join(f"{p}\t{r}\n" for p, r in skipped + non_images + listing.duplicates)
             write_whole(out / f"{split}.skipped.txt", listed.encode("utf-8", "surrogateescape"))

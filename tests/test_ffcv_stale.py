@@ -110,6 +110,28 @@ def test_a_signal_removes_the_temporary_file_and_writes_nothing(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is the caller's again
 
 
+class SignalledWhileCollected:
+    """Python drops an exception raised in __del__, as in a fork hook: the handler's SystemExit is lost."""
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs here, and its SystemExit goes nowhere
+            pass
+
+
+@pytest.mark.parametrize("then", ["keep writing", "finish at once"])
+def test_a_signal_whose_exit_python_dropped_still_stops_the_block(tmp_path, then):
+    target = tmp_path / "x.beton"
+    with pytest.raises(SystemExit) as stop:
+        with written_whole(target) as temporary:
+            temporary.write_bytes(b"half a .beton")
+            SignalledWhileCollected()  # collected at once
+            if then == "keep writing":
+                time.sleep(5)  # the signal is sent again and ends the sleep
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
-
 import torch
+
+from common.dropped_signals import signal_again_if_dropped
 
 
 class NonFiniteLoss(RuntimeError):
@@ -53,7 +53,8 @@ class StopRequest:
         """From here on nothing is lost by stopping at once: a signal raises StoppedAfterTraining
         wherever the final evaluation is (it can outlast a scheduler's grace period)."""
         self.training_done = True
-        sys.unraisablehook = signal_again_if_dropped(sys.unraisablehook)
+        sys.unraisablehook = signal_again_if_dropped(sys.unraisablehook, stopped_after_training_signal,
+                                                     lambda signum: os.kill(os.getpid(), signum))
 
     def _handle(self, signum, frame) -> None:
         if self.training_done:
@@ -81,19 +82,8 @@ class StopRequest:
             raise StopInValidation()
 
 
-def signal_again_if_dropped(hook):
-    """An unraisablehook that sends the signal again when Python dropped its StoppedAfterTraining:
-    an exception raised in an at-fork hook (a DataLoader starting its workers) or a __del__ cannot
-    propagate, and the run would go on to the end of its evaluation. Sent from a thread a moment
-    later, so the handler runs again where the exception does propagate."""
-    def resend(unraisable) -> None:
-        if isinstance(unraisable.exc_value, StoppedAfterTraining):
-            again = threading.Timer(0.1, os.kill, (os.getpid(), unraisable.exc_value.signum))
-            again.daemon = True
-            again.start()
-        else:
-            hook(unraisable)
-    return resend
+def stopped_after_training_signal(error: BaseException) -> int | None:
+    return error.signum if isinstance(error, StoppedAfterTraining) else None
 
 
 def any_process(flag: bool, accelerator) -> bool:
