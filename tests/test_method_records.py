@@ -44,7 +44,7 @@ def noisy_copy_step(ctx, images, labels):
                        "acc/clean": accuracy(clean_logits, labels), "acc/adv": accuracy(noisy_logits, labels)}, noisy)
 
 
-TOY = Method("noisy_copy", noisy_copy_step, dual_norm=True, backwards=lambda cfg: 2, options=NoisyCopyConfig,
+TOY = Method("noisy_copy", noisy_copy_step, dual_norm=True, attacks=False, backwards=lambda cfg: 2, options=NoisyCopyConfig,
              checks=lambda cfg: [(cfg.noisy_copy.sigma >= 0, "noisy_copy.sigma", "must be ≥ 0")],
              bench_cases={"noisy_copy": ["method=noisy_copy"]})
 
@@ -80,6 +80,9 @@ def test_a_registered_method_is_configured_trained_and_benchmarked(toy, in_proce
         load_config([f"data.root={digits_root}", "method=noisy_copy", "noisy_copy.sigma=-1"])
     with pytest.raises(ConfigError, match="noisy_copy.nonsense"):
         load_config([f"data.root={digits_root}", "method=noisy_copy", "noisy_copy.nonsense=1"])
+    assert load_config([f"data.root={digits_root}", "method=noisy_copy", "attack.steps=0"]).attack.steps == 0  # no attack
+    with pytest.raises(ConfigError, match="attack.steps: 0 must be ≥ 1 with method=advprop"):
+        load_config([f"data.root={digits_root}", "method=advprop", "attack.steps=0"])
     run_dir = tmp_path / "run"
     in_process_runs([f"data.root={digits_root}", f"output_dir={run_dir}", "method=noisy_copy", "noisy_copy.sigma=0.2",
                      *QUICK, "epochs=2"])

@@ -89,7 +89,7 @@ def dominant_label(labels: torch.Tensor) -> torch.Tensor:
 
 
 def checks(cfg, method=None) -> list:
-    """[(holds, key, problem)] for train/config.py's validate(); method: the chosen method's record."""
+    """[(holds, key, problem)] for train/config_checks.py's validate(); method: the chosen method's record."""
     data = cfg.data
     mixing = mixing_on(cfg)
     return [

@@ -1,6 +1,6 @@
 """Typed run configuration: a YAML recipe from configs/ merged onto this schema, then `key=value`
 overrides from the command line (OmegaConf structured configs: an unknown key, a wrong type or a
-bad value is one clear error before any work).
+bad value is one clear error before any work; the checks are train/config_checks.py's).
 
     python train/run.py                                   # configs/demo.yaml
     python train/run.py config=configs/x.yaml epochs=3 attack.eps=1 model=resnet18
@@ -9,7 +9,6 @@ Attack sizes are in pixel units like the paper (attack.eps=4 means 4/255 on [0, 
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,27 +18,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from pipelines.augment_policy import timm_transform
-from common.errors import UserInputError
-from pipelines.ffcv_writer import WRITE_MODES, StorageSettings
-from pipelines.loader import BACKENDS
-from train.attacks import PGDConfig, attack_checks
-from train.batch_augment import checks as batch_augment_checks
+from pipelines.ffcv_writer import StorageSettings
+from train.attacks import PGDConfig
+from train.config_checks import ATTACK_NODES, ConfigError, validate
 from train.methods import METHODS as METHOD_RECORDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STORAGE = StorageSettings()  # the .beton storage defaults: the FFCV writer's
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "demo.yaml"
-
-LOADERS = tuple(BACKENDS)  # pipelines/loader.py's backends: torchvision, ffcv, dali
-BN_MODES = ("train", "eval")  # attack.bn_mode
-DATASETS = ("digits", "imagefolder", "webdataset")
-AUTO_AUGMENT_LOADERS = ("torchvision", "dali")  # FFCV's pipelines have no AutoAugment
-
-
-class ConfigError(UserInputError):
-    """A recipe or override that cannot run; the message names the key and what is wrong."""
-
 
 @dataclass
 class AttackConfig(PGDConfig):
@@ -82,7 +68,7 @@ class FfcvConfig:
     val_beton: str = ""
     # storage of the converted .beton: the converter's own defaults (tools/convert_ffcv.py --help)
     max_resolution: int = STORAGE.max_resolution  # longer side cap, px
-    write_mode: str = STORAGE.write_mode  # one of WRITE_MODES: raw | jpg | smart | proportion
+    write_mode: str = STORAGE.write_mode  # raw | jpg | smart | proportion (the writer's WRITE_MODES)
     compress_probability: float = STORAGE.compress_probability  # proportion: share stored as JPEG, the rest raw
     jpeg_quality: int = STORAGE.jpeg_quality
     os_cache: bool = True  # True: the .beton fits in RAM (page cache); False: ffcv's process cache
@@ -169,7 +155,7 @@ class Config:
     attack: AttackConfig = field(default_factory=AttackConfig)  # or a preset: attack=pgd5
     # and one node per method with options, named after it: advprop, goodfellow_mix, fast_advprop (schema())
     # data
-    loader: str = "torchvision"  # one of LOADERS
+    loader: str = "torchvision"  # one of config_checks.LOADERS
     data: DataConfig = field(default_factory=DataConfig)
     batch_size: int = 64  # per process
     # optimisation
@@ -314,8 +300,6 @@ def method_attack_defaults(cfg: DictConfig, continuing=None) -> dict:
     return {key: made_with.get(key, before[key]) for key in record.attack_defaults}
 
 
-ATTACK_NODES = ("attack", "eval_attack")  # config nodes that accept a preset name
-
 # keys renamed since (old → new): a recipe, an override or a saved run's config.yaml may still use
 # the old name, which means the new one (BatchNorm-era names, now that every norm kind is dual)
 RENAMED_KEYS = {"eval_aux_bn": "eval_aux_norm"}
@@ -355,97 +339,6 @@ def attack_preset(key: str, name: str) -> dict:
                           f"or set its keys ({key}.eps=…)")
     fields = AttackConfig.__dataclass_fields__ if key == "attack" else EvalAttackConfig.__dataclass_fields__
     return {k: v for k, v in ATTACK_PRESETS[name].items() if k in fields}
-
-
-def non_finite_keys(node, prefix: str = "") -> list[str]:
-    """Dotted keys whose value is a NaN or infinite float."""
-    if isinstance(node, dict):
-        return [key for name, value in node.items() for key in non_finite_keys(value, f"{prefix}{name}.")]
-    return [prefix.rstrip(".")] if isinstance(node, float) and not math.isfinite(node) else []
-
-
-def validate(cfg: DictConfig) -> None:
-    # no setting means anything as NaN or ±inf (an LR of nan would write NaN weights at the first step)
-    for key in non_finite_keys(OmegaConf.to_container(cfg, resolve=True)):
-        raise ConfigError(f"bad value for {key}: {OmegaConf.select(cfg, key)!r} must be a finite number")
-    methods = tuple(METHOD_RECORDS)
-    opt, sched = cfg.optimizer, cfg.schedule
-    checks = [
-        # settings a run only meets later (a step, a report, a loader): refused here, before any work
-        (opt.lr_per_256 >= 0, "optimizer.lr_per_256", "must be ≥ 0"),
-        (opt.weight_decay >= 0, "optimizer.weight_decay", "must be ≥ 0"),
-        (0 <= opt.momentum <= 1, "optimizer.momentum", "must be in [0, 1]"),
-        (opt.eps is None or opt.eps > 0, "optimizer.eps", "must be > 0 (it keeps a division finite)"),
-        (sched.warmup_epochs >= 0, "schedule.warmup_epochs", "must be ≥ 0"),
-        (sched.warmup_lr >= 0, "schedule.warmup_lr", "must be ≥ 0"),
-        (sched.min_lr >= 0, "schedule.min_lr", "must be ≥ 0"),
-        (sched.decay_epochs > 0, "schedule.decay_epochs", "must be > 0"),
-        (sched.decay_rate > 0, "schedule.decay_rate", "must be > 0"),
-        (cfg.log_every >= 1, "log_every", "must be ≥ 1 (steps between metric lines)"),
-        (cfg.image_log_every >= 0, "image_log_every", "must be ≥ 0 (0: no image panels)"),
-        (cfg.data.workers >= 0, "data.workers", "must be ≥ 0 (0: decode in the training process)"),
-        (cfg.data.val_image_size >= 0, "data.val_image_size", "must be ≥ 0 (0: data.image_size)"),
-        (0 <= cfg.drop_rate < 1, "drop_rate", "must be in [0, 1)"),
-        (cfg.bn_momentum is None or 0 <= cfg.bn_momentum <= 1, "bn_momentum", "must be in [0, 1]"),
-        (cfg.bn_eps is None or cfg.bn_eps > 0, "bn_eps", "must be > 0"),
-        (cfg.collective_timeout_s >= 1, "collective_timeout_s", "must be ≥ 1 (seconds)"),
-        (cfg.method in methods, "method", f"must be one of {methods}"),
-        (cfg.loader in LOADERS, "loader", f"must be one of {LOADERS}"),
-        (cfg.data.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}"),
-        (cfg.data.num_classes >= 0, "data.num_classes", "must be ≥ 0 (0: from the shards)"),
-        (cfg.normalization in ("imagenet", "inception"), "normalization", "must be imagenet or inception"),
-        (cfg.schedule.name in ("cosine", "step"), "schedule.name", "must be cosine or step"),
-        (cfg.tracker in ("wandb", "none"), "tracker", "must be wandb or none"),
-        (cfg.wandb_log_checkpoints in ("best", "all", "none"), "wandb_log_checkpoints", "must be best, all or none"),
-        (cfg.epochs >= 1, "epochs", "must be ≥ 1"),
-        (cfg.batch_size >= 1, "batch_size", "must be ≥ 1"),
-        (cfg.grad_accum_steps >= 1, "grad_accum_steps", "must be ≥ 1"),
-        (0 < cfg.data.min_scale <= 1, "data.min_scale", "must be in (0, 1]"),
-        (0 < cfg.data.crop_ratio <= 1, "data.crop_ratio", "must be in (0, 1]"),
-        (cfg.data.image_size >= 8, "data.image_size", "must be ≥ 8"),
-        (cfg.data.dali.threads >= 1, "data.dali.threads", "must be ≥ 1"),
-        (cfg.data.dali.prefetch >= 1, "data.dali.prefetch", "must be ≥ 1"),
-        (0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
-        (0 <= cfg.drop_path_rate < 1, "drop_path_rate", "must be in [0, 1)"),
-        (cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be ≥ 1"),
-        (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be ≥ 0"),
-        (cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip"),
-        (cfg.nonfinite_check in ("auto", "host", "device"), "nonfinite_check", "must be auto, host or device"),
-        (0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1)"),
-        (not cfg.data.auto_augment or cfg.loader in AUTO_AUGMENT_LOADERS, "data.auto_augment",
-         f"is applied by loader={' or loader='.join(AUTO_AUGMENT_LOADERS)} only"),
-        (cfg.data.ffcv.write_mode in WRITE_MODES, "data.ffcv.write_mode", f"must be one of {WRITE_MODES}"),
-        (cfg.data.ffcv.progressive.min_res <= (cfg.data.ffcv.progressive.max_res or cfg.data.image_size),
-         "data.ffcv.progressive.min_res", "must be ≤ max_res (or data.image_size)"),
-        (cfg.data.ffcv.progressive.start_epoch <= cfg.data.ffcv.progressive.end_epoch,
-         "data.ffcv.progressive.start_epoch", "must be ≤ end_epoch"),
-    ]
-    for key in ATTACK_NODES:  # each attack kind checks its own keys (train/attacks/)
-        node = cfg.get(key)
-        if node is not None:
-            checks += attack_checks(node, key)
-    checks.append((cfg.attack.bn_mode in BN_MODES, "attack.bn_mode", f"must be one of {BN_MODES}"))
-    for record in METHOD_RECORDS.values():  # each method checks its options, and what it needs when chosen
-        checks += record.checks(cfg)
-    checks += attack_size_checks(cfg)
-    checks += batch_augment_checks(cfg, METHOD_RECORDS.get(cfg.method))
-    for ok, key, problem in checks:
-        if not ok:
-            raise ConfigError(f"bad value for {key}: {OmegaConf.select(cfg, key)!r} {problem}")
-    if cfg.data.auto_augment:
-        timm_transform(cfg.data.auto_augment, cfg.data.image_size)  # timm parses the name, or one-line error
-
-
-def attack_size_checks(cfg: DictConfig) -> list[tuple[bool, str, str]]:
-    """Attack settings that are numbers but mean no attack: a radius beyond the image range, or
-    no PGD step at all for a method that trains on adversarial examples."""
-    checks = [(cfg.get(key) is None or cfg[key].eps <= 255, f"{key}.eps",
-               "must be ≤ 255 (pixel units: 255 is the whole [0, 1] image range)") for key in ATTACK_NODES]
-    if cfg.method != "vanilla":  # every other method trains on attacked images
-        checks.append((cfg.attack.steps >= 1, "attack.steps",
-                       f"must be ≥ 1 with method={cfg.method} (0 steps make no adversarial example; "
-                       f"method=vanilla trains without an attack)"))
-    return checks
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

@@ -67,12 +67,13 @@ def no_checks(cfg) -> list[Check]:
 
 @dataclass(frozen=True)
 class Method:
-    """Everything the trainer needs to know about a method; train/config.py (schema, validation,
-    defaults), train/run.py (model, DDP), train/loop.py (the step) and tools/bench_step.py read it.
+    """Everything the trainer needs to know about a method; train/config.py (schema, defaults),
+    train/config_checks.py (validation), train/run.py (model, DDP), train/loop.py (the step) and tools/bench_step.py read it.
 
     name             the config's `method=` value
     step             the generator above
     dual_norm        the model gets auxiliary norms (models/dual_norm.py) and the method routes them
+    attacks          its step makes adversarial examples with cfg.attack (attack.steps must be ≥ 1)
     backwards        cfg → how many Backward the step yields. The loop runs all but the last without
                      DDP synchronisation; with more than one, DDP looks for parameters the last
                      leaves out (fast_advprop's adversarial forward does not reach the main norms)
@@ -89,6 +90,7 @@ class Method:
     name: str
     step: Callable[..., MethodSteps]
     dual_norm: bool = False
+    attacks: bool = True
     backwards: Callable[[object], int] = one_backward
     options: type | None = None
     checks: Callable[[object], list[Check]] = no_checks

@@ -14,4 +14,4 @@ def step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> Method
     return StepOutput({"loss/clean": loss.detach(), "acc/clean": accuracy(logits, labels)})
 
 
-METHOD = Method("vanilla", step, soft_targets=True, bench_cases={"vanilla": ["method=vanilla"]})
+METHOD = Method("vanilla", step, attacks=False, soft_targets=True, bench_cases={"vanilla": ["method=vanilla"]})
