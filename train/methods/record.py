@@ -68,7 +68,8 @@ def no_checks(cfg) -> list[Check]:
 @dataclass(frozen=True)
 class Method:
     """Everything the trainer needs to know about a method; train/config.py (schema, defaults),
-    train/config_checks.py (validation), train/run.py (model, DDP), train/loop.py (the step) and tools/bench_step.py read it.
+    train/config_checks.py (validation), train/run.py (model, DDP), train/loop.py (the step) and
+    tools/bench_step.py read it.
 
     name             the config's `method=` value
     step             the generator above
