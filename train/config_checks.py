@@ -118,7 +118,8 @@ def data_checks(cfg: DictConfig) -> list[Check]:
         (data.ffcv.write_mode in WRITE_MODES, "data.ffcv.write_mode", f"must be one of {WRITE_MODES}"),
         (progressive.min_res <= (progressive.max_res or data.image_size),
          "data.ffcv.progressive.min_res", "must be ≤ max_res (or data.image_size)"),
-        (progressive.start_epoch <= progressive.end_epoch, "data.ffcv.progressive.start_epoch", "must be ≤ end_epoch"),
+        (progressive.start_epoch <= progressive.end_epoch, "data.ffcv.progressive.start_epoch",
+         "must be ≤ end_epoch"),
     ]
 
 
