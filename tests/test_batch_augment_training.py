@@ -43,10 +43,11 @@ def test_mid_epoch_resume_with_every_option_on_is_bit_exact(digits_root, tmp_pat
     assert step_losses(resumed) == later and len(later) == 14  # every later step's losses, bit for bit
 
 
-# Every loader, each dual-norm method on two: the batch augmentation runs after the loader, in the
-# loop, so a loader meets it only through its batches and repeated copies;
-# advprop on torchvision is the resume test above.
+# Each dual-norm method on every loader (advprop on torchvision is the resume test above): the
+# batch augmentation runs after the loader, in the loop, so a loader meets it only through its
+# batches and repeated copies.
 @pytest.mark.parametrize("method, loader", [("fast_advprop", "torchvision"), ("advprop", "dali"),
+                                            ("fast_advprop", "dali"), ("advprop", "ffcv"),
                                             ("fast_advprop", "ffcv")])
 def test_dual_norm_methods_learn_with_every_option_on_every_loader(method, loader, digits_root, tmp_path,
                                                                    monkeypatch):
