@@ -83,17 +83,19 @@ class SignalStop:
     LOCK = threading.Lock()  # no resend after the block has given the signal back to its old handler
 
     def __init__(self):
-        self.caught: list[int] = []
+        self.signum: int | None = None  # the first caught
         self.running = True
 
     def handle(self, signum, frame):
         if not self.running:
             return  # a resent signal during the clean-up: already stopping
-        self.caught.append(signum)
+        self.signum = self.signum or signum
         raise SystemExit(128 + signum)
 
     def dropped_signal(self, error: BaseException) -> int | None:
-        return error.code - 128 if self.caught and isinstance(error, SystemExit) else None
+        """The signal of a dropped SystemExit that our handler raised, else None."""
+        ours = self.signum is not None and isinstance(error, SystemExit) and error.code == 128 + self.signum
+        return self.signum if ours else None
 
     def resend(self, signum: int) -> None:
         with self.LOCK:
@@ -101,8 +103,8 @@ class SignalStop:
                 os.kill(os.getpid(), signum)
 
     def raise_if_stopped(self) -> None:
-        if self.caught:
-            raise SystemExit(128 + self.caught[0])
+        if self.signum is not None:
+            raise SystemExit(128 + self.signum)
 
     def end(self) -> None:
         with self.LOCK:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+
 import torch
 
 from common.dropped_signals import signal_again_if_dropped
