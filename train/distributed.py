@@ -51,10 +51,20 @@ def doing(what: str | Callable[[], str]) -> Callable[[], str]:
     return before
 
 
+# How torch and gloo word a collective's timeout. Gloo raises "Timed out waiting ..." in the
+# operation that ran out of time and "Application timeout caused pair closure" in every other
+# operation on the same pairs (DDP's concurrent bucket all-reduces): either may reach us first.
+TIMEOUT_PHRASES = ("timed out", "application timeout caused pair closure")
+
+
+def is_collective_timeout(message: str) -> bool:
+    return any(phrase in message.lower() for phrase in TIMEOUT_PHRASES)
+
+
 def peer_timeout(error: BaseException) -> PeerTimeout | None:
     """A PeerTimeout saying who waited during what, if `error` is a collective's timeout."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 2 or not isinstance(error, RuntimeError) or "timed out" not in str(error).lower():
+    if world < 2 or not isinstance(error, RuntimeError) or not is_collective_timeout(str(error)):
         return None
     rank = os.environ.get("RANK", "?")
     return PeerTimeout(f"process {rank} of {world} waited more than {_timeout_s[0]} s (collective_timeout_s) for "
