@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,13 @@ from pipelines.demo_data import build_digits_imagefolder
 from train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on now (bound once, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_train(*args: str, launcher: list[str] | None = None, check: bool = True, timeout: int = 900,

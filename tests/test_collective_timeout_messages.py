@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from train.distributed import peer_timeout
 
 
@@ -31,14 +32,6 @@ def wait_for_a_silent_peer(rank: int, port: int, results) -> None:
     except RuntimeError as error:
         seen.append((str(error), peer_timeout(error) is not None))
     results.put(seen)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_both_of_gloos_timeout_messages_are_a_peer_timeout():

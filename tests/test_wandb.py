@@ -13,7 +13,7 @@ import threading
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_train
+from conftest import REPO, free_port, run_train
 from wandb_records import logged_values, records_of
 
 RUN = ["model=test_resnet", "tracker=wandb", "attack.steps=1", "ema_decay=0.9", "wandb_log_checkpoints=all"]
@@ -125,14 +125,6 @@ def test_compare_methods_puts_its_runs_in_one_group_with_the_comparison(digits_r
     assert logged["comparison/clean_vs_robust_table/_type"] == "table-file"  # the scatter plot's data
 
 
-def closed_port() -> int:
-    """A local TCP port nothing listens on (bound once, then released)."""
-    import socket
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def refusing_server():
     """A local W&B server that answers every request 401 (an API key it does not know)."""
@@ -162,7 +154,7 @@ def refusing_server():
 ])
 def test_online_w_and_b_that_cannot_be_used_runs_offline_after_one_warning(few_digits, tmp_path, server, warned):
     run_dir = tmp_path / "run"
-    with refusing_server() if server == "refusing" else contextlib.nullcontext(f"http://127.0.0.1:{closed_port()}") \
+    with refusing_server() if server == "refusing" else contextlib.nullcontext(f"http://127.0.0.1:{free_port()}") \
             as url:
         result = run_train(f"data.root={few_digits}", f"output_dir={run_dir}", "model=test_resnet", "method=vanilla",
                            "epochs=1", "tracker=wandb", "eval_robust=false",
@@ -183,4 +175,4 @@ def test_reachability_of_a_server():
         server.bind(("127.0.0.1", 0))
         server.listen()
         assert unreachable(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=5) is None
-    assert unreachable(f"http://127.0.0.1:{closed_port()}", timeout=5) == "Connection refused"
+    assert unreachable(f"http://127.0.0.1:{free_port()}", timeout=5) == "Connection refused"
