@@ -6,7 +6,7 @@ imports nothing (so models/ need not import pipelines/, whose package imports to
 
 
 class UserInputError(Exception):
-    pass
+    exit_code = 2  # common/exit_status.py: one line, exit 2, nothing written
 
 
 class DataError(UserInputError):

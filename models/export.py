@@ -22,6 +22,7 @@ EXPORT_FORMATS = (EXPORT_FORMAT, "advprop-main-bn")  # what loaders accept: toda
 class NonFiniteWeights(ValueError):
     """Weights with a NaN or an infinity: never written (a checkpoint or an export of them is lost work
     that looks like a model)."""
+    exit_code = 3
 
 
 def non_finite_names(tensors: dict[str, torch.Tensor]) -> list[str]:

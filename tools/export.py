@@ -17,19 +17,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from models.export import NonFiniteWeights, export_settings, save_main_norm
 from common.errors import UserInputError
+from common.exit_status import run_entry_point
+from models.export import export_settings, save_main_norm
 from tools.output_guard import check_output_file
 from train.model_loading import checkpoint_folder, load_checkpoint_model
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path,
                         help="a run folder (its checkpoints/best, else last) or a checkpoint folder")
     parser.add_argument("out", type=Path, help="output .safetensors file")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.checkpoint.is_dir():
         raise UserInputError(f"{args.checkpoint} is a file, not a folder: give a run or checkpoint folder"
                              if args.checkpoint.exists() else f"{args.checkpoint} does not exist")
@@ -41,11 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteWeights as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(3)
+    sys.exit(run_entry_point(main, sys.argv[1:]))

@@ -103,6 +103,7 @@ def mark_validated(accelerator, run_dir: Path, name: str, state: TrainState, *, 
 
 class DiskFull(RuntimeError):
     """A checkpoint did not fit on its disk; the previous checkpoints are intact."""
+    exit_code = 4
 
 
 def checkpoint_bytes(accelerator, ema=None) -> int:

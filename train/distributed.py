@@ -36,6 +36,7 @@ _timeout_s: list[int] = [0]
 
 class PeerTimeout(RuntimeError):
     """This process waited collective_timeout_s for the others."""
+    exit_code = 5
 
 
 def process_group_kwargs(cfg) -> InitProcessGroupKwargs:

@@ -21,6 +21,7 @@ from common.dropped_signals import signal_again_if_dropped
 
 class NonFiniteLoss(RuntimeError):
     """A step whose loss or resulting weights were not finite, with on_nonfinite=stop (exit 3)."""
+    exit_code = 3
 
 
 class StopInValidation(Exception):
@@ -38,6 +39,7 @@ class StoppedAfterTraining(Exception):
         self.exit_code = 128 + signum  # the shell's convention for "ended by this signal"
         super().__init__(f"{signal.Signals(signum).name}: stopped the final evaluation; training is finished and "
                          "checkpointed: rerun the same command to redo only the final evaluation and exports")
+        self.exit_line = f"\n{self}"  # a stop the user asked for, not an error
 
 
 class StopRequest:

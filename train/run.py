@@ -35,18 +35,19 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 from timm.layers import convert_sync_batchnorm
 
-from models.export import NonFiniteWeights, export_settings, save_main_norm
+from models.export import export_settings, save_main_norm
 from models.factory import create_model
 from common.errors import UserInputError
+from common.exit_status import run_entry_point
 from pipelines.loader import build_loader, prepare_dataset
-from train.checkpoint_io import DiskFull, mark_validated, save_checkpoint
+from train.checkpoint_io import mark_validated, save_checkpoint
 from train.compile import compile_model, compiled_graphs
 from train.config import load_config, save_config
 from train.distributed import (die_with_launcher, doing, main_process_first_without_timeout, peer_timeout,
                                process_group_kwargs)
 from train.ema import create_ema
 from train.environment import describe, use_cpu_threads
-from train.faults import NonFiniteLoss, StopInValidation, StoppedAfterTraining, StopRequest
+from train.faults import StopInValidation, StoppedAfterTraining, StopRequest
 from train.loop import evaluate, train_one_epoch
 from train.methods import StepContext, method_of
 from train.model_artifacts import FINAL_EMA_EXPORT, FINAL_EXPORT, OLD_FINAL_EXPORTS, ModelArtifacts
@@ -249,23 +250,17 @@ def finish(ctx, accelerator, train_loader, val_loader, state, log, run_dir: Path
         print(f"plot of the run: {run_dir / PLOT_FILE}")
 
 
+def translate_error(error: BaseException) -> BaseException | None:
+    """Library errors that have a documented exit status here (common/exit_status.py)."""
+    if isinstance(error, FileNotFoundError):  # a path the user gave
+        return UserInputError(str(error))
+    return peer_timeout(error)  # gloo's timeout: another process is frozen or gone
+
+
+def cli(argv: list[str]) -> int:
+    """The command line's exit status: 0, or the documented status of what stopped the run."""
+    return run_entry_point(main, argv, translate_error)
+
+
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (UserInputError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except (NonFiniteLoss, NonFiniteWeights) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(3)
-    except DiskFull as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(4)
-    except RuntimeError as error:
-        if (timeout := peer_timeout(error)) is None:
-            raise
-        print(f"error: {timeout}", file=sys.stderr)
-        sys.exit(5)
-    except StoppedAfterTraining as error:
-        print(f"\n{error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+    sys.exit(cli(sys.argv[1:]))
