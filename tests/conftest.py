@@ -49,19 +49,25 @@ def run_train(*args: str, launcher: list[str] | None = None, check: bool = True,
 def process_state_kept(env: dict | None = None):
     """What a run changes in its process, put back after it: environment variables (env is set for
     the run), signal handlers, torch's threads, the unraisable hook, the working folder, Accelerate's
-    process-wide state, and the run folder's lock."""
+    process-wide state, the run folder's lock; and W&B's service is ended, as at a process's exit."""
     import torch
     from accelerate.state import AcceleratorState, GradientState
 
-    from train import run_lock
+    from train import run_lock, tracking
     saved_env, cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     hook = sys.unraisablehook
     os.environ.update({"WANDB_MODE": "offline", **(env or {})})
     try:
         yield
     finally:
         run_lock._close_in_child()  # the lock ends with the run, as it does with a run's process
+        if "wandb" in sys.modules:  # W&B's service writes the run file to its end when its process ends
+            sys.modules["wandb"].teardown()
+        tracking.reachable_or_offline.cache_clear()  # one probe of the W&B server per process: per run here
+        if "torch._dynamo" in sys.modules:  # compiled graphs and their counter are per process: per run here
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
         os.environ.clear()
         os.environ.update(saved_env)
         os.chdir(cwd)
@@ -90,6 +96,42 @@ def train_in_process(*args: str, check: bool = True, env: dict | None = None) ->
     result = subprocess.CompletedProcess(["train/run.py", *args], code, stdout.getvalue(), stderr.getvalue())
     if check and code != 0:
         raise AssertionError(f"train/run.py {' '.join(args)} failed ({code}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+def tool_in_process(name: str, *args, check: bool = False, env: dict | None = None,
+                    cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python tools/<name> ARGS` run in this process (its main() through common/exit_status.py, as the
+    script's own `__main__` does), in the folder cwd, stdout and stderr captured; a CompletedProcess
+    like subprocess.run's."""
+    import importlib
+    import inspect
+
+    from common.exit_status import run_entry_point
+    module = importlib.import_module(f"tools.{name.removesuffix('.py')}")
+    argv = [str(arg) for arg in args]
+    takes_argv = bool(inspect.signature(module.main).parameters)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv = sys.argv
+    with process_state_kept(env), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        sys.argv = [name, *argv]
+        if cwd is not None:
+            os.chdir(cwd)
+        try:
+            code = run_entry_point(lambda argv: module.main(argv) if takes_argv else module.main(), argv)
+        except SystemExit as stop:  # argparse, and tools that exit with a message
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.argv = saved_argv
+    result = subprocess.CompletedProcess([f"tools/{name}", *argv], code, stdout.getvalue(), stderr.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"tools/{name} {' '.join(argv)} failed ({code}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
     return result
 
@@ -174,7 +216,7 @@ def demo_cfg(digits_root, tmp_path):
 def trained_demo_run(digits_root, tmp_path_factory) -> Path:
     """The default AdvProp demo, trained once: a run directory with checkpoints and exports."""
     run_dir = tmp_path_factory.mktemp("runs") / "demo"
-    run_train(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none")
+    train_in_process(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none")
     return run_dir
 
 

@@ -6,9 +6,10 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_train
+from conftest import train_in_process
 
-pytestmark = pytest.mark.slow  # short runs of a tiny model: ~20 s each on one CPU thread
+pytestmark = pytest.mark.slow  # short runs of a tiny model: ~20 s each on one CPU thread (44 steps: enough to
+# tell learning from chance with every augmentation on; these runs also stand for the DALI and FFCV demos)
 
 EVERY_OPTION = ["data.mixup=0.8", "data.cutmix=1.0", "data.mix_switch_prob=0.5", "label_smoothing=0.1",
                 "data.random_erasing=0.25", "data.repeated_aug=3"]
@@ -30,12 +31,12 @@ def test_mid_epoch_resume_with_every_option_on_is_bit_exact(digits_root, tmp_pat
     args = [f"data.root={digits_root}", *SHORT, *EVERY_OPTION, "data.mix_mode=elem", "advprop.mix_attacked=true",
             "checkpoint_every_steps=30"]
     straight = tmp_path / "straight"
-    run_train(*args, f"output_dir={straight}")
+    train_in_process(*args, f"output_dir={straight}")
     checkpoint = straight / "checkpoints" / "step_00000030"
     state = json.loads((checkpoint / "train_state.json").read_text())
     assert (state["epoch"], state["batch"]) == (1, 8)  # mid-epoch: 22 batches an epoch
     resumed = tmp_path / "resumed"
-    out = run_train(*args, f"output_dir={resumed}", f"resume={checkpoint}")
+    out = train_in_process(*args, f"output_dir={resumed}", f"resume={checkpoint}")
     assert "resuming from" in out.stdout
     a, b = (load_file(str(d / "checkpoints" / "last" / "model.safetensors")) for d in (straight, resumed))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
@@ -57,19 +58,22 @@ def test_dual_norm_methods_learn_with_every_option_on_every_loader(method, loade
         pytest.importorskip("ffcv")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     run_dir = tmp_path / "run"
-    run_train(f"data.root={digits_root}", f"output_dir={run_dir}", f"loader={loader}", f"method={method}",
-              *(["attack.targeted=false"] if method == "fast_advprop" else []), *SHORT, *EVERY_OPTION,
-              "data.dali.threads=1")
+    train_in_process(f"data.root={digits_root}", f"output_dir={run_dir}", f"loader={loader}", f"method={method}",
+                     *(["attack.targeted=false"] if method == "fast_advprop" else []), *SHORT, *EVERY_OPTION,
+                     "data.dali.threads=1")
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["clean_top1"] >= 30, summary  # chance: 10 %
+    assert summary["clean_top1"] >= 30, summary  # chance: 10 %: the loader's labels and images line up
+    assert summary["val_images"] == 360 and summary["environment"]["loader"] == loader  # each val digit once
+    if loader == "ffcv":  # converted on first use, beside the data
+        assert (digits_root / "ffcv" / "train.beton").is_file() and (digits_root / "ffcv" / "val.beton").is_file()
     losses = step_losses(run_dir)
     assert len(losses) == 44 and all(0 < clean < 10 and 0 < adv < 10 for clean, adv in losses.values())
 
 
 def test_a_bad_value_stops_the_run_before_any_work(digits_root, tmp_path):
     run_dir = tmp_path / "run"
-    out = run_train(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "data.mixup=-0.5",
-                    check=False)
+    out = train_in_process(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "data.mixup=-0.5",
+                           check=False)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: bad value for data.mixup: -0.5 must be ≥ 0 (Mixup's Beta α; "
                                                "0 → off)"]

@@ -1,20 +1,16 @@
 """tools/bench_loaders.py runs every installed backend on one folder and reports ratios (no timing asserts)."""
 import importlib.util
 import json
-import subprocess
-import sys
 
-from conftest import REPO
+from conftest import tool_in_process
 
 
 def test_bench_loaders_measures_each_backend_on_the_same_images(digits_root, tmp_path):
     backends = ["torchvision"] + [b for b, module in (("ffcv", "ffcv"), ("dali", "nvidia.dali"))
                                   if importlib.util.find_spec(module) is not None]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_loaders.py"), "--data", str(digits_root / "val"),
-         "--backends", *backends, "--workers", "1", "--epochs", "2", "--batch-size", "32", "--image-size", "32",
-         "--cache-dir", str(tmp_path), "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = tool_in_process("bench_loaders.py", "--data", digits_root / "val", "--backends", *backends,
+                             "--workers", "1", "--epochs", "2", "--batch-size", "32", "--image-size", "32",
+                             "--cache-dir", tmp_path, "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["skipped"] == {}
@@ -32,11 +28,9 @@ def test_bench_loaders_measures_each_backend_on_the_same_images(digits_root, tmp
 
 def test_bench_loaders_applies_auto_augment_where_the_backend_can(digits_root, tmp_path):
     backends = ["torchvision", "ffcv"] + (["dali"] if importlib.util.find_spec("nvidia.dali") else [])
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_loaders.py"), "--data", str(digits_root / "val"),
-         "--backends", *backends, "--workers", "1", "--epochs", "2", "--batch-size", "32", "--image-size", "32",
-         "--auto-augment", "v0", "--cache-dir", str(tmp_path), "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = tool_in_process("bench_loaders.py", "--data", digits_root / "val", "--backends", *backends,
+                             "--workers", "1", "--epochs", "2", "--batch-size", "32", "--image-size", "32",
+                             "--auto-augment", "v0", "--cache-dir", tmp_path, "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["auto_augment"] == "v0"
@@ -46,6 +40,5 @@ def test_bench_loaders_applies_auto_augment_where_the_backend_can(digits_root, t
 
 
 def test_bench_loaders_rejects_a_missing_folder(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_loaders.py"), "--data", str(tmp_path / "x")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = tool_in_process("bench_loaders.py", "--data", tmp_path / "x")
     assert result.returncode == 2 and "is not a folder" in result.stderr

@@ -3,13 +3,12 @@ table, the JSON and the README rows; --check names each figure above its target 
 it cannot check; the figures' arithmetic on given numbers."""
 import json
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import tool_in_process
 from tools import bench_step
 from tools.bench_step import TARGETS, bench_cases, missed_targets, pgd_step_cost, step_ratios
 
@@ -17,11 +16,9 @@ from tools.bench_step import TARGETS, bench_cases, missed_targets, pgd_step_cost
 def test_every_case_runs_and_a_missed_target_is_named():
     """All cases, one tiny step each; a target no step can meet (advprop PGD-1 at 1% of a vanilla
     step) fails the check by name, one no step can miss passes."""
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_step.py"), "--batch", "8", "--size", "32", "--warmup", "0",
-         "--rounds", "1", "--threads", "1", "--clock", "process", "--json", "--markdown", "--check",
-         "--target", "advprop_pgd1=0.01", "--target", "fast_advprop=1000"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = tool_in_process("bench_step.py", "--model", "test_resnet", "--batch", "8", "--size", "32", "--warmup",
+                             "0", "--rounds", "1", "--threads", "1", "--clock", "process", "--json", "--markdown",
+                             "--check", "--target", "advprop_pgd1=0.01", "--target", "fast_advprop=1000")
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: missed the target: advprop_pgd1 {json.loads(result.stdout.splitlines()[-1])['advprop_pgd1']:.2f} > 0.01")

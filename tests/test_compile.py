@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_train
+from conftest import run_train, train_in_process
 
 TINY = ["model=test_resnet", "tracker=none", "epochs=3", "eval_robust=false"]  # timm's small test ResNet
 
@@ -16,8 +16,8 @@ def read_jsonl(path):
 @pytest.mark.slow
 def test_compiled_demo_trains_like_eager_and_compiles_once(digits_root, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    run_train(f"data.root={digits_root}", f"output_dir={eager}", *TINY)
-    result = run_train(f"data.root={digits_root}", f"output_dir={compiled}", *TINY, "compile=true")
+    train_in_process(f"data.root={digits_root}", f"output_dir={eager}", *TINY)
+    result = train_in_process(f"data.root={digits_root}", f"output_dir={compiled}", *TINY, "compile=true")
     assert "training eagerly" not in result.stderr
     accuracy = {run: json.loads((run / "summary.json").read_text())["clean_top1"] for run in (eager, compiled)}
     assert min(accuracy.values()) > 85 and abs(accuracy[eager] - accuracy[compiled]) < 5, accuracy
@@ -27,10 +27,11 @@ def test_compiled_demo_trains_like_eager_and_compiles_once(digits_root, tmp_path
     assert len(graphs) == 3 and 3 <= graphs[0] <= 10 and graphs == [graphs[0]] * 3, graphs
 
 
-def test_compile_without_a_working_compiler_trains_eagerly(digits_root, tmp_path, monkeypatch):
+def test_compile_without_a_working_compiler_trains_eagerly(few_digits, tmp_path, monkeypatch):
+    """A process of its own: inductor reads CXX when it is imported and keeps the kernels it built."""
     monkeypatch.setenv("CXX", "/bin/false")  # inductor's C++ compiler on CPU (run_train passes os.environ on)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached from earlier runs
-    result = run_train(f"data.root={digits_root}", f"output_dir={tmp_path / 'run'}", *TINY, "epochs=1", "compile=true")
+    result = run_train(f"data.root={few_digits}", f"output_dir={tmp_path / 'run'}", *TINY, "epochs=1", "compile=true")
     warnings = [line for line in result.stderr.splitlines() if "compile=true" in line]
     assert len(warnings) == 1 and "training eagerly" in warnings[0], result.stderr[-2000:]
     assert (tmp_path / "run" / "summary.json").exists()

@@ -19,7 +19,7 @@ from nvidia.dali.pipeline import do_not_convert  # noqa: E402
 from nvidia.dali.auto_aug.core import augmentation, signed_bin  # noqa: E402
 from timm.data import auto_augment as timm_aa  # noqa: E402
 
-from conftest import REPO, run_train, small_photos  # noqa: E402
+from conftest import REPO, small_photos, train_in_process  # noqa: E402
 
 from pipelines.augment_policy import IMAGENET_MEAN_255, timm_hparams, timm_transform  # noqa: E402
 from pipelines.dali_augment_ops import (TIMM_ARGUMENT, TabulatedAugmentation, dali_augmentation,  # noqa: E402
@@ -272,11 +272,11 @@ def test_the_efficientnet_recipe_trains_on_the_demo_set_with_dali_auto_augment(d
     AutoAugment v0), pointed at the digits and made small: 32 px, timm's tiny EfficientNet (the full
     B0 does not learn 1,400 digits in a few epochs on any loader), BN momentum and LR for 110 steps."""
     run_dir = tmp_path / "effnet"
-    run_train(f"config={REPO / 'configs' / 'effnet_b0_advprop.yaml'}", "data.dataset=digits",
-              f"data.root={digits_root}", "data.image_size=32", "data.crop_ratio=1.0", "data.min_scale=0.6",
-              "data.hflip=false", "data.dali.threads=2", "model=test_efficientnet", "batch_size=64", "epochs=5",
-              "schedule.warmup_epochs=1", "bn_momentum=0.1", "optimizer.lr_per_256=0.064", "ema_decay=0",
-              "checkpoint_every_steps=0", "log_every=5", f"output_dir={run_dir}", "tracker=none")
+    train_in_process(f"config={REPO / 'configs' / 'effnet_b0_advprop.yaml'}", "data.dataset=digits",
+                     f"data.root={digits_root}", "data.image_size=32", "data.crop_ratio=1.0", "data.min_scale=0.6",
+                     "data.hflip=false", "data.dali.threads=2", "model=test_efficientnet", "batch_size=64",
+                     "epochs=5", "schedule.warmup_epochs=1", "bn_momentum=0.1", "optimizer.lr_per_256=0.064",
+                     "ema_decay=0", "checkpoint_every_steps=0", "log_every=5", f"output_dir={run_dir}", "tracker=none")
     config = (run_dir / "config.yaml").read_text()
     assert "loader: dali" in config and "auto_augment: v0" in config and "method: advprop" in config
     summary = json.loads((run_dir / "summary.json").read_text())

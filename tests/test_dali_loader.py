@@ -1,18 +1,17 @@
 """The DALI backend (pipelines/dali_loader.py) on real images: the digits demo set and JPEGs cut from
 scikit-image's photos. CPU pipeline here; the CUDA ("mixed" nvJPEG) path is in the gpu-marked tests.
 
-    pytest -q tests/test_dali_loader.py            # ~2 min on 2 cores (one demo training run)
+    pytest -q tests/test_dali_loader.py
+(DALI trains advprop and fast_advprop in tests/test_batch_augment_training.py.)
 """
 from __future__ import annotations
 
-import json
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_train  # the module pytest loaded (tests/ is on sys.path)
 from common.errors import UserInputError
 from pipelines.loader import build_loader, prepare_dataset
 
@@ -196,17 +195,6 @@ def test_bad_dali_settings_are_rejected(demo_cfg):
     from train.config import ConfigError
     with pytest.raises(ConfigError, match="data.dali.threads"):
         demo_cfg("loader=dali", "data.dali.threads=0")
-
-
-@pytest.mark.slow
-def test_demo_trains_with_dali_like_torchvision(dali, digits_root, trained_demo_run, tmp_path):
-    run_dir = tmp_path / "dali_demo"
-    run_train(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "loader=dali")
-    dali_report = json.loads((run_dir / "summary.json").read_text())
-    torchvision_report = json.loads((trained_demo_run / "summary.json").read_text())
-    assert dali_report["val_images"] == torchvision_report["val_images"] == 360
-    assert dali_report["clean_top1"] > 85
-    assert abs(dali_report["clean_top1"] - torchvision_report["clean_top1"]) < 5
 
 
 # ---------------------------------------------------------------------------------------------

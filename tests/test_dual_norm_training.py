@@ -3,15 +3,12 @@ small ConvNeXt (LayerNorm2d, LayerNorm) on the digits demo set with train/run.py
 main-norm weights load strictly into plain timm and tools/evaluate.py scores them exactly as the
 run's own final evaluation did."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import timm
 from safetensors.torch import load_file
 
-from conftest import REPO, run_train
+from conftest import tool_in_process, train_in_process
 
 pytestmark = pytest.mark.slow  # about 20 s of training per run on one CPU thread
 
@@ -24,10 +21,10 @@ TRAIN = ["tracker=none", "epochs=3", "eval_robust=false", "attack=pgd1", "optimi
 @pytest.mark.parametrize("method", ["advprop", "fast_advprop"])
 @pytest.mark.parametrize("model", ["test_vit", "test_convnext"])
 def test_dual_layernorm_models_learn_and_export_plain_timm(model, method, digits_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # conftest's one_thread, for the subprocesses
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # conftest's one_thread, for the runs
     run_dir = tmp_path / "run"
-    run_train(f"data.root={digits_root}", f"output_dir={run_dir}", f"model={model}", f"method={method}",
-              *(["attack.targeted=false"] if method == "fast_advprop" else []), *TRAIN)
+    train_in_process(f"data.root={digits_root}", f"output_dir={run_dir}", f"model={model}", f"method={method}",
+                     *(["attack.targeted=false"] if method == "fast_advprop" else []), *TRAIN)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["clean_top1"] >= 50, summary  # chance: 10 %
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -38,9 +35,8 @@ def test_dual_layernorm_models_learn_and_export_plain_timm(model, method, digits
 
     export = run_dir / "final_main_norm.safetensors"
     timm.create_model(model, num_classes=10).load_state_dict(load_file(str(export)), strict=True)
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), str(export), "--data",
-                             str(digits_root / "val"), "--workers", "0", "--json", str(tmp_path / "eval.json")],
-                            cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    result = tool_in_process("evaluate.py", export, "--data", digits_root / "val", "--workers", "0", "--json",
+                             tmp_path / "eval.json")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["clean"]["top1"] == pytest.approx(summary["clean_top1"])

@@ -2,16 +2,13 @@
 defines it, built from torchattacks' parts; through tools/evaluate.py it is at most PGD's robust
 accuracy and equals torchattacks run directly on the same model and images."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 
-from conftest import REPO
+from conftest import tool_in_process
 from models.factory import Normalized
 from tools.robustness import sets
 from tools.robustness.load import load_any
@@ -72,9 +69,7 @@ def test_library_attacks_leave_the_model_and_the_random_state_as_found(digits_ro
 
 
 def run_cli(*args, cwd):
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=900)
+    return tool_in_process("evaluate.py", *args, cwd=cwd, env={"OMP_NUM_THREADS": "1"})
 
 
 def robust_top1(attack, model, loader) -> tuple[float, list]:

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO
+from conftest import tool_in_process
 from common.errors import UserInputError
 from tools.robustness import imagenet_c, sets
 from tools.robustness.load import imagenet_wnids, load_any
@@ -32,9 +29,7 @@ def context(source, accelerator, **kwargs) -> sets.EvalContext:
 
 
 def run_cli(*args, cwd):
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return tool_in_process("evaluate.py", *args, cwd=cwd, env={"OMP_NUM_THREADS": "1"})
 
 
 # ----------------------------------------------------------------------------------------------

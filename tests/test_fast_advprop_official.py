@@ -7,6 +7,7 @@ for one batch: every attack iteration's backward trains the shared and aux weigh
 its rows with the attack weight, the adversarial rows (the last iterate) are shuffled across
 processes, and each parameter's gradient is divided by its count."""
 import os
+import runpy
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, process_state_kept
 from models.dual_norm import AUX, MAIN, use_norm
 from models.factory import create_model
 from train.config import load_config
@@ -130,19 +131,28 @@ def authors_gradients(digits_root, processes: int, steps: int, recorded: list, s
             for param, count in counts.items()}
 
 
-def run_step(digits_root, out, launcher, steps):
-    # One thread everywhere (torchrun's default for its workers): the same kernels, the same
-    # rounding as the reference computed here, which BN over a few attacked rows amplifies.
-    result = subprocess.run([*launcher, str(SCRIPT), str(digits_root), str(out), str(steps)], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+def run_step(digits_root, out, processes, steps):
+    """The step script on `processes` processes: two under the launcher, one in this process.
+    One thread everywhere (torchrun's default for its workers): the same kernels, the same
+    rounding as the reference computed here, which BN over a few attacked rows amplifies."""
+    args = [str(SCRIPT), str(digits_root), str(out), str(steps)]
+    if processes == 1:
+        with process_state_kept({"OMP_NUM_THREADS": "1"}):
+            saved_argv, sys.argv = sys.argv, args
+            try:
+                runpy.run_path(str(SCRIPT), run_name="__main__")
+            finally:
+                sys.argv = saved_argv
+    else:
+        result = subprocess.run([*TWO_PROCESSES, *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out / "grads.pt")
 
 
 @pytest.mark.parametrize("processes, steps", [(1, 1), (1, 2), (2, 2)])
 def test_step_equals_the_authors_step(digits_root, tmp_path, processes, steps, one_thread):
-    launcher = TWO_PROCESSES if processes == 2 else [sys.executable]
-    ours = run_step(digits_root, tmp_path, launcher, steps)
+    ours = run_step(digits_root, tmp_path, processes, steps)
     recorded = [torch.load(tmp_path / f"shuffle_{rank}.pt")["inputs"] for rank in range(processes)]
     assert all(len(inputs) == steps + 2 for inputs in recorded)  # clean, each attack iterate, adversarial
     expected = authors_gradients(digits_root, processes, steps, recorded)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from conftest import digits_val_batch, run_train, with_code
+from conftest import digits_val_batch, run_train, train_in_process
 from models.factory import create_model
 from train.run_state import TrainState
 from train.faults import NonFiniteLoss
@@ -175,8 +175,8 @@ def all_tensors_finite(path) -> bool:
 
 
 def test_a_run_whose_steps_would_overflow_the_weights_never_saves_them(few_digits, tmp_path):
-    skipped = run_train(f"data.root={few_digits}", f"output_dir={tmp_path / 'skip'}", *OVERFLOWING_LR,
-                        "on_nonfinite=skip", "nonfinite_check=device")  # the first step at warm-up LR, then huge
+    skipped = train_in_process(f"data.root={few_digits}", f"output_dir={tmp_path / 'skip'}", *OVERFLOWING_LR,
+                               "on_nonfinite=skip", "nonfinite_check=device")  # the first step at warm-up LR, then huge
     # step 1 at the warm-up LR is kept; step 2 (the full LR) is the first undone: its weights, not a later loss
     assert "skipped 1 step(s) with a non-finite loss or weights up to step 2" in skipped.stdout + skipped.stderr
     files = sorted((tmp_path / "skip").rglob("*.safetensors"))
@@ -184,7 +184,7 @@ def test_a_run_whose_steps_would_overflow_the_weights_never_saves_them(few_digit
     assert all(all_tensors_finite(p) for p in files), files
 
     stopped = run_train(f"data.root={few_digits}", f"output_dir={tmp_path / 'stop'}", *OVERFLOWING_LR,
-                        "schedule.warmup_epochs=0", "nonfinite_check=host", check=False)
+                        "schedule.warmup_epochs=0", "nonfinite_check=host", check=False)  # exit 3 as a shell sees it
     assert stopped.returncode == 3, stopped.stderr[-3000:]
     errors = [line for line in stopped.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in stopped.stderr
@@ -210,20 +210,21 @@ def test_a_finite_step_moves_the_weights(step_parts):
     assert out is not None and state.step == 1 and not torch.equal(before, ctx.model.net.fc.weight)
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(trained_demo_run, digits_root, tmp_path):
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(few_digits, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(trained_demo_run, run_dir, symlinks=True)
-    newest = run_dir / "checkpoints" / "epoch_0008"
+    args = [f"data.root={few_digits}", f"output_dir={run_dir}", "model=test_resnet", "method=vanilla", "epochs=2",
+            "tracker=none", "eval_robust=false"]
+    train_in_process(*args)
+    newest = run_dir / "checkpoints" / "epoch_0002"
     weights = newest / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])  # disk full while saving
-    (run_dir / "checkpoints" / ".tmp-epoch_0009").mkdir()  # a save that died half-way
-    result = run_train(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "epochs=8",
-                       "eval_robust=false")
+    trained = weights.read_bytes()
+    weights.write_bytes(trained[:1000])  # disk full while saving
+    (run_dir / "checkpoints" / ".tmp-epoch_0003").mkdir()  # a save that died half-way
+    result = train_in_process(*args)
     assert "skipping damaged checkpoint" in result.stdout + result.stderr
-    assert "resuming from" in result.stdout and "epoch_0007" in result.stdout
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert evals[-1]["final/clean_top1"] >= 90  # epoch 8 retrained from epoch 7's weights
-    assert json.loads((run_dir / "checkpoints" / "last" / "train_state.json").read_text())["epoch"] == 8
+    assert "resuming from" in result.stdout and "epoch_0001" in result.stdout
+    assert json.loads((run_dir / "checkpoints" / "last" / "train_state.json").read_text())["epoch"] == 2
+    assert (run_dir / "checkpoints" / "last" / "model.safetensors").read_bytes() == trained  # epoch 2 trained again
 
 
 class RunsCode:
@@ -245,8 +246,8 @@ def test_checkpoint_pickles_load_weights_only(trained_demo_run, digits_root, tmp
     folder = run_dir / "checkpoints" / "epoch_0008"
     marker = tmp_path / "code-ran"
     torch.save({"state": RunsCode(marker)}, folder / victim)
-    result = run_train(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "epochs=9",
-                       f"resume={folder}", check=False)
+    result = train_in_process(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "epochs=9",
+                              f"resume={folder}", check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     line = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
     assert f"checkpoint {folder} cannot be loaded: {victim} holds pickled objects" in line
@@ -255,31 +256,34 @@ def test_checkpoint_pickles_load_weights_only(trained_demo_run, digits_root, tmp
     assert not marker.exists()
 
 
-CRASH_IN_FIRST_VALIDATION = """
-import train.loop
-evaluate, calls = train.loop.evaluate, []
-def crashing(*args, **kwargs):  # the first validation meets an image it cannot decode
-    calls.append(1)
-    if len(calls) == 1:
-        raise OSError("image file is truncated (3 bytes not processed)")
-    return evaluate(*args, **kwargs)
-train.loop.evaluate = crashing
-"""
+def crashing_first_validation():
+    """train/run.py's evaluate, whose first call meets an image it cannot decode."""
+    from train.loop import evaluate
+    calls = []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("image file is truncated (3 bytes not processed)")
+        return evaluate(*args, **kwargs)
+    return crashing
 
 
-def test_a_crash_in_validation_keeps_the_epochs_training_and_the_rerun_validates_it(few_digits, tmp_path):
+def test_a_crash_in_validation_keeps_the_epochs_training_and_the_rerun_validates_it(few_digits, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     args = [f"data.root={few_digits}", f"output_dir={run_dir}", "model=test_resnet", "method=vanilla", "epochs=2",
             "tracker=none", "eval_robust=false", "log_every=1"]
-    crashed = run_train(*args, launcher=with_code(CRASH_IN_FIRST_VALIDATION), check=False)
+    monkeypatch.setattr("train.run.evaluate", crashing_first_validation())
+    crashed = train_in_process(*args, check=False)
     assert crashed.returncode == 1 and "image file is truncated" in crashed.stderr
+    monkeypatch.undo()
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_0001", "last"]  # no best yet
     saved = json.loads((checkpoints / "last" / "train_state.json").read_text())
     assert (saved["epoch"], saved["step"], saved["validated"]) == (1, 3, False)
     trained = (checkpoints / "epoch_0001" / "model.safetensors").read_bytes()
 
-    resumed = run_train(*args)
+    resumed = train_in_process(*args)
     assert "epoch 1: its training is saved, its validation is not: validating it" in resumed.stdout
     assert (checkpoints / "epoch_0001" / "model.safetensors").read_bytes() == trained  # not trained again
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -5,8 +5,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,12 +15,11 @@ from PIL import Image
 pytest.importorskip("ffcv")
 skimage_data = pytest.importorskip("skimage.data")
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import tool_in_process  # noqa: E402
 
 
 def convert(*args):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "convert_ffcv.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return tool_in_process("convert_ffcv.py", *args)
 
 
 def save_jpeg(pixels: np.ndarray, path: Path, mode: str | None = None) -> bytes:

@@ -21,7 +21,7 @@ pytest.importorskip("ffcv")
 # Freeing an ffcv Loader makes numba's dispatcher finalizer raise a harmless KeyError.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-from conftest import REPO, photo_folder, run_train, spoil  # noqa: E402
+from conftest import REPO, photo_folder, spoil, train_in_process  # noqa: E402
 from pipelines.atomic_files import remove_stale_temporaries, written_whole  # noqa: E402
 from pipelines.ffcv_loader import is_current, staleness, storage_settings  # noqa: E402
 from pipelines.ffcv_writer import StorageSettings, convert_imagefolder  # noqa: E402
@@ -84,11 +84,11 @@ def test_a_run_after_the_folder_changed_trains_on_the_new_folder(tmp_path):
     common = ["data.dataset=imagefolder", f"data.root={root}", "loader=ffcv", "tracker=none", "model=test_resnet",
               "method=vanilla", "epochs=1", "batch_size=4", "data.image_size=16", "eval_robust=false",
               "image_log_every=0", "data.workers=1"]
-    run_train(*common, f"output_dir={tmp_path / 'before'}")
+    train_in_process(*common, f"output_dir={tmp_path / 'before'}")
     edit_as_the_issue_does(root / "train")
     for k in range(5):  # and 5 more val images
         shutil.copy(root / "val" / "cat" / "00.jpg", root / "val" / "cat" / f"new_{k}.jpg")
-    result = run_train(*common, f"output_dir={tmp_path / 'after'}")
+    result = train_in_process(*common, f"output_dir={tmp_path / 'after'}")
     assert f"converting {root / 'train'} → {root / 'ffcv' / 'train.beton'} ({root / 'train'} changed" in result.stdout
     assert json.loads((tmp_path / "before" / "summary.json").read_text())["val_images"] == 12
     assert json.loads((tmp_path / "after" / "summary.json").read_text())["val_images"] == 17

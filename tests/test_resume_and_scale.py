@@ -1,4 +1,6 @@
-"""A run killed mid-way resumes to the same weights; two CPU processes shard and log once."""
+"""A run killed mid-way resumes to the same weights; two CPU processes shard and log once.
+The interrupted runs are processes (a kill, a signal, a launcher are the point); the straight runs
+they are compared with run in this process where one process is all they need."""
 import json
 import signal
 import subprocess
@@ -9,9 +11,10 @@ import pytest
 
 from safetensors.torch import load_file
 
-from conftest import REPO, run_train, torch_default_threads
+from conftest import REPO, run_train, torch_default_threads, train_in_process
 
-SHORT = ["tracker=none", "epochs=3", "attack.steps=1", "eval_robust=false", "log_every=1", "ema_decay=0.9"]
+SHORT = ["tracker=none", "model=test_resnet", "epochs=3", "attack.steps=1", "eval_robust=false", "log_every=1",
+         "ema_decay=0.9"]  # advprop PGD-1 on timm's small test ResNet, 22 steps an epoch
 
 
 def last_weights(run_dir):
@@ -51,7 +54,7 @@ def assert_same_run(a, b):
 @pytest.fixture(scope="module")
 def straight_run(digits_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    run_train(f"data.root={digits_root}", *SHORT, f"output_dir={run_dir}")
+    train_in_process(f"data.root={digits_root}", *SHORT, f"output_dir={run_dir}")
     return run_dir
 
 
@@ -75,7 +78,7 @@ def test_resume_after_kill_equals_uninterrupted_run(digits_root, straight_run, t
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (run_dir / "checkpoints" / "epoch_0003").exists()
-    resumed = run_train(*args, f"output_dir={run_dir}")
+    resumed = train_in_process(*args, f"output_dir={run_dir}")
     assert "resuming from" in resumed.stdout and "metrics.jsonl: dropped its last" in resumed.stdout
     assert_same_run(straight_run, run_dir)
     assert logged_lines(run_dir) == logged_lines(straight_run)  # one line per step, none twice
@@ -96,7 +99,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(digits_root, straight
     state = json.loads((saved[0] / "train_state.json").read_text())
     assert state["epoch"] == 1 and 0 < state["batch"] < 22  # mid-epoch
     assert not (run_dir / "summary.json").exists()
-    resumed = run_train(*args, f"output_dir={run_dir}")
+    resumed = train_in_process(*args, f"output_dir={run_dir}")
     assert f"batch {state['batch']}" in resumed.stdout
     assert_same_run(straight_run, run_dir)
 
@@ -124,13 +127,23 @@ def worker_of_rank(launcher: subprocess.Popen, rank: int):
     raise AssertionError(f"no worker of rank {rank} under the launcher")
 
 
-def test_two_processes_preempted_on_one_rank_resume_exactly(digits_root, tmp_path):
+TWO_PROCESS_ARGS = [*SHORT, "epochs=2", "method=fast_advprop", "attack.targeted=false"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(digits_root, tmp_path_factory):
+    """fast_advprop, 2 epochs, in two CPU processes (gloo): the run the preempted one must equal,
+    and the one whose sharding and logging are checked."""
+    run_dir = tmp_path_factory.mktemp("two_processes") / "straight"
+    run_train(f"data.root={digits_root}", *TWO_PROCESS_ARGS, f"output_dir={run_dir}", launcher=TWO_PROCESSES)
+    return run_dir
+
+
+def test_two_processes_preempted_on_one_rank_resume_exactly(digits_root, two_process_run, tmp_path):
     """SIGTERM reaches only rank 1 (the one that does not log): both ranks stop after the same step,
     checkpoint together, exit 0; the resumed 2-process run equals an uninterrupted one bit for bit.
     fast_advprop: its adversarial rows cross between the processes every step (seeded by the step)."""
-    args = [f"data.root={digits_root}", *SHORT, "epochs=2", "method=fast_advprop", "attack.targeted=false"]
-    straight = tmp_path / "straight"
-    run_train(*args, f"output_dir={straight}", launcher=TWO_PROCESSES)
+    args = [f"data.root={digits_root}", *TWO_PROCESS_ARGS]
     run_dir = tmp_path / "preempted"
     env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([*TWO_PROCESSES, str(REPO / "train" / "run.py"), *args, f"output_dir={run_dir}"],
@@ -147,29 +160,28 @@ def test_two_processes_preempted_on_one_rank_resume_exactly(digits_root, tmp_pat
     assert state["epoch"] == 1 and 0 < state["batch"] < 11
     resumed = run_train(*args, f"output_dir={run_dir}", launcher=TWO_PROCESSES)
     assert f"batch {state['batch']}" in resumed.stdout
-    assert_same_run(straight, run_dir)
+    assert_same_run(two_process_run, run_dir)
 
 
-def test_two_cpu_processes_shard_and_log_once(digits_root, tmp_path):
-    launcher = TWO_PROCESSES
-    run_train(f"data.root={digits_root}", f"output_dir={tmp_path}", "tracker=none", "epochs=1",
-              "attack.steps=1", "log_every=1", launcher=launcher)
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_two_cpu_processes_shard_and_log_once(digits_root, two_process_run):
+    lines = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [line["step"] for line in lines if "train/loss/clean" in line]
-    # 1,437 train images in 2 disjoint shards of 718 → 11 full batches of 64 per process
-    assert train_steps == list(range(1, 12))
-    assert sum("val/top1" in line for line in lines) == 1
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    # 1,437 train images in 2 disjoint shards of 718 → 11 full batches of 64 per process, each epoch
+    assert train_steps == list(range(1, 23))
+    assert [line["epoch"] for line in lines if "val/top1" in line] == [1, 2]  # logged once, by the main process
+    summary = json.loads((two_process_run / "summary.json").read_text())
     assert summary["val_images"] == 360  # each once
     assert summary["environment"]["cpu_threads"] == max(1, torch_default_threads() // 2)  # the cores, shared
-    checkpoints = [p for p in (tmp_path / "checkpoints").iterdir() if not p.is_symlink()]
-    assert [p.name for p in checkpoints] == ["epoch_0001"]
-    assert {p.name for p in checkpoints[0].glob("random_states_*.pkl")} == {"random_states_0.pkl",
-                                                                           "random_states_1.pkl"}
+    checkpoints = [p for p in (two_process_run / "checkpoints").iterdir() if not p.is_symlink()]
+    assert sorted(p.name for p in checkpoints) == ["epoch_0001", "epoch_0002"]
+    assert all({p.name for p in folder.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+               for folder in checkpoints)
     # one process cannot continue it: the global batch, the LR and the shards would change
-    alone = run_train(f"data.root={digits_root}", f"output_dir={tmp_path}", "tracker=none", "epochs=2",
-                      "attack.steps=1", check=False)
+    before = (two_process_run / "metrics.jsonl").read_text()
+    alone = train_in_process(f"data.root={digits_root}", f"output_dir={two_process_run}", *TWO_PROCESS_ARGS,
+                             "epochs=3", check=False)
     assert alone.returncode == 2 and "processes (2 → 1" in alone.stderr, alone.stderr[-2000:]
+    assert (two_process_run / "metrics.jsonl").read_text() == before
 
 
 FEW_STEPS = ["model=test_resnet", "method=vanilla", "tracker=none", "eval_robust=false", "batch_size=16", "log_every=1"]

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_train
+from conftest import REPO, one_error_line, tool_in_process, train_in_process
 from train.resume_rules import ResumeMismatch, check_same_run
 
-QUICK = ["tracker=none", "attack.steps=2", "eval_robust=false"]
+QUICK = ["tracker=none", "model=test_resnet", "attack.steps=2", "eval_robust=false"]  # timm's small test ResNet
 
 
 def fingerprint(folder: Path) -> dict[str, str]:
@@ -43,11 +43,9 @@ def finished_run(trained_demo_run, tmp_path) -> Path:
 
 
 def refused(result, *words):
-    assert result.returncode == 2, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert all(word in errors[0] for word in words), errors[0]
-    return errors[0]
+    line = one_error_line(result)
+    assert all(word in line for word in words), line
+    return line
 
 
 @pytest.mark.parametrize("change, named", [
@@ -58,8 +56,8 @@ def refused(result, *words):
 ])
 def test_resume_with_other_settings_is_refused_and_changes_nothing(finished_run, digits_root, change, named):
     before = fingerprint(finished_run)
-    result = run_train(f"data.root={digits_root}", f"output_dir={finished_run}", "tracker=none", "epochs=9",
-                       change, check=False)
+    result = train_in_process(f"data.root={digits_root}", f"output_dir={finished_run}", "tracker=none", "epochs=9",
+                              change, check=False)
     message = refused(result, named, "new output_dir")
     assert "damaged" not in result.stdout + result.stderr and "epoch_0008" in message
     assert fingerprint(finished_run) == before
@@ -76,8 +74,8 @@ def test_a_key_newer_than_the_run_counts_as_its_default(demo_cfg):
 
 def test_resume_none_into_a_run_is_refused(finished_run, digits_root):
     before = fingerprint(finished_run)
-    result = run_train(f"data.root={digits_root}", f"output_dir={finished_run}", "tracker=none", "resume=none",
-                       check=False)
+    result = train_in_process(f"data.root={digits_root}", f"output_dir={finished_run}", "tracker=none", "resume=none",
+                              check=False)
     refused(result, "already holds a run", "new output_dir")
     assert fingerprint(finished_run) == before
 
@@ -87,29 +85,29 @@ def test_every_checkpoint_unloadable_is_an_error_not_a_fresh_start(finished_run,
     for weights in (folder / "model.safetensors" for folder in folders):
         weights.write_bytes(weights.read_bytes()[:1000])
     before = fingerprint(finished_run)
-    result = run_train(f"data.root={digits_root}", f"output_dir={finished_run}", "tracker=none", "epochs=9",
-                       check=False)
+    result = train_in_process(f"data.root={digits_root}", f"output_dir={finished_run}", "tracker=none", "epochs=9",
+                              check=False)
     refused(result, f"none of the {len(folders)} checkpoints", "can be loaded", "resume=PATH")
     assert fingerprint(finished_run) == before
 
 
-def test_second_run_into_a_busy_folder_is_refused_until_the_first_dies(digits_root, tmp_path):
+def test_second_run_into_a_busy_folder_is_refused_until_the_first_dies(few_digits, tmp_path):
     run_dir = tmp_path / "run"
-    args = [f"data.root={digits_root}", f"output_dir={run_dir}", *QUICK, "epochs=1"]
-    first = subprocess.Popen([sys.executable, str(REPO / "train" / "run.py"), *args], cwd=REPO,
+    args = [f"data.root={few_digits}", f"output_dir={run_dir}", *QUICK]
+    first = subprocess.Popen([sys.executable, str(REPO / "train" / "run.py"), *args, "epochs=100"], cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while not (run_dir / "metrics.jsonl").exists():  # training has begun
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.1)
-        second = run_train(*args, check=False)
+        second = train_in_process(*args, "epochs=100", check=False)
         refused(second, f"output_dir {run_dir} is in use by another run (PID {first.pid})")
         assert first.poll() is None  # the first run goes on
     finally:
         first.kill()  # SIGKILL: no clean-up of any kind, as after a crash
         first.wait()
-    again = run_train(*args)  # the kernel dropped the dead run's lock
+    again = train_in_process(*args, "epochs=1")  # the kernel dropped the dead run's lock
     assert (run_dir / "summary.json").exists(), again.stdout[-2000:]
 
 
@@ -130,10 +128,10 @@ class PipeReader(threading.Thread):
         return b"".join(self.chunks).decode(errors="replace")
 
 
-def test_sigterm_in_the_final_evaluation_stops_at_once_and_a_rerun_redoes_it(digits_root, tmp_path):
+def test_sigterm_in_the_final_evaluation_stops_at_once_and_a_rerun_redoes_it(few_digits, tmp_path):
     run_dir = tmp_path / "run"
-    common = [f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "attack.steps=1", "epochs=1",
-              "eval_attack=pgd5"]
+    common = [f"data.root={few_digits}", f"output_dir={run_dir}", "tracker=none", "model=test_resnet",
+              "attack.steps=1", "epochs=1", "eval_attack=pgd5"]
     # a robust evaluation without end (PGD-100000: hours), so a run that exits at all after the
     # signal stopped inside it
     process = subprocess.Popen([sys.executable, str(REPO / "train" / "run.py"), *common,
@@ -153,7 +151,7 @@ def test_sigterm_in_the_final_evaluation_stops_at_once_and_a_rerun_redoes_it(dig
     trained = (run_dir / "checkpoints" / "last" / "model.safetensors").read_bytes()
 
     args = [*common, "eval_attack.steps=2"]  # evaluation settings may change on resume
-    rerun = run_train(*args)
+    rerun = train_in_process(*args)
     assert "redoing the final evaluation and exports" in rerun.stdout
     assert (run_dir / "checkpoints" / "last" / "model.safetensors").read_bytes() == trained  # no training
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -170,13 +168,13 @@ def mount_tmpfs(folder: Path, megabytes: int) -> bool:
     return result.returncode == 0
 
 
-def test_full_disk_during_a_checkpoint_keeps_the_previous_one(digits_root, tmp_path):
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(few_digits, tmp_path):
     disk = tmp_path / "small_disk"
-    if not mount_tmpfs(disk, 100):  # a resnet18 checkpoint with optimizer state is ~85 MB: one fits
+    if not mount_tmpfs(disk, 5):  # a test_resnet checkpoint with optimizer state is ~3 MB: one fits
         pytest.skip("cannot mount a tmpfs here (not root?); test_checkpoint_save_hitting_enospc covers it")
     try:
         run_dir = disk / "run"
-        result = run_train(f"data.root={digits_root}", f"output_dir={run_dir}", *QUICK, "epochs=3", check=False)
+        result = train_in_process(f"data.root={few_digits}", f"output_dir={run_dir}", *QUICK, "epochs=3", check=False)
         assert result.returncode == 4, result.stderr[-3000:]
         assert f"no space left on {disk}" in result.stderr and "MB" in result.stderr
         assert "Traceback" not in result.stderr
@@ -223,8 +221,7 @@ def test_checkpoint_save_hitting_enospc(demo_cfg, tmp_path):
 # ----------------------------------------------------------------------------- tools
 
 def tool(name: str, *args):
-    return subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return tool_in_process(name, *args)
 
 
 def test_export_never_writes_over_its_checkpoint_or_a_folder(finished_run, tmp_path):

@@ -5,15 +5,12 @@ same run rewritten as it was written before the BatchNorm-era names became norm 
 its export loads, the same command continues it)."""
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, run_train
+from conftest import tool_in_process, train_in_process
 
 # advprop on timm's small test ResNet: 22 batches of 64 an epoch, 4 per optimizer step, so 6 steps an
 # epoch, the last of 2 batches; global batch 256, so LR = lr_per_256 = 0.4 (configs/demo.yaml)
@@ -31,10 +28,9 @@ def read_jsonl(path):
 def extended_run(digits_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("extended") / "run"
     common = [f"data.root={digits_root}", f"output_dir={run_dir}", *OPTIONS]
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("OMP_NUM_THREADS", "1")  # conftest's one_thread, for the subprocesses
-        run_train(*common, "epochs=1")
-        resumed = run_train(*common, "epochs=2")
+    one_thread = {"OMP_NUM_THREADS": "1"}  # conftest's one_thread, for the runs
+    train_in_process(*common, "epochs=1", env=one_thread)
+    resumed = train_in_process(*common, "epochs=2", env=one_thread)
     assert "resuming from" in resumed.stdout and "epoch 2" in resumed.stdout
     return run_dir
 
@@ -81,10 +77,8 @@ def test_eval_aux_norm_and_evaluate_norm_aux_agree(extended_run, digits_root, tm
     assert [line["epoch"] for line in epochs] == [1, 2] and all("val_aux/top1" in line for line in epochs)
     assert epochs[-1]["val_aux/loss"] != epochs[-1]["val/loss"]  # other norms, other numbers
     report = tmp_path / "aux.json"
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"),
-                             str(extended_run / "checkpoints" / "epoch_0002"), "--data", str(digits_root / "val"),
-                             "--norm", "aux", "--json", str(report)], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = tool_in_process("evaluate.py", extended_run / "checkpoints" / "epoch_0002", "--data", digits_root / "val",
+                             "--norm", "aux", "--json", report, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     aux = json.loads(report.read_text())["clean"]
     assert aux["top1"] == pytest.approx(epochs[-1]["val_aux/top1"])
@@ -130,8 +124,8 @@ def test_a_run_and_export_from_before_the_rename_load_and_resume(extended_run, d
 
     # the same command continues it (the old key on the command line too), not "other settings"
     options = [o.replace("eval_aux_norm", "eval_aux_bn") for o in OPTIONS]
-    rerun = run_train(f"data.root={digits_root}", f"output_dir={old}", *options, "epochs=2",
-                      env={"OMP_NUM_THREADS": "1"})
+    rerun = train_in_process(f"data.root={digits_root}", f"output_dir={old}", *options, "epochs=2",
+                             env={"OMP_NUM_THREADS": "1"})
     assert "redoing the final evaluation" in rerun.stdout
     assert "eval_aux_bn is now called eval_aux_norm" in rerun.stderr
     assert (old / "final_main_norm.safetensors").is_file() and not (old / "final_main_bn.safetensors").exists()

@@ -6,14 +6,12 @@ with a local server that refuses every request) running offline after one warnin
 import contextlib
 import http.server
 import json
-import subprocess
-import sys
 import threading
 
 import pytest
 from PIL import Image
 
-from conftest import REPO, free_port, run_train
+from conftest import free_port, tool_in_process, train_in_process
 from wandb_records import logged_values, records_of
 
 RUN = ["model=test_resnet", "tracker=wandb", "attack.steps=1", "ema_decay=0.9", "wandb_log_checkpoints=all"]
@@ -28,7 +26,7 @@ def artifacts(run_dir):
 @pytest.fixture(scope="module")
 def wandb_run(digits_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("wandb") / "run"
-    run_train(f"data.root={digits_root}", f"output_dir={run_dir}", *RUN, "epochs=2")
+    train_in_process(f"data.root={digits_root}", f"output_dir={run_dir}", *RUN, "epochs=2")
     return run_dir
 
 
@@ -70,19 +68,20 @@ def test_a_run_says_how_it_ran(wandb_run):
 
 def test_resuming_adds_no_duplicate_artifact(wandb_run, digits_root):
     before = artifacts(wandb_run)
-    again = run_train(f"data.root={digits_root}", f"output_dir={wandb_run}", *RUN, "epochs=2")
+    again = train_in_process(f"data.root={digits_root}", f"output_dir={wandb_run}", *RUN, "epochs=2")
     assert "redoing the final evaluation" in again.stdout
     assert artifacts(wandb_run) == before
-    run_train(f"data.root={digits_root}", f"output_dir={wandb_run}", *RUN, "epochs=3")  # extended: a new end
+    run_id = (wandb_run / "wandb_id.txt").read_text().strip()
+    offline_runs = sorted((wandb_run / "wandb").glob("offline-run-*"))  # each start, one W&B run: the same id
+    assert len(offline_runs) == 2 and all(r.name.endswith(run_id) and list(r.glob("*.wandb")) for r in offline_runs)
+    train_in_process(f"data.root={digits_root}", f"output_dir={wandb_run}", *RUN, "epochs=3")  # extended: a new end
     added = artifacts(wandb_run)[len(before):]
     assert sorted(meta["epoch"] for _, _, meta in added) == [3, 3]  # main and EMA, epochs 1-2 not again
 
 
 def test_evaluate_names_the_artifact_it_evaluated(wandb_run, digits_root):
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"),
-                             str(wandb_run / "final_main_norm.safetensors"), "--data", str(digits_root / "val"),
-                             "--limit", "64", "--wandb-run"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**__import__("os").environ, "WANDB_MODE": "offline"})
+    result = tool_in_process("evaluate.py", wandb_run / "final_main_norm.safetensors", "--data", digits_root / "val",
+                             "--limit", "64", "--wandb-run")
     assert result.returncode == 0, result.stderr[-2000:]
     run_id = (wandb_run / "wandb_id.txt").read_text().strip()
     epoch = max(meta["epoch"] for _, _, meta in artifacts(wandb_run))
@@ -97,23 +96,19 @@ def test_the_run_picture_without_wandb(wandb_run, tmp_path):
     assert picture.format == "PNG" and picture.size[0] > 800
     assert picture.info["Panels"].split(", ") == ["training loss", "val top-1", "robust top-1", "learning rate",
                                                   "throughput", "waiting for data"]
-    tool = subprocess.run([sys.executable, str(REPO / "tools" / "plot_run.py"), str(wandb_run), "--out",
-                           str(tmp_path / "again.png")], capture_output=True, text=True, timeout=300)
+    tool = tool_in_process("plot_run.py", wandb_run, "--out", tmp_path / "again.png")
     assert tool.returncode == 0 and Image.open(tmp_path / "again.png").size == picture.size
-    missing = subprocess.run([sys.executable, str(REPO / "tools" / "plot_run.py"), str(tmp_path)],
-                             capture_output=True, text=True, timeout=300)
+    missing = tool_in_process("plot_run.py", tmp_path)
     assert missing.returncode == 2 and "not a run folder" in missing.stderr
 
 
-def test_compare_methods_puts_its_runs_in_one_group_with_the_comparison(digits_root, tmp_path):
+def test_compare_methods_puts_its_runs_in_one_group_with_the_comparison(few_digits, tmp_path):
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(f"recipe: configs/demo.yaml\ncommon: [data.root={digits_root}, model=test_resnet, epochs=1, "
+    sweep.write_text(f"recipe: configs/demo.yaml\ncommon: [data.root={few_digits}, model=test_resnet, epochs=1, "
                      f"eval_attack=pgd1]\nruns:\n  vanilla: [method=vanilla]\n  advprop_pgd1: [method=advprop, "
                      f"attack=pgd1]\n")
     out = tmp_path / "compare"
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "compare_methods.py"), "--sweep", str(sweep),
-                             "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
-                            env={**__import__("os").environ, "WANDB_MODE": "offline"})
+    result = tool_in_process("compare_methods.py", "--sweep", sweep, "--out", out)  # its runs: processes of their own
     assert result.returncode == 0, result.stderr[-3000:]
     group = "compare_methods-compare"
     for name in ("vanilla", "advprop_pgd1"):
@@ -156,7 +151,7 @@ def test_online_w_and_b_that_cannot_be_used_runs_offline_after_one_warning(few_d
     run_dir = tmp_path / "run"
     with refusing_server() if server == "refusing" else contextlib.nullcontext(f"http://127.0.0.1:{free_port()}") \
             as url:
-        result = run_train(f"data.root={few_digits}", f"output_dir={run_dir}", "model=test_resnet", "method=vanilla",
+        result = train_in_process(f"data.root={few_digits}", f"output_dir={run_dir}", "model=test_resnet", "method=vanilla",
                            "epochs=1", "tracker=wandb", "eval_robust=false",
                            env={"WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": url})
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:") and "W&B" in line]

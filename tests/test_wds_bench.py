@@ -1,15 +1,12 @@
 """tools/bench_loaders.py's WebDataset modes: folder vs. shards of the same images in one run, and the
 first batch on a set of many shards (no timing asserts: the figures are the README's)."""
 import json
-import subprocess
-import sys
 
-from conftest import REPO
+from conftest import tool_in_process
 
 
 def bench(*args, cache):
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_loaders.py"), *map(str, args),
-                             "--cache-dir", str(cache), "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = tool_in_process("bench_loaders.py", *args, "--cache-dir", cache, "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
 

@@ -3,13 +3,11 @@ reads the ImageFolder they were made from: the same numbers on the trained demo 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import tool_in_process
 from pipelines.wds_writer import convert_folder
 from tools.robustness import sets
 from tools.robustness.load import load_any
@@ -34,8 +32,7 @@ def test_evaluate_reads_shards_as_the_folder(trained_demo_run, digits_root, tmp_
         assert shards["images"] == folder["images"] == 360, source
         assert (shards["top1"], shards["top5"]) == (folder["top1"], folder["top5"])
         assert shards["loss"] == pytest.approx(folder["loss"])  # summed in another order
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), str(trained_demo_run), "--data",
-                             str(converted), "--workers", "0", "--json", str(tmp_path / "out.json")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = tool_in_process("evaluate.py", trained_demo_run, "--data", converted, "--workers", "0", "--json",
+                             tmp_path / "out.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "out.json").read_text())["clean"]["images"] == 360

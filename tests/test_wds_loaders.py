@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_train
+from conftest import one_error_line, train_in_process
 from pipelines.loader import build_loader, prepare_dataset
 from pipelines.wds_spec import ShardSetError
 from pipelines.wds_writer import convert_folder
@@ -148,10 +148,10 @@ def test_one_epoch_trains_on_every_backend(converted, tmp_path):
                 {"dali": "nvidia.dali", "ffcv": "ffcv"}[backend]):
             continue
         run_dir = tmp_path / backend
-        run_train("data.dataset=webdataset", f"data.root={converted}", f"loader={backend}", "data.image_size=32",
-                  "epochs=1", "method=vanilla", "model=test_resnet", "eval_robust=false", "tracker=none",
-                  "batch_size=32", "optimizer.lr_per_256=1.0", "log_every=4", "data.workers=1",
-                  "data.dali.threads=2", f"output_dir={run_dir}")
+        train_in_process("data.dataset=webdataset", f"data.root={converted}", f"loader={backend}",
+                         "data.image_size=32", "epochs=1", "method=vanilla", "model=test_resnet", "eval_robust=false",
+                         "tracker=none", "batch_size=32", "optimizer.lr_per_256=1.0", "log_every=4", "data.workers=1",
+                         "data.dali.threads=2", f"output_dir={run_dir}")
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         losses = [line["train/loss/clean"] for line in lines if "train/loss/clean" in line]
         assert len(losses) == 11 and losses[-1] < 0.6 * losses[0], (backend, losses)  # it learns: labels fit images
@@ -207,10 +207,9 @@ def test_bad_shards_are_one_error_before_training(damage, words, demo_cfg, conve
 def test_a_bad_shard_stops_the_trainer_with_one_line_and_writes_nothing(converted, tmp_path):
     root = copy_set(converted, tmp_path)
     (root / "val-0000.tar").unlink()
-    result = run_train("data.dataset=webdataset", f"data.root={root}", "tracker=none", f"output_dir={tmp_path / 'run'}",
-                       check=False)
-    assert result.returncode == 2 and not (tmp_path / "run").exists()
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "val-0000.tar" in result.stderr
+    result = train_in_process("data.dataset=webdataset", f"data.root={root}", "tracker=none",
+                              f"output_dir={tmp_path / 'run'}", check=False)
+    assert "val-0000.tar" in one_error_line(result) and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

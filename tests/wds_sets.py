@@ -5,17 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
-from conftest import REPO
+from conftest import tool_in_process
 from pipelines.image_folder import list_image_folder
 
 
 def convert_wds(src: Path, out: Path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / "convert_wds.py"), str(src), str(out), *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
+    return tool_in_process("convert_wds.py", src, out, *args)
 
 
 def digest(data: bytes) -> str:
