@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""The GPU session's measurements and checks in one run, within a time budget: every figure of the
-README's GPU table, with the targets beside them (tools/gpu_table.py writes the table).
+"""The GPU table for your card in one command: step-cost ratios, loader speeds, one recipe epoch
+eager and compiled, and the gpu-marked tests, with the card, driver, torch, CUDA and DALI versions.
 
-    python tools/bench_gpu.py --out results/ --budget 540        # on the GPU machine (tools/gpu_session.sh)
-    python tools/bench_gpu.py --out /tmp/dry --dry-run           # every part here on the CPU, tiny sizes
-    python tools/bench_gpu.py --out results/ --only steps loaders_large
+    python tools/bench_gpu.py                                  # everything (~15 min on an H100)
+    python tools/bench_gpu.py --only steps loaders_small       # some parts (names below)
+    python tools/bench_gpu.py --dry-run --out /tmp/dry         # every part on the CPU, tiny sizes
 
-Parts, in the order they run; each is a subprocess with its own time limit, its log kept; a part
-that fails or runs out of time is reported, not fatal; one the budget no longer holds is "not run":
+Prints the table at the end and writes it to OUT/table.md (default runs/bench_gpu), the raw
+figures to OUT/results.json and each part's log to OUT/work/. Parts, in the order they run; each
+is a subprocess with its own time limit; a part that fails or runs out of time is reported, not
+fatal; one the --budget no longer holds is "not run":
   versions        python, torch, CUDA, cuDNN, driver, card, DALI, FFCV, timm, ... (this process)
-  photos          the photo JPEG sets (1,800 and 18,000), built by all cores
+  photos          the photo JPEG sets (1,800 and 18,000), built once under --cache-dir by all cores
   effnet_epoch_compiled  train/run.py configs/effnet_b0_advprop.yaml, loader=dali (nvJPEG, AutoAugment v0 on
                   the GPU), one epoch of the 1,800 photos, compile=true; runs in the background from here on
                   (a cold compile is CPU work) while the untimed parts below run, and is waited for
@@ -28,10 +30,8 @@ that fails or runs out of time is reported, not fatal; one the budget no longer 
   effnet_compiled the same for EfficientNet-B0
 --dry-run runs every part on this CPU with tiny models (timm's test_resnet/test_efficientnet), a
 few photos, one or two epochs, DALI's CPU pipeline (the EfficientNet epochs without v0: see DRY)
-and compile switched off (TORCH_COMPILE_DISABLE:
-compiling is tests/test_compile.py's business; here it would cost minutes): a wrong path, flag or
-key fails here, not on the GPU machine. Writes out/results.json and out/table.md after every part
-and out/logs.tar.gz (every part's log, JUnit XML, the runs' summaries; no checkpoints).
+and compile switched off (TORCH_COMPILE_DISABLE): a wrong path, flag or key fails there, not
+after the GPU parts before it. tests/test_bench_gpu.py checks every planned command without running it.
 """
 from __future__ import annotations
 
@@ -41,14 +41,13 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tools.gpu_table import table, tests_outcome
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from tools.gpu_table import table, tests_outcome  # noqa: E402
 
 PY = sys.executable
 STEP_METHODS = "advprop_pgd1,advprop_pgd5,fast_advprop"
@@ -154,7 +153,7 @@ UNTIMED = {"effnet_epoch", "tests"}
 
 
 class Session:
-    """Runs parts within a deadline; keeps results.json, table.md and logs.tar.gz in out current."""
+    """Runs parts within a deadline; keeps results.json and table.md in out current."""
 
     def __init__(self, out: Path, work: Path, deadline: float, env: dict, dry_run: bool, wanted: set[str]):
         self.out, self.work, self.deadline, self.dry_run, self.wanted = out, work, deadline, dry_run, wanted
@@ -224,10 +223,6 @@ class Session:
     def save(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
         (self.out / "table.md").write_text(table(self.results) + "\n")
-        with tarfile.open(self.out / "logs.tar.gz", "w:gz") as archive:
-            for path in sorted(self.work.rglob("*")):
-                if path.is_file() and path.suffix in {".log", ".xml", ".json", ".jsonl", ".yaml", ".txt"}:
-                    archive.add(path, arcname=str(path.relative_to(self.work)))
 
 
 def versions() -> dict:
@@ -294,8 +289,8 @@ PART_NAMES = ["versions", "photos"] + [p.name for p in plan(DRY, Path("."), Path
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="results.json, table.md, logs.tar.gz (kept small)")
-    parser.add_argument("--work", type=Path, help="logs and run folders (default: out/work)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_gpu"), help="results.json and table.md")
+    parser.add_argument("--work", type=Path, help="each part's log and run folder (default: OUT/work)")
     parser.add_argument("--cache-dir", type=Path, default=Path("data/bench"), help="photo sets (built once)")
     parser.add_argument("--only", nargs="+", choices=PART_NAMES, default=PART_NAMES)
     parser.add_argument("--budget", type=float, default=3600, help="seconds for everything; later parts are not run")

@@ -185,7 +185,8 @@ def target_pair(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. advprop_pgd1=2.7)") from None
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (an unknown method or target, a --check it cannot make: exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--batch", type=int, default=64)
@@ -209,7 +210,7 @@ def main() -> None:
     parser.add_argument("--target", type=target_pair, action="append", default=[], metavar="NAME=VALUE",
                         help="a target of this run (repeatable; over the device's): a case or attack_step")
     parser.add_argument("--markdown", action="store_true", help="also print the figures as the README table's rows")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.target = dict(args.target)
     names = ["vanilla"] + [n for n in args.methods.split(",") if n and n != "vanilla"]
     unknown = [n for n in names if n not in cases]
@@ -220,10 +221,16 @@ def main() -> None:
     unknown = [n for n in args.target if n not in cases and n not in FIGURE_CASES]
     if unknown:
         parser.error(f"--target: no figure named {unknown}; choose from {[*cases, *FIGURE_CASES]}")
-    targets = targets_for(args, CONDITIONS[args.device], TARGETS[args.device])
-    problem = check_problems(names, targets, CONDITIONS[args.device]) if args.check else None
+    args.names, args.targets = names, targets_for(args, CONDITIONS[args.device], TARGETS[args.device])
+    problem = check_problems(names, args.targets, CONDITIONS[args.device]) if args.check else None
     if problem:
         parser.error(problem)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    names, targets, cases = args.names, args.targets, bench_cases()
 
     if args.threads:
         torch.set_num_threads(args.threads)
