@@ -1,7 +1,7 @@
 """Mixup/CutMix, random erasing and repeated augmentation (train/batch_augment.py, ShardSampler),
 against timm itself: the same generator state gives timm's mixed images and soft targets, timm's
 erasing boxes and fills, DeiT's repeated-augmentation stripe; the attack ascends the soft-target
-loss; the methods take mixed batches as the README says."""
+loss; the methods take mixed batches as docs/augmentation.md says."""
 import copy
 import random
 

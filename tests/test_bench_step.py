@@ -1,5 +1,5 @@
 """tools/bench_step.py's behaviour, not the clock: every case runs and is reported alike in the
-table, the JSON and the README rows; --check names each figure above its target and refuses runs
+table, the JSON and the docs table rows; --check names each figure above its target and refuses runs
 it cannot check; the figures' arithmetic on given numbers."""
 import json
 import re

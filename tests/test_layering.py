@@ -1,4 +1,4 @@
-"""Imports run downward: tools/ → train/ → models/, pipelines/ → common/ (README: Layout). Read from
+"""Imports run downward: tools/ → train/ → models/, pipelines/ → common/ (docs/architecture.md: layout). Read from
 the source (every import statement, lazy ones too), so a new upward import fails here."""
 import ast
 from pathlib import Path

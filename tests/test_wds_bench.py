@@ -1,5 +1,5 @@
 """tools/bench_loaders.py's WebDataset modes: folder vs. shards of the same images in one run, and the
-first batch on a set of many shards (no timing asserts: the figures are the README's)."""
+first batch on a set of many shards (no timing asserts: the figures are docs/speed.md's)."""
 import json
 
 from conftest import tool_in_process

@@ -21,12 +21,12 @@ gives steadier numbers than wall time. The line under the table gives the cost o
 with frozen weights, the slope of the advprop ratios over k.
 
 Targets (TARGETS) apply under their conditions (CONDITIONS): on CPU resnet18, batch 64, 96 px,
-fp32, channels-last, eager, `--threads 1 --clock process` (the README's table, this project's
+fp32, channels-last, eager, `--threads 1 --clock process` (the table of docs/speed.md, this project's
 2-core machine); on CUDA the GPU table's ResNet-50, batch 256, 224 px, bf16. `--target NAME=VALUE`
 adds or overrides one (other conditions, other machines). `--check` exits 1 with one line naming
 every figure above its target, and refuses (exit 2, before measuring) a run it cannot check: no
 targets apply, or --methods leaves out a case a target needs. On a shared machine, rerun a miss
-before believing it. `--markdown` prints the README table's rows (targets, then this run's
+before believing it. `--markdown` prints the docs table's rows (targets, then this run's
 figures with date, machine and torch version).
 
 `vanilla_mix_erase` is a vanilla step whose batch is first augmented as the DeiT recipe's (timm's
@@ -78,7 +78,7 @@ TARGETS = {  # × vanilla, for runs under CONDITIONS; "attack_step": one PGD ste
     "cuda": {"advprop_pgd1": 2.6, "advprop_pgd5": 6.0, "fast_advprop": 1.2, "attack_step": 0.8,
              "vanilla_mix_erase": 1.03},
 }
-CONDITIONS = {  # the README's: CPU on this project's 2-core machine, the GPU table's ResNet-50
+CONDITIONS = {  # docs/speed.md's: CPU on this project's 2-core machine, the GPU table's ResNet-50
     "cpu": {"model": "resnet18", "batch": 64, "size": 96, "amp": "no", "no_channels_last": False,
             "compile": False, "threads": 1, "clock": "process"},
     "cuda": {"model": "resnet50", "batch": 256, "size": 224, "amp": "bf16", "no_channels_last": False},
@@ -209,7 +209,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="exit 1 naming every figure above its target")
     parser.add_argument("--target", type=target_pair, action="append", default=[], metavar="NAME=VALUE",
                         help="a target of this run (repeatable; over the device's): a case or attack_step")
-    parser.add_argument("--markdown", action="store_true", help="also print the figures as the README table's rows")
+    parser.add_argument("--markdown", action="store_true", help="also print the figures as the docs table's rows (docs/speed.md)")
     args = parser.parse_args(argv)
     args.target = dict(args.target)
     names = ["vanilla"] + [n for n in args.methods.split(",") if n and n != "vanilla"]
@@ -293,7 +293,7 @@ def machine(device: torch.device) -> str:
 
 
 def markdown_rows(results: dict, names: list[str], targets: dict[str, float], device: torch.device) -> list[str]:
-    """The README table: header, the targets, this run's figures (date, machine, torch beside them)."""
+    """The docs table (docs/speed.md): header, the targets, this run's figures (date, machine, torch beside them)."""
     figures = [name for name in names if name != "vanilla"] + (["attack_step"] if "attack_step" in results else [])
     head = ["date", "machine", "torch", "vanilla img/s", *figures]
     rows = [head, ["---"] * len(head), ["target", "", "", "", *[f"≤ {targets[f]:g}" if f in targets else "" for f in figures]],

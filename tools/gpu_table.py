@@ -1,4 +1,4 @@
-"""The GPU table from tools/bench_gpu.py's results: one row per figure of the README's GPU table,
+"""The GPU table from tools/bench_gpu.py's results: one row per figure of the GPU table (docs/speed.md),
 measured beside its target; a part that did not run says why instead of a figure."""
 from __future__ import annotations
 

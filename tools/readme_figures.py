@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""The README's measured figures, each rewritten from the command that measures it.
+"""The measured figures of the README and the documentation site, each rewritten from the command
+that measures it.
 
-A figure lives in README.md between two markers, with the command, date and machine under it:
+A figure lives in one page (README.md or docs/*.md) between two markers, with the command, date
+and machine under it:
 
     <!-- figures:demo -->
     (what the command printed, as the figure renders it)
@@ -18,6 +20,10 @@ lacks its command/date/machine line, or differs in structure from what the code 
 the demo: the table's row names, numbers aside). A new figure is one FIGURES entry: its command
 (run from the repository root; {tmp} is a fresh temporary folder) and a render that turns the
 command's output into the block's text, e.g. `markdown_table` for a tool's --markdown output.
+
+The README's summary is a derived figure (DERIVED): no command of its own, its table is made from
+the blocks it summarises (each row names the command that measured it), and --check fails where it
+no longer says what they say (`python tools/readme_figures.py summary` rewrites it).
 """
 from __future__ import annotations
 
@@ -37,6 +43,11 @@ from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
+
+
+def pages(root: Path = REPO_ROOT) -> list[Path]:
+    """The pages figures may live in: the README and the documentation site's."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 BLOCK = re.compile(r"<!-- figures:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /figures -->", re.S)
 FOOTER = re.compile(r"^<sub>`python tools/readme_figures.py (?P<name>[\w-]+)` runs `(?P<command>[^`]+)` · "
                     r"(?P<date>\d{4}-\d{2}-\d{2}) · (?P<machine>[^<]+)</sub>$", re.M)
@@ -163,6 +174,19 @@ def dual_norms_names() -> list[str]:
             + [f"`{model}`" for model in dict.fromkeys(model for model, _ in pairs)])
 
 
+def markdown_header(text: str) -> list[str]:
+    """A markdown table's header cells and its target row's name (its other rows are dated runs)."""
+    names = markdown_names(text)
+    return [name for name in names if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", name)]
+
+
+def steps_names() -> list[str]:
+    from tools.bench_step import bench_cases
+
+    figures = [name for name in bench_cases() if name != "vanilla"] + ["attack_step"]
+    return ["date", "machine", "torch", "vanilla img/s", *figures, "target"]
+
+
 FIGURES = {figure.name: figure for figure in (
     Figure("demo", ("accelerate", "launch", "--config_file", "accelerate_config.yaml", "train/run.py",
                     "output_dir={tmp}/demo"),
@@ -177,11 +201,58 @@ FIGURES = {figure.name: figure for figure in (
            render=dual_norms_table, shape=markdown_names, expected_shape=dual_norms_names,
            shown="OMP_NUM_THREADS=1 python tools/compare_methods.py --sweep configs/sweeps/dual_norms.yaml --json "
                  "tracker=none", env=(("OMP_NUM_THREADS", "1"),)),
+    Figure("steps", (sys.executable, "tools/bench_step.py", "--threads", "1", "--clock", "process", "--markdown",
+                     "--rounds", "5"),
+           render=markdown_table, shape=markdown_header, expected_shape=steps_names,
+           shown="python tools/bench_step.py --threads 1 --clock process --markdown --rounds 5"),
 )}
 
 
 # ---------------------------------------------------------------------------------------------
-# the README's blocks
+# the README's summary: derived from the blocks above, not measured again
+
+def demo_row(body: str) -> list[str]:
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in body.splitlines()
+                if re.match(r"(clean top-1 \(main|robust top-1|train time|device)", line))
+    robust = next((value for name, value in rows.items() if name.startswith("robust")), "–")
+    attack = next((name[len("robust top-1 ("):-1] for name in rows if name.startswith("robust")), "")
+    return ["the demo: ResNet-18 AdvProp on the digits, 8 epochs, " + rows.get("device", "?"),
+            f"clean top-1 {rows.get('clean top-1 (main norms)', '?')}, {attack} {robust}, "
+            f"{rows.get('train time', '?')}"]
+
+
+def table_cells(body: str) -> dict[tuple[str, str], str]:
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in body.splitlines()
+            if line.startswith("|") and not set(line) <= set("|-: ")]
+    return {(row[0], head): cell for row in rows[1:] for head, cell in zip(rows[0], row)}
+
+
+def summary_table(bodies: dict[str, str]) -> str:
+    """The README's one table: the demo's result, the step-cost ratios, the loader ratios, each
+    with the command that measured it and the page its block is on."""
+    footer = {name: FOOTER.search(body) for name, body in bodies.items()}
+    steps = table_cells(bodies["steps"][:footer["steps"].start()])
+    measured = next(date for date, _ in steps if re.fullmatch(r"\d{4}-\d{2}-\d{2}", date))
+    loaders = table_cells(bodies["loaders"][:footer["loaders"].start()])
+    ffcv = next(name for name, _ in loaders if name.startswith("FFCV"))
+    dali = next(name for name, _ in loaders if name.startswith("DALI"))
+    demo = demo_row(bodies["demo"][:footer["demo"].start()])
+    lines = ["| measured | result | command (page) |", "|---|---|---|",
+             f"| {demo[0]} | {demo[1]} | `{footer['demo']['command']}` ([the demo](docs/index.md#the-demo)) |",
+             f"| step cost × vanilla, CPU (resnet18, 96 px): advprop PGD-1 / PGD-5, fast_advprop, one attack step "
+             f"| {steps[measured, 'advprop_pgd1']} / {steps[measured, 'advprop_pgd5']}, "
+             f"{steps[measured, 'fast_advprop']}, {steps[measured, 'attack_step']} "
+             f"| `{footer['steps']['command']}` ([speed](docs/speed.md)) |",
+             f"| loader speed ÷ torchvision, 2 CPU workers: FFCV / DALI | {loaders[ffcv, '× torchvision (2)']} / "
+             f"{loaders[dali, '× torchvision (2)']} | `{footer['loaders']['command']}` ([speed](docs/speed.md)) |"]
+    return "\n".join(lines) + "\n"
+
+
+DERIVED = {"summary": (("demo", "steps", "loaders"), summary_table)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the pages' blocks
 
 def blocks(text: str) -> list[re.Match]:
     return list(BLOCK.finditer(text))
@@ -198,6 +269,9 @@ def check(text: str, figures: dict[str, Figure] = FIGURES) -> list[str]:
         if name in seen:
             problems.append(f"figure {name}: in two places (one place per figure)")
         seen.add(name)
+        if name in DERIVED and figures is FIGURES:
+            problems += check_derived(name, body, text)
+            continue
         figure = figures.get(name)
         if figure is None:
             problems.append(f"figure {name}: not one of {sorted(figures)}")
@@ -211,10 +285,22 @@ def check(text: str, figures: dict[str, Figure] = FIGURES) -> list[str]:
             have, want = figure.shape(body[:footer.start()]), figure.expected_shape()
             if have != want:
                 extra, missing = [n for n in have if n not in want], [n for n in want if n not in have]
-                problems.append(f"figure {name}: its structure is not what the code prints now (only in the README: "
+                problems.append(f"figure {name}: its structure is not what the code prints now (only in the page: "
                                 f"{extra or 'none'}; only in the code: {missing or 'none'}{'; order differs' if not extra and not missing else ''}): "
                                 f"rerun python tools/readme_figures.py {name}")
     return problems
+
+
+def check_derived(name: str, body: str, text: str) -> list[str]:
+    sources, derive = DERIVED[name]
+    bodies = {block["name"]: block["body"] for block in blocks(text)}
+    missing = [source for source in sources if source not in bodies or not FOOTER.search(bodies[source])]
+    if missing:
+        return [f"figure {name}: summarises {missing}, which have no measured block"]
+    if body != derive(bodies):
+        return [f"figure {name}: no longer says what the blocks it summarises ({', '.join(sources)}) say: "
+                f"rerun python tools/readme_figures.py {name}"]
+    return []
 
 
 def machine(note: str = "", load: bool = True) -> str:
@@ -249,7 +335,7 @@ def block_text(figure: Figure, stdout: str, where: str) -> str:
 def replace_block(text: str, name: str, body: str) -> str:
     matches = [block for block in blocks(text) if block["name"] == name]
     if len(matches) != 1:
-        raise ValueError(f"figure {name}: the README has {len(matches)} blocks <!-- figures:{name} --> (needs one)")
+        raise ValueError(f"figure {name}: the page has {len(matches)} blocks <!-- figures:{name} --> (needs one)")
     block = matches[0]
     return text[:block.start("body")] + body + text[block.end("body"):]
 
@@ -260,6 +346,29 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def all_pages_text(paths: list[Path]) -> str:
+    return "\n".join(path.read_text() for path in paths)
+
+
+def page_of(name: str, paths: list[Path]) -> Path:
+    holding = [path for path in paths if any(block["name"] == name for block in blocks(path.read_text()))]
+    if len(holding) != 1:
+        raise ValueError(f"figure {name}: {len(holding)} pages hold a block <!-- figures:{name} --> (needs one)")
+    return holding[0]
+
+
+def rewrite(name: str, paths: list[Path], note: str, saved_output: Path | None) -> Path:
+    """Measure figure `name` again (a derived one: from the blocks now) and rewrite its block."""
+    if name in DERIVED:
+        text = all_pages_text(paths)
+        body = DERIVED[name][1]({block["name"]: block["body"] for block in blocks(text)})
+    else:
+        body = measure(FIGURES[name], note, saved_output=saved_output)
+    page = page_of(name, paths)
+    write_atomically(page, replace_block(page.read_text(), name, body))  # read now: it may have been edited
+    return page
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="figures to measure again and rewrite")
@@ -268,29 +377,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="said beside the machine (e.g. 'shared with other jobs')")
     parser.add_argument("--from", dest="saved_output", type=Path,
                         help="one figure: render it from this saved stdout of its command (run today, here)")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--pages", type=Path, nargs="+", default=pages(),
+                        help="the pages holding the blocks (default: README.md and docs/*.md)")
     args = parser.parse_args(argv)
     if args.list:
         for figure in FIGURES.values():
             print(f"{figure.name}: {figure.shown or ' '.join(figure.command)}")
+        for name, (sources, _) in DERIVED.items():
+            print(f"{name}: derived from {', '.join(sources)}")
         return 0
-    unknown = [name for name in args.names if name not in FIGURES]
+    known = {*FIGURES, *DERIVED}
+    unknown = [name for name in args.names if name not in known]
     if unknown or not (args.names or args.check) or (args.saved_output and len(args.names) != 1):
-        print(f"error: name figures of {sorted(FIGURES)} (one with --from) or give --check", file=sys.stderr)
+        print(f"error: name figures of {sorted(known)} (one with --from) or give --check", file=sys.stderr)
         return 2
-    for name in args.names:
+    for name in sorted(args.names, key=lambda n: n in DERIVED):  # a summary after what it summarises
         try:
-            body = measure(FIGURES[name], args.note, saved_output=args.saved_output)
-            text = replace_block(args.readme.read_text(), name, body)  # read now: it may have been edited meanwhile
+            page = rewrite(name, args.pages, args.note, args.saved_output)
         except (ValueError, RuntimeError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        write_atomically(args.readme, text)  # each figure kept as soon as it is measured
-        print(f"rewrote figure {name} in {args.readme}")
-    text = args.readme.read_text()
-    problems = check(text) if args.check else []
+        print(f"rewrote figure {name} in {page}")  # each figure kept as soon as it is measured
+    problems = check(all_pages_text(args.pages)) if args.check else []
     for problem in problems:
-        print(f"error: {args.readme}: {problem}", file=sys.stderr)
+        print(f"error: {problem}", file=sys.stderr)
     return 1 if problems else 0
 
 

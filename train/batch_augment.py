@@ -18,7 +18,7 @@ training loop). Evaluation is never augmented.
   method's loss is the soft-target cross-entropy (timm's SoftTargetCrossEntropy: F.cross_entropy
   with probabilities, no second smoothing). The batch before the mix (images, class indices) is
   kept for the methods that attack it (StepContext.unmixed: advprop and fast_advprop, as the Fast
-  AdvProp authors' code; README "Mixup, CutMix, random erasing").
+  AdvProp authors' code; docs/augmentation.md).
 - The draws come from the run's seeded generators, those timm uses: numpy's global RNG (Mixup),
   python's `random` (erasing boxes) and torch's RNG on the device (erasing fill). Accelerate's
   checkpoint keeps all three per process, so a resumed run draws what the uninterrupted one drew.

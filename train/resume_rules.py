@@ -76,4 +76,4 @@ def check_same_run(saved: DictConfig | dict, current: DictConfig, *, where: str,
         raise ResumeMismatch(
             f"{where} was made with other settings: {', '.join(differences)}. To continue it, rerun with its "
             f"values; to start a new run, give a new output_dir. Only epochs and the logging, checkpointing, "
-            f"evaluation and data-location settings may change on resume (README: Resume)")
+            f"evaluation and data-location settings may change on resume (docs/runs.md: resume)")
