@@ -158,13 +158,6 @@ def image_check_cache(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = previous
 
 
-def with_code(code: str) -> list[str]:
-    """A run_train launcher that runs `code` (a fault to inject: it may replace a function of a
-    train/ module) in the training process, then train/run.py as the script."""
-    return [sys.executable, "-c", f"{code}\nimport runpy, sys\nsys.argv = sys.argv[1:]\n"
-                                  f"runpy.run_path(sys.argv[0], run_name='__main__')"]
-
-
 def torch_default_threads() -> int:
     """The threads torch takes in a fresh process without OMP_NUM_THREADS: the machine's cores."""
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
@@ -184,23 +177,43 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A session fixture's folder, built by build(folder) once for the whole test run: with
+    pytest-xdist the workers share it (the first builds it under a file lock, the others wait for
+    it and reuse it). Tests copy it before changing it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's base is a folder of the run's
+        root = root.parent
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        if not (root / f"{name}.built").exists():
+            build(folder)
+            (root / f"{name}.built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
-    return build_digits_imagefolder(tmp_path_factory.mktemp("data") / "digits")
+    return built_once(tmp_path_factory, "digits", build_digits_imagefolder)
+
+
+def copy_few_digits(digits: Path, root: Path, per_class: int = 20) -> Path:
+    import shutil
+
+    for folder in sorted((digits / "train").iterdir()):
+        (root / "train" / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:per_class]:
+            shutil.copy(image, root / "train" / folder.name / image.name)
+    shutil.copytree(digits / "val", root / "val")
+    return root
 
 
 @pytest.fixture(scope="session")
 def few_digits(digits_root, tmp_path_factory) -> Path:
     """The digits set with 20 train images per class (200: runs of a few steps) and the whole val split."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("data") / "few_digits"
-    for folder in sorted((digits_root / "train").iterdir()):
-        (root / "train" / folder.name).mkdir(parents=True)
-        for image in sorted(folder.iterdir())[:20]:
-            shutil.copy(image, root / "train" / folder.name / image.name)
-    shutil.copytree(digits_root / "val", root / "val")
-    return root
+    return built_once(tmp_path_factory, "few_digits", lambda root: copy_few_digits(digits_root, root))
 
 
 @pytest.fixture
@@ -214,10 +227,11 @@ def demo_cfg(digits_root, tmp_path):
 
 @pytest.fixture(scope="session")
 def trained_demo_run(digits_root, tmp_path_factory) -> Path:
-    """The default AdvProp demo, trained once: a run directory with checkpoints and exports."""
-    run_dir = tmp_path_factory.mktemp("runs") / "demo"
-    train_in_process(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none")
-    return run_dir
+    """The default AdvProp demo (configs/demo.yaml: resnet18, 8 epochs, PGD-2), trained once for the
+    whole test run: a run directory with checkpoints and exports. The README's main command: the one
+    full-size run of the suite (~2 min on 2 cores)."""
+    return built_once(tmp_path_factory, "demo_run", lambda run_dir: train_in_process(
+        f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none"))
 
 
 def load_exported(path: Path):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import train_in_process
 
 pytestmark = pytest.mark.slow  # short runs of a tiny model: ~20 s each on one CPU thread (44 steps: enough to
-# tell learning from chance with every augmentation on; these runs also stand for the DALI and FFCV demos)
+# tell learning from chance with every augmentation on)
 
 EVERY_OPTION = ["data.mixup=0.8", "data.cutmix=1.0", "data.mix_switch_prob=0.5", "label_smoothing=0.1",
                 "data.random_erasing=0.25", "data.repeated_aug=3"]
@@ -64,8 +64,6 @@ def test_dual_norm_methods_learn_with_every_option_on_every_loader(method, loade
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["clean_top1"] >= 30, summary  # chance: 10 %: the loader's labels and images line up
     assert summary["val_images"] == 360 and summary["environment"]["loader"] == loader  # each val digit once
-    if loader == "ffcv":  # converted on first use, beside the data
-        assert (digits_root / "ffcv" / "train.beton").is_file() and (digits_root / "ffcv" / "val.beton").is_file()
     losses = step_losses(run_dir)
     assert len(losses) == 44 and all(0 < clean < 10 and 0 < adv < 10 for clean, adv in losses.values())
 

@@ -1,4 +1,5 @@
 """The product end to end on the embedded digits set: learning, outputs, export, other methods."""
+import importlib.util
 import json
 import sys
 
@@ -85,13 +86,42 @@ def test_exports_load_strict_into_plain_timm(trained_demo_run, digits_root, tmp_
     final.load_state_dict(load_file(str(trained_demo_run / "final_main_norm.safetensors")), strict=True)
 
 
-def test_vanilla_method_learns(digits_root, tmp_path):
-    train_in_process(f"data.root={digits_root}", f"output_dir={tmp_path}", "tracker=none", "method=vanilla",
-                     "model=test_resnet", "epochs=4", "eval_robust=false")  # timm's small test ResNet: seconds
-    summary = json.loads((tmp_path / "summary.json").read_text())
+LOADERS = [loader for loader, module in (("torchvision", "torchvision"), ("dali", "nvidia.dali"), ("ffcv", "ffcv"))
+           if importlib.util.find_spec(module) is not None]
+
+
+@pytest.fixture(scope="module")
+def vanilla_runs(digits_root, tmp_path_factory) -> dict:
+    """Vanilla training of timm's small test ResNet on the digits, 4 epochs, on every installed loader."""
+    runs = {}
+    for loader in LOADERS:
+        run_dir = tmp_path_factory.mktemp(f"vanilla_{loader}") / "run"
+        train_in_process(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "method=vanilla",
+                         f"loader={loader}", "model=test_resnet", "epochs=4", "eval_robust=false",
+                         "image_log_every=0", "data.dali.threads=2")
+        runs[loader] = run_dir
+    return runs
+
+
+def test_vanilla_method_learns(vanilla_runs):
+    summary = json.loads((vanilla_runs["torchvision"] / "summary.json").read_text())
     assert summary["clean_top1"] >= 90
-    state = load_file(str(tmp_path / "checkpoints" / "last" / "model.safetensors"))
+    state = load_file(str(vanilla_runs["torchvision"] / "checkpoints" / "last" / "model.safetensors"))
     assert not any(".aux." in key for key in state)  # vanilla trains a plain model
+
+
+@pytest.mark.parametrize("loader", [loader for loader in LOADERS if loader != "torchvision"])
+def test_every_loader_trains_the_digits_like_torchvision(vanilla_runs, digits_root, loader):
+    """The same run on DALI and FFCV: each val digit once, labels lined up with their images; DALI
+    reaches torchvision's accuracy (FFCV stores half the images as JPEG: its bar is lower)."""
+    reports = {name: json.loads((vanilla_runs[name] / "summary.json").read_text()) for name in ("torchvision", loader)}
+    assert reports[loader]["val_images"] == reports["torchvision"]["val_images"] == 360
+    assert reports[loader]["environment"]["loader"] == loader
+    assert reports[loader]["clean_top1"] > (85 if loader == "dali" else 80), reports[loader]
+    if loader == "dali":
+        assert abs(reports[loader]["clean_top1"] - reports["torchvision"]["clean_top1"]) < 5
+    if loader == "ffcv":  # converted on first use, beside the data
+        assert (digits_root / "ffcv" / "train.beton").is_file()
 
 
 README_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_config.yaml")]

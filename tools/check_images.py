@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.errors import UserInputError
+from common.exit_status import run_entry_point
 from pipelines.image_check import cache_folder, check_images, folder_key, report_path
 from pipelines.image_folder import list_image_folder
 
@@ -38,15 +38,11 @@ def parse_args(argv):
 
 def main(argv) -> int:
     args = parse_args(argv)
-    try:
-        if args.photos:
-            from pipelines.photo_data import build_photo_imagefolder
-            name = "photos" if args.photos == 1800 else f"photos-{args.photos}"  # tools/bench_loaders.py's names
-            args.folder = build_photo_imagefolder(Path("data/bench") / name, count=args.photos)
-        listing = list_image_folder(args.folder)
-    except (UserInputError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.photos:
+        from pipelines.photo_data import build_photo_imagefolder
+        name = "photos" if args.photos == 1800 else f"photos-{args.photos}"  # tools/bench_loaders.py's names
+        args.folder = build_photo_imagefolder(Path("data/bench") / name, count=args.photos)
+    listing = list_image_folder(args.folder)
     if args.again:
         for cached in cache_folder().glob(f"{folder_key(args.folder)}.*"):
             cached.unlink()
@@ -72,4 +68,4 @@ def cpu_seconds() -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_entry_point(main, sys.argv[1:]))

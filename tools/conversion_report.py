@@ -5,18 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from common.errors import UserInputError
 
 
 def run_conversion(convert, out: Path) -> dict | int:
-    """convert()'s summary; or the exit status, its reason printed: 2 for an input that cannot give
-    one (UserInputError: one line, nothing written), 128 + N for signal N (pipelines/atomic_files.py
-    raises SIGTERM/SIGHUP as SystemExit), 130 for Ctrl-C."""
+    """convert()'s summary; or, for a stopped conversion, the exit status, its reason printed: 128 + N
+    for signal N (pipelines/atomic_files.py raises SIGTERM/SIGHUP as SystemExit), 130 for Ctrl-C.
+    An input that cannot give one raises UserInputError (ConversionError): one line, exit 2, nothing written."""
     try:
         return convert()
-    except UserInputError as error:  # ConversionError too
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except (KeyboardInterrupt, SystemExit) as stop:
         print(f"stopped: nothing written to {out}", file=sys.stderr)
         return stop.code if isinstance(stop, SystemExit) else 130

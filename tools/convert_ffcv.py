@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from common.exit_status import run_entry_point
 from pipelines.ffcv_writer import WRITE_MODES, StorageSettings, convert_imagefolder
 from pipelines.webdataset_source import set_classes
 from pipelines.wds_ffcv import convert_shards
@@ -97,4 +98,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_entry_point(main, sys.argv[1:]))

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from common.errors import UserInputError
+from common.exit_status import run_entry_point
 from pipelines.wds_writer import convert_folder
 from tools.conversion_report import run_conversion, summary_line
 
@@ -78,4 +79,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_entry_point(main, sys.argv[1:]))

@@ -30,8 +30,9 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.dual_norm import dual_norm_layers
 from common.errors import UserInputError
+from common.exit_status import run_entry_point
+from models.dual_norm import dual_norm_layers
 from tools.robustness import imagenet_c, report as reporting, sets
 from tools.robustness.folders import data_classes
 from tools.robustness.load import load_any
@@ -164,16 +165,12 @@ def run_dir_of(checkpoint: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        attacks = [parse_attack(tokens) for tokens in args.attack or []]
-        model, cfg, classes = load_any(args.checkpoint, model_name=args.model)
-        classes = model_classes(classes, model, args.data)
-        if args.norm == "aux" and not dual_norm_layers(model):
-            raise UserInputError(f"--norm aux: {args.checkpoint} has no auxiliary norms (a dual-norm method's "
-                                 f"checkpoint folder has them; exports keep the main norms only)")
-    except (UserInputError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    attacks = [parse_attack(tokens) for tokens in args.attack or []]
+    model, cfg, classes = load_any(args.checkpoint, model_name=args.model)
+    classes = model_classes(classes, model, args.data)
+    if args.norm == "aux" and not dual_norm_layers(model):
+        raise UserInputError(f"--norm aux: {args.checkpoint} has no auxiliary norms (a dual-norm method's "
+                             f"checkpoint folder has them; exports keep the main norms only)")
     overrides = {"image_size": args.image_size, "val_image_size": args.image_size, "crop_ratio": args.crop_ratio}
     cfg = OmegaConf.merge(cfg, {"data": {k: v for k, v in overrides.items() if v is not None}})
     accelerator = Accelerator()
@@ -201,4 +198,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry_point(main, sys.argv[1:]))

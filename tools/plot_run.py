@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.exit_status import run_entry_point
 from train.run_plot import PLOT_FILE, plot_run
 
 
@@ -20,13 +21,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run", type=Path, help="a run folder (output_dir of train/run.py)")
     parser.add_argument("--out", type=Path, help=f"PNG to write (default: RUN/{PLOT_FILE})")
     args = parser.parse_args(argv)
-    try:
-        print(f"wrote {plot_run(args.run, args.out)}")
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    print(f"wrote {plot_run(args.run, args.out)}")  # a folder that is no run: FileNotFoundError, exit 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_entry_point(main, sys.argv[1:]))

@@ -250,16 +250,10 @@ def finish(ctx, accelerator, train_loader, val_loader, state, log, run_dir: Path
         print(f"plot of the run: {run_dir / PLOT_FILE}")
 
 
-def translate_error(error: BaseException) -> BaseException | None:
-    """Library errors that have a documented exit status here (common/exit_status.py)."""
-    if isinstance(error, FileNotFoundError):  # a path the user gave
-        return UserInputError(str(error))
-    return peer_timeout(error)  # gloo's timeout: another process is frozen or gone
-
-
 def cli(argv: list[str]) -> int:
-    """The command line's exit status: 0, or the documented status of what stopped the run."""
-    return run_entry_point(main, argv, translate_error)
+    """The command line's exit status: 0, or the documented status of what stopped the run
+    (common/exit_status.py; gloo's timeout means another process is frozen or gone: PeerTimeout)."""
+    return run_entry_point(main, argv, peer_timeout)
 
 
 if __name__ == "__main__":
