@@ -15,7 +15,7 @@ image by itself, so their twin separates the affine parameters (scale and shift)
 normalisations (EvoNorm, FilterResponseNorm, FrozenBatchNorm2d) stay shared between the routes.
 
 Unlike timm's convert_splitbn_model (equal chunks of one batch), a route takes whole batches:
-clean and adversarial images take separate forwards (train/methods.py says why).
+clean and adversarial images take separate forwards (train/methods/__init__.py says why).
 """
 from __future__ import annotations
 

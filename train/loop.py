@@ -1,6 +1,6 @@
 """One training epoch and evaluation, on whatever Accelerate prepared.
 
-train_step is the one owner of a step: it runs the method (train/methods.py) up to each Backward
+train_step is the one owner of a step: it runs the method (train/methods/) up to each Backward
 it yields, has the StepGuard check the terms, backpropagates with Accelerate's loss scaling and
 gradient accumulation, synchronises DDP on the last backward of a step only, scales per-group
 gradients, steps the optimizer, the LR schedule and the EMA.
@@ -124,7 +124,7 @@ def train_step(ctx: StepContext, accelerator, optimizer, scheduler, state, x, la
 
 
 def scale_gradients(grad_scales: list[tuple[list[torch.Tensor], float]]) -> None:
-    """A method's per-group gradient factors (train/methods.py: each norm set averaged over its images)."""
+    """A method's per-group gradient factors (train/methods/__init__.py: each norm set averaged over its images)."""
     with torch.no_grad():
         for params, factor in grad_scales:
             grads = [p.grad for p in params if p.grad is not None]
