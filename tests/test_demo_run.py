@@ -1,4 +1,4 @@
-"""The product end to end on the embedded digits set: learning, outputs, export, other methods."""
+"""The product end to end on the embedded digits set: learning, outputs, export, other methods and loaders."""
 import importlib.util
 import json
 import sys

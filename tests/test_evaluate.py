@@ -49,7 +49,7 @@ def test_export_away_from_its_run_keeps_the_val_geometry(trained_demo_run, tmp_p
     moved = tmp_path / "model.safetensors"  # no config.yaml beside it: the metadata says the geometry
     shutil.copy(trained_demo_run / "final_main_norm.safetensors", moved)
     _, cfg, classes = load_any(moved)
-    assert (cfg.data.val_image_size, cfg.data.crop_ratio, cfg.model) == (32, 1.0, "resnet18")  # the demo's
+    assert (cfg.data.val_image_size, cfg.data.crop_ratio, cfg.model) == (32, 1.0, "test_resnet")  # the demo run's
     assert classes == [str(d) for d in range(10)]
 
 
@@ -208,7 +208,7 @@ def test_imagenet_a_subset_argmax(demo_cfg, accelerator, tmp_path):
 def test_cli_plain_state_dict_json_and_wandb(trained_demo_run, digits_root, accelerator, tmp_path, one_thread):
     from safetensors.torch import load_file
     torch.save(load_file(str(trained_demo_run / "final_main_norm.safetensors")), tmp_path / "plain.pth")
-    result = run_cli(tmp_path / "plain.pth", "--model", "resnet18", "--image-size", "32", "--crop-ratio", "1",
+    result = run_cli(tmp_path / "plain.pth", "--model", "test_resnet", "--image-size", "32", "--crop-ratio", "1",
                      "--data", digits_root / "val", "--attack", "pgd", "eps=4", "steps=1", "--workers", "0",
                      "--corrupt", "--corruptions", "contrast", "--severities", "2",
                      "--json", tmp_path / "out.json", "--wandb-run", "evaltest1", cwd=tmp_path)

@@ -36,7 +36,7 @@ def fingerprint(folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def finished_run(trained_demo_run, tmp_path) -> Path:
-    """A copy of the trained demo run (8 epochs, resnet18, advprop PGD-2), to be protected."""
+    """A copy of the trained demo run (8 epochs, test_resnet, advprop PGD-2), to be protected."""
     run_dir = tmp_path / "run"
     shutil.copytree(trained_demo_run, run_dir, symlinks=True)
     return run_dir
@@ -49,7 +49,7 @@ def refused(result, *words):
 
 
 @pytest.mark.parametrize("change, named", [
-    ("model=resnet34", "model ('resnet18' → 'resnet34')"),
+    ("model=resnet34", "model ('test_resnet' → 'resnet34')"),
     ("method=vanilla", "method ('advprop' → 'vanilla')"),
     ("batch_size=32", "batch_size (64 → 32)"),
     ("attack.eps=2", "attack.eps (4.0 → 2.0)"),
@@ -246,12 +246,12 @@ def test_export_never_writes_over_its_checkpoint_or_a_folder(finished_run, tmp_p
 def test_evaluate_refuses_a_model_name_that_contradicts_the_weights(trained_demo_run, digits_root):
     result = tool("evaluate.py", trained_demo_run / "final_main_norm.safetensors", "--data", digits_root / "val",
                   "--model", "resnet34")
-    refused(result, "--model resnet34 does not match", "resnet18")
+    refused(result, "--model resnet34 does not match", "test_resnet")
 
 
 def test_tools_refuse_a_checkpoint_whose_config_and_weights_are_different_models(finished_run, digits_root, tmp_path):
     mixed = tmp_path / "mixed"
-    shutil.copytree(finished_run / "checkpoints" / "best", mixed)  # resnet18 weights …
+    shutil.copytree(finished_run / "checkpoints" / "best", mixed)  # test_resnet weights …
     config = OmegaConf.load(mixed / "config.yaml")
     config.model = "resnet34"  # … and the config of another run
     OmegaConf.save(config, mixed / "config.yaml")
