@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import one_error_line, run_train, train_in_process
+from conftest import DEMO_RUN, one_error_line, run_train, train_in_process
 
 
 def test_the_script_exits_2_with_one_line(tmp_path):
@@ -113,8 +113,8 @@ def test_unreadable_checkpoint_overwrites_nothing(trained_demo_run, digits_root,
     run_dir = tmp_path / "existing"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
-    result = train_in_process(f"data.root={digits_root}", f"output_dir={run_dir}", f"resume={damaged}",
-                       "tracker=none", check=False)
+    result = train_in_process(f"data.root={digits_root}", f"output_dir={run_dir}", *DEMO_RUN, f"resume={damaged}",
+                              "tracker=none", check=False)
     assert result.returncode == 2 and "cannot be loaded" in result.stderr and str(damaged) in result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'

@@ -8,7 +8,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from conftest import digits_val_batch, run_train, train_in_process
+from conftest import DEMO_RUN, digits_val_batch, run_train, train_in_process
 from models.factory import create_model
 from train.run_state import TrainState
 from train.faults import NonFiniteLoss
@@ -246,8 +246,8 @@ def test_checkpoint_pickles_load_weights_only(trained_demo_run, digits_root, tmp
     folder = run_dir / "checkpoints" / "epoch_0008"
     marker = tmp_path / "code-ran"
     torch.save({"state": RunsCode(marker)}, folder / victim)
-    result = train_in_process(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "epochs=9",
-                              f"resume={folder}", check=False)
+    result = train_in_process(f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", *DEMO_RUN,
+                              "epochs=9", f"resume={folder}", check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     line = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
     assert f"checkpoint {folder} cannot be loaded: {victim} holds pickled objects" in line

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, one_error_line, tool_in_process, train_in_process
+from conftest import DEMO_RUN, REPO, one_error_line, tool_in_process, train_in_process
 from train.resume_rules import ResumeMismatch, check_same_run
 
 QUICK = ["tracker=none", "model=test_resnet", "attack.steps=2", "eval_robust=false"]  # timm's small test ResNet
@@ -56,8 +56,8 @@ def refused(result, *words):
 ])
 def test_resume_with_other_settings_is_refused_and_changes_nothing(finished_run, digits_root, change, named):
     before = fingerprint(finished_run)
-    result = train_in_process(f"data.root={digits_root}", f"output_dir={finished_run}", "tracker=none", "epochs=9",
-                              change, check=False)
+    result = train_in_process(f"data.root={digits_root}", f"output_dir={finished_run}", "tracker=none", *DEMO_RUN,
+                              "epochs=9", change, check=False)
     message = refused(result, named, "new output_dir")
     assert "damaged" not in result.stdout + result.stderr and "epoch_0008" in message
     assert fingerprint(finished_run) == before
@@ -74,8 +74,8 @@ def test_a_key_newer_than_the_run_counts_as_its_default(demo_cfg):
 
 def test_resume_none_into_a_run_is_refused(finished_run, digits_root):
     before = fingerprint(finished_run)
-    result = train_in_process(f"data.root={digits_root}", f"output_dir={finished_run}", "tracker=none", "resume=none",
-                              check=False)
+    result = train_in_process(f"data.root={digits_root}", f"output_dir={finished_run}", "tracker=none", *DEMO_RUN,
+                              "resume=none", check=False)
     refused(result, "already holds a run", "new output_dir")
     assert fingerprint(finished_run) == before
 
@@ -85,8 +85,8 @@ def test_every_checkpoint_unloadable_is_an_error_not_a_fresh_start(finished_run,
     for weights in (folder / "model.safetensors" for folder in folders):
         weights.write_bytes(weights.read_bytes()[:1000])
     before = fingerprint(finished_run)
-    result = train_in_process(f"data.root={digits_root}", f"output_dir={finished_run}", "tracker=none", "epochs=9",
-                              check=False)
+    result = train_in_process(f"data.root={digits_root}", f"output_dir={finished_run}", "tracker=none", *DEMO_RUN,
+                              "epochs=9", check=False)
     refused(result, f"none of the {len(folders)} checkpoints", "can be loaded", "resume=PATH")
     assert fingerprint(finished_run) == before
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipelines.photo_data import build_photo_imagefolder
 from pipelines.wds_index import read_index, scan_tar
+from conftest import tool_in_process
 from wds_sets import convert_wds, digest, folder_samples, reference_samples
 
 
@@ -116,10 +117,9 @@ def test_bad_files_are_skipped_with_reasons_and_counted(tmp_path):
 
 
 def run_main(capsys, *args) -> tuple[int, str]:
-    """tools/convert_wds.py's main in this process (a refusal costs no interpreter start)."""
-    from tools.convert_wds import main
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
+    """tools/convert_wds.py's command line in this process (a refusal costs no interpreter start)."""
+    result = tool_in_process("convert_wds.py", *args)
+    return result.returncode, result.stderr
 
 
 def test_refusals_change_nothing(digits_root, tmp_path, capsys):
