@@ -36,8 +36,8 @@ def test_dual_layernorm_models_learn_and_export_plain_timm(model, method, digits
     trained = load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
     assert any(".aux." in key for key in trained)  # it did train auxiliary norms
 
-    export = run_dir / "final_main_norm.safetensors"
-    timm.create_model(model, num_classes=10).load_state_dict(load_file(str(export)), strict=True)
+    export = run_dir / "final_model"
+    timm.create_model(model, num_classes=10).load_state_dict(load_file(str(export / "model.safetensors")), strict=True)
     result = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), str(export), "--data",
                              str(digits_root / "val"), "--workers", "0", "--json", str(tmp_path / "eval.json")],
                             cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=600)

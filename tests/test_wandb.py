@@ -80,7 +80,7 @@ def test_resuming_adds_no_duplicate_artifact(wandb_run, digits_root):
 
 def test_evaluate_names_the_artifact_it_evaluated(wandb_run, digits_root):
     result = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"),
-                             str(wandb_run / "final_main_norm.safetensors"), "--data", str(digits_root / "val"),
+                             str(wandb_run / "final_model"), "--data", str(digits_root / "val"),
                              "--limit", "64", "--wandb-run"], cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**__import__("os").environ, "WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-2000:]
