@@ -80,5 +80,5 @@ def create_hub_net(name: str, **kwargs):
 
 def hub_error(error: Exception) -> str:
     """One line for a huggingface_hub/timm error (their messages run over several lines)."""
-    text = " ".join(str(error).split())
+    text = " ".join(str(error).split()).rstrip(".")
     return f"{type(error).__name__}: {text[:400]}"
