@@ -48,6 +48,9 @@ def test_the_trained_model_is_a_model_artifact_with_what_it_takes_to_use_it(wand
     assert final["attack"]["steps"] == 1 and "val_top1" in main[0][1]
     best = [meta["epoch"] for aliases, meta in main if "best" in aliases]
     assert best  # the best epoch carries the alias
+    files = [sorted(entry.path for entry in a.manifest.contents) for a in records_of(wandb_run, "artifact")
+             if a.type == "model"]
+    assert files and all(names == ["README.md", "config.json", "model.safetensors"] for names in files), files
 
 
 def test_metrics_are_defined_for_the_dashboard(wandb_run):
