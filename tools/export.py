@@ -46,7 +46,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="a tools/evaluate.py --json report of these weights, for the card (repeatable)")
     parser.add_argument("--push-to-hub", metavar="USER/NAME", help="upload the folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # OUT may follow the options
     if args.out is None and not args.push_to_hub:
         parser.error("give OUT (the folder to write), --push-to-hub USER/NAME, or both")
     if args.private and not args.push_to_hub:
