@@ -177,3 +177,57 @@ def test_evaluate_refuses_an_hf_hub_model_it_cannot_fetch(digits_root, hub_offli
 
     assert evaluate.main(["hf-hub:nobody/nothing-here", "--data", str(digits_root / "val")]) == 2
     assert "cannot read the config.json of hf-hub:nobody/nothing-here" in capsys.readouterr().err
+
+
+PREPROCESSING = {"input_size": (3, 32, 32), "crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear",
+                 "mean": (0.5,) * 3, "std": (0.5,) * 3}
+
+
+def dual_norm_net(name: str, **kwargs):
+    from models.dual_norm import convert_dual_norm
+    from models.factory import create_net
+
+    torch.manual_seed(0)
+    net = create_net(name, 10, **kwargs)
+    convert_dual_norm(net)
+    return net.eval()
+
+
+def test_a_bn_eps_of_the_run_travels_where_timm_can_build_it(tmp_path):
+    """The EfficientNet recipes' bn_eps: config.json's model_args carry it, so timm's model computes
+    the trained logits (a ResNet, which takes no bn_eps, is exported with a warning saying so)."""
+    import timm
+
+    from models.export import save_export
+
+    net = dual_norm_net("test_efficientnet", bn_eps=1e-2)
+    save_export(net, tmp_path / "b", classes=list("0123456789"), data_config=PREPROCESSING, card="card")
+    assert json.loads((tmp_path / "b" / CONFIG_FILE).read_text())["model_args"]["bn_eps"] == 1e-2
+    images = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(timm.create_model(f"local-dir:{tmp_path / 'b'}", pretrained=True).eval()(images),
+                                   net(images))
+    with pytest.warns(UserWarning, match="BatchNorm eps"):
+        save_export(dual_norm_net("test_resnet", bn_eps=1e-2), tmp_path / "r", classes=list("0123456789"),
+                    data_config=PREPROCESSING, card="card")
+
+
+def test_an_export_that_fails_midway_leaves_the_previous_one(tmp_path, monkeypatch):
+    from models import export
+
+    target = tmp_path / "model"
+    export.save_export(dual_norm_net("test_resnet"), target, classes=list("0123456789"), data_config=PREPROCESSING,
+                       card="the first")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def disk_full(model, folder, **kwargs):  # timm's save_for_hf makes the folder, then writes the weights
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "save_for_hf", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export.save_export(dual_norm_net("test_resnet"), target, classes=list("0123456789"),
+                           data_config=PREPROCESSING, card="the second")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left
