@@ -11,7 +11,7 @@ from pathlib import Path
 
 import timm
 from timm.models import load_model_config_from_hf
-from timm.models._hub import load_model_config_from_path
+from timm.models._hub import load_model_config_from_path  # what create_model("local-dir:…") reads (not exported)
 
 from common.errors import UserInputError
 

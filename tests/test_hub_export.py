@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import one_error_line, train_in_process
+from conftest import REPO, one_error_line, train_in_process
 from models.hub import CONFIG_FILE, WEIGHTS_FILE
 
 # the export's preprocessing differs from configs/demo.yaml's (imagenet, crop ratio 1.0), so a run
@@ -154,6 +154,29 @@ def test_an_export_starts_a_run_with_its_own_preprocessing(hub_run, few_digits, 
     train_in_process(f"data.root={few_digits}", f"output_dir={run_dir}", f"model=local-dir:{export}", "epochs=1",
                      "method=vanilla", "tracker=none", "eval_robust=false", "optimizer.lr_per_256=0.01")
     assert json.loads((run_dir / "summary.json").read_text())["clean_top1"] >= 80  # 4 small steps from ~95 %
+
+
+def test_a_recipe_naming_an_export_takes_its_preprocessing_and_other_constants_need_normalization(hub_run, tmp_path):
+    import shutil
+
+    from common.errors import UserInputError
+    from train.config import load_config
+
+    recipe = tmp_path / "finetune.yaml"
+    recipe.write_text(f"base: {REPO / 'configs' / 'demo.yaml'}\nmodel: local-dir:{hub_run / 'final_model'}\n"
+                      f"normalization: imagenet\n")
+    cfg = load_config([f"config={recipe}"])
+    assert cfg.normalization == "inception" and round(32 / cfg.data.crop_ratio) == 37  # the folder's, not the recipe's
+    assert load_config([f"config={recipe}", "normalization=imagenet"]).normalization == "imagenet"  # the command line's
+
+    clip = tmp_path / "clip_like"  # mean/std that are neither ImageNet's nor 0.5
+    shutil.copytree(hub_run / "final_model", clip)
+    config = json.loads((clip / CONFIG_FILE).read_text())
+    config["pretrained_cfg"].update(mean=[0.4815, 0.4578, 0.4082], std=[0.2686, 0.2613, 0.2758])
+    (clip / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(UserInputError, match="neither imagenet nor inception: give normalization=… after it"):
+        load_config([f"model=local-dir:{clip}"])
+    assert load_config([f"model=local-dir:{clip}", "normalization=imagenet"]).normalization == "imagenet"
 
 
 @pytest.mark.parametrize("model, named", [

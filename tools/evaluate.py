@@ -11,7 +11,8 @@ CHECKPOINT: a run folder (its checkpoints/best, else last), a checkpoint folder,
 folder (timm's Hub layout: tools/export.py, a run's final_model/) or `hf-hub:USER/NAME` (the same
 on the Hugging Face Hub: the only download), a single-file export of older runs (.safetensors), or
 a plain timm state dict (.safetensors/.pth) with --model NAME. Images go through the training run's
-val transform (resize the shorter side, center crop; an export's: its config.json's). Sizes of --attack are pixel units (/255) like the training config.
+val transform (resize the shorter side, center crop; an export's: its config.json's). Sizes of
+--attack are pixel units (/255) like the training config.
 A set that cannot be evaluated is reported as FAILED with the reason, the others still run and are
 reported and written, and the exit status is 1 (2: the model or an option is unusable). Attacks
 are untargeted, on the eval-mode model through its main norms (--norm aux: the auxiliary ones;

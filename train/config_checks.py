@@ -109,8 +109,9 @@ def pretrained_path_check(path: str) -> Check:
     if is_hub_name(path):
         problem = hub_name_problem(path)
         return problem is None, "pretrained_path", problem
+    kind = "a folder" if Path(path).is_dir() else "not a file"
     return not path or Path(path).is_file(), "pretrained_path", \
-        f"is {'a folder' if Path(path).is_dir() else 'not a file'} (a weights file, or local-dir:FOLDER / hf-hub:USER/NAME)"
+        f"is {kind} (a weights file, or local-dir:FOLDER / hf-hub:USER/NAME)"
 
 
 def data_checks(cfg: DictConfig) -> list[Check]:

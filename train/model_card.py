@@ -60,8 +60,8 @@ def summary(cfg, classes: list[str], results: dict, architecture: str) -> str:
     norms = ("It was trained with auxiliary norms for the adversarial images; this export holds the main "
              "norms (the route clean images take), in the plain timm architecture."
              if METHODS[cfg.method].dual_norm else "")
-    return (f"A `{architecture}` classifier of {len(classes)} classes trained with **{cfg.method}** on {dataset_name(cfg)} "
-            f"for {results['epoch']} epochs (of {cfg.epochs}). {norms} Its inputs are RGB images preprocessed "
+    return (f"A `{architecture}` classifier of {len(classes)} classes trained with **{cfg.method}** on "
+            f"{dataset_name(cfg)} for {results['epoch']} epochs (of {cfg.epochs}). {norms} Its inputs are RGB images preprocessed "
             f"as its `config.json` says (timm applies it: see *How to load it*).").replace("  ", " ")
 
 

@@ -4,9 +4,10 @@ or any timm model in the Hub layout) as a run's starting point, with its own pre
 It means `model=<the architecture its config.json names> pretrained_path=<the same name>` (the
 weights; models/factory.py loads them, a fresh head where the classes differ) plus the
 preprocessing its pretrained_cfg records: normalization (its mean/std), data.val_image_size and
-data.crop_ratio. These act like a preset at the place the model is named: on the command line,
-keys given after `model=…` override them (and the recipe's are overridden); in a recipe, the
-recipe's own keys win. The resolved config.yaml of the run says what was used.
+data.crop_ratio. These act like a preset where the model is named: they override the recipe (its
+base recipes too), and keys given on the command line after `model=…` override them. (For the
+recipe's own preprocessing, name the weights alone: `model: <architecture>` and
+`pretrained_path: local-dir:…`.) The resolved config.yaml of the run says what was used.
 """
 from __future__ import annotations
 
@@ -33,13 +34,12 @@ def with_starting_model(layers: list, merge) -> list:
     except UserInputError as error:
         raise ConfigError(f"bad value for model: {error}") from None
     preprocessing = preprocessing_of(pretrained_cfg)
-    later = layers[where + 1:]
-    if "normalization" not in preprocessing and not any(OmegaConf.select(l, "normalization") for l in later):
-        raise ConfigError(f"bad value for model: {name} normalises with mean {pretrained_cfg.get('mean')} and std "
-                             f"{pretrained_cfg.get('std')}, neither {' nor '.join(NORMALIZATION)}: give normalization=… "
-                             f"after it to fine-tune with one of those")
-    # a recipe naming it: below the recipe (its keys win); on the command line: right after it
-    at = 0 if where == 0 else where + 1
+    at = where + 1  # right after the layer that names it: the recipe, or an override
+    if "normalization" not in preprocessing and not any(OmegaConf.select(layer, "normalization")
+                                                        for layer in layers[at:]):
+        raise ConfigError(f"bad value for model: {name} normalises with mean {pretrained_cfg.get('mean')} and "
+                          f"std {pretrained_cfg.get('std')}, neither {' nor '.join(NORMALIZATION)}: give "
+                          f"normalization=… after it to fine-tune with one of those")
     weights = OmegaConf.create({"model": architecture, "pretrained_path": absolute(name)})
     return [*layers[:at], OmegaConf.create(preprocessing), *layers[at:], weights]
 

@@ -90,7 +90,8 @@ def described_by_timm(net: torch.nn.Module, model: str, source: str):
 
 
 def load_export(path: Path, metadata: dict):
-    """A single-file export of before the folder (tools/export.py then); the val geometry from the run's config.yaml beside it, else from the
+    """A single-file export of before the folder (tools/export.py then); the val geometry from the
+    run's config.yaml beside it, else from the
     file's metadata (exports since image_size was recorded), else the defaults."""
     run_config = path.parent / "config.yaml"
     has_run_config = run_config.is_file()
