@@ -22,7 +22,8 @@ HUB_RUN = ["model=test_resnet", "epochs=2", "attack.steps=1", "tracker=none", "n
 @pytest.fixture(scope="module")
 def hub_run(digits_root, tmp_path_factory):
     """AdvProp (dual norms: the export keeps the main ones) on the whole digits set: ~95 % top-1 in
-    2 epochs of timm's test ResNet (~16 s here), so an equal top-1 through timm's pipeline is no accident."""
+    2 epochs of timm's test ResNet (16-28 s on this 2-core machine), so an equal top-1 through timm's
+    pipeline is no accident; the tests of this file share it."""
     run_dir = tmp_path_factory.mktemp("hub") / "run"
     train_in_process(f"data.root={digits_root}", f"output_dir={run_dir}", *HUB_RUN)
     return run_dir
@@ -101,6 +102,16 @@ def test_tools_export_writes_the_same_folder_and_evaluate_reads_it(hub_run, digi
         (out / "README.md").read_text()
     assert run_entry_point(export.main, [str(hub_run), str(out)]) == 2  # there already: --overwrite
     assert run_entry_point(export.main, [str(hub_run), str(out), "--overwrite"]) == 0
+
+    from huggingface_hub import ModelCard  # an earlier epoch's card: that epoch's validation, not the run's end
+    early = tmp_path / "epoch1"
+    assert run_entry_point(export.main, [str(hub_run / "checkpoints" / "epoch_0001"), str(early)]) == 0
+    lines = [json.loads(line) for line in (hub_run / "metrics.jsonl").read_text().splitlines()]
+    validated = next(line for line in lines if line.get("epoch") == 1 and "val/top1" in line)
+    card = ModelCard.load(early / "README.md")
+    assert {r.metric_name: r.metric_value for r in card.data.eval_results} == {
+        "clean top-1": round(validated["val/top1"], 2)}
+    assert "measured by the validation after epoch 1" in card.text
 
 
 @pytest.fixture

@@ -258,9 +258,9 @@ def test_tools_refuse_a_checkpoint_whose_config_and_weights_are_different_models
     config = OmegaConf.load(mixed / "config.yaml")
     config.model = "resnet34"  # … and the config of another run
     OmegaConf.save(config, mixed / "config.yaml")
-    for result in (tool("export.py", mixed, tmp_path / "out.safetensors"),
+    for result in (tool("export.py", mixed, tmp_path / "out"),
                    tool("evaluate.py", mixed, "--data", digits_root / "val")):
         line = refused(result, f"checkpoint {mixed}: model.safetensors does not hold the model its config.yaml and "
                                f"classes.json describe (resnet34, 10 classes)", "missing", "copy the whole checkpoint")
         assert "state_dict" not in line
-    assert not (tmp_path / "out.safetensors").exists()
+    assert not (tmp_path / "out").exists()

@@ -66,9 +66,8 @@ def main(argv: list[str]) -> None:
         check_hub_upload(args.push_to_hub)
     evaluations = [read_eval_report(path) for path in args.eval_report]
     model, cfg, classes = load_checkpoint_model(folder)
-    state = read_state(folder)
     run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else None
-    results = checkpoint_results(run_dir, state.epoch, final=state.epoch == cfg.epochs and not state.batch)
+    results = checkpoint_results(run_dir, read_state(folder))
     load_name = f"hf-hub:{args.push_to_hub}" if args.push_to_hub else ""
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or Path(scratch) / "model"

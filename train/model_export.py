@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from models.export import save_export
 from models.factory import NORMALIZATION
 from train.model_card import model_card
@@ -67,11 +69,13 @@ def logged_epoch_results(run_dir: Path, epoch: int, prefix: str = "val") -> dict
     return epoch_results(validated[-1], epoch, prefix) if validated else None
 
 
-def checkpoint_results(run_dir: Path | None, epoch: int, final: bool) -> dict:
-    """The numbers a run recorded of its weights at `epoch`: summary.json where they are the run's
-    final weights, else the epoch's validation; none where the run recorded neither."""
-    summary = run_dir / "summary.json" if run_dir else None
-    if final and summary and summary.is_file():
-        return final_results(json.loads(summary.read_text()), epoch)
-    return (run_dir and logged_epoch_results(run_dir, epoch)) or {
-        "epoch": epoch, "measured": "not measured: the run recorded no validation of these weights"}
+def checkpoint_results(run_dir: Path | None, state) -> dict:
+    """The numbers the run recorded of a checkpoint's weights (state: its TrainState): summary.json
+    where they are the run's end (the epochs its config.yaml asks for now: a run extended since has
+    another end), else the epoch's validation; none where the run recorded neither."""
+    if run_dir is None or state.batch:  # a copied checkpoint folder, or one saved mid-epoch
+        return {"epoch": state.epoch, "measured": "not measured: the run recorded no validation of these weights"}
+    summary, config = run_dir / "summary.json", run_dir / "config.yaml"
+    if summary.is_file() and config.is_file() and OmegaConf.load(config).get("epochs") == state.epoch:
+        return final_results(json.loads(summary.read_text()), state.epoch)
+    return logged_epoch_results(run_dir, state.epoch) or checkpoint_results(None, state)
