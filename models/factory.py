@@ -15,12 +15,23 @@ import torch
 from torch import nn
 
 from models.dual_norm import NORM_NAMES, convert_dual_norm, dual_norm_layers
+from models.hub import create_hub_net, hub_name_problem, is_hub_name, read_hub_config
 from common.errors import UserInputError
 
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
+
+
+def normalization_named(mean, std) -> str | None:
+    """The NORMALIZATION name of these constants (timm's pretrained_cfg), None if neither."""
+    if len(mean) != 3 or len(std) != 3:
+        return None
+    for name, (known_mean, known_std) in NORMALIZATION.items():
+        if all(abs(a - b) < 1e-3 for a, b in zip((*mean, *std), (*known_mean, *known_std))):
+            return name
+    return None
 
 
 class Normalized(nn.Module):
@@ -42,23 +53,37 @@ class Normalized(nn.Module):
         return {f"net.{name}" for name in getattr(self.net, "no_weight_decay", set)()}
 
 
+def model_name_problem(name: str) -> str | None:
+    """What is wrong with a model name (None: timm has it, or it is a usable local-dir:/hf-hub: name)."""
+    if is_hub_name(name):
+        return hub_name_problem(name)
+    if timm.is_model(name):
+        return None
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    return "is not a timm model" + (f"; closest: {', '.join(close)}" if close else "; see timm.list_models()")
+
+
 def create_net(name: str, num_classes: int, *, pretrained_path: str = "", drop_rate: float = 0.0,
                drop_path_rate: float = 0.0, bn_momentum: float | None = None,
                bn_eps: float | None = None) -> nn.Module:
-    """timm.create_model with random init, or weights from a local file (never a download)."""
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        raise UserInputError(f"bad value for model: {name!r} is not a timm model"
-                             + (f"; closest: {', '.join(close)}" if close else "; see timm.list_models()"))
+    """timm.create_model with random init, or weights from a local file or a local-dir:/hf-hub: model
+    (models/hub.py; the only download: an hf-hub: name's, which the user asked for)."""
+    problem = model_name_problem(name)
+    if problem:
+        raise UserInputError(f"bad value for model: {name!r} {problem}")
     # stochastic depth only when asked: timm models without it (VGG, DLA, ...) take no such argument
     depth = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
     try:
-        net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **depth)
+        if is_hub_name(pretrained_path):
+            check_hub_architecture(pretrained_path, name)
+            net = create_hub_net(pretrained_path, num_classes=num_classes, drop_rate=drop_rate, **depth)
+        else:
+            net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **depth)
     except TypeError as error:
         if depth and "drop_path_rate" in str(error):
             raise UserInputError(f"bad value for drop_path_rate: {name} has no stochastic depth to set") from None
         raise
-    if pretrained_path:
+    if pretrained_path and not is_hub_name(pretrained_path):
         load_local_weights(net, Path(pretrained_path))
     for module in net.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -67,6 +92,14 @@ def create_net(name: str, num_classes: int, *, pretrained_path: str = "", drop_r
             if bn_eps is not None:
                 module.eps = bn_eps
     return net
+
+
+def check_hub_architecture(source: str, name: str) -> None:
+    """pretrained_path=local-dir:…/hf-hub:… must hold weights of model=name's architecture."""
+    architecture = read_hub_config(source)[1]
+    if architecture != timm.models.split_model_name_tag(name)[0]:
+        raise UserInputError(f"bad value for pretrained_path: {source} holds a {architecture}, not model={name}: "
+                             f"give model={architecture}, or model={source} alone")
 
 
 def refused_pickle(error: Exception) -> str:

@@ -246,17 +246,44 @@ def trained_demo_run(digits_root, tmp_path_factory) -> Path:
 
 
 def load_exported(path: Path):
-    """A plain timm model (in our [0, 1]-input wrapper) from an exported main-norm safetensors file."""
+    """A plain timm model (in our [0, 1]-input wrapper) from an export: a folder in timm's Hub layout
+    (timm loads it), or a single-file export of before (main-norm safetensors, our metadata)."""
     import timm
     from safetensors.torch import load_file
 
     from models.export import read_metadata
-    from models.factory import Normalized
+    from models.factory import Normalized, normalization_named
 
+    path = Path(path)
+    if path.is_dir():
+        net = timm.create_model(f"local-dir:{path}", pretrained=True)
+        return Normalized(net, normalization_named(net.pretrained_cfg["mean"], net.pretrained_cfg["std"])).eval()
     meta = read_metadata(path)
     net = timm.create_model(meta["model"], num_classes=int(meta["num_classes"]))
     net.load_state_dict(load_file(str(path)), strict=True)
     return Normalized(net, meta["normalization"]).eval()
+
+
+def old_single_file_export(folder: Path, path: Path, *, export_format: str = "advprop-main-norm",
+                           geometry: bool = True) -> Path:
+    """The export `folder` (timm's Hub layout) rewritten as the single .safetensors file tools/export.py
+    wrote before the folder: main-norm weights, metadata model/normalization/num_classes/classes/format
+    and (geometry: exports since the val geometry was recorded) image_size/crop_ratio."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from models.factory import normalization_named
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    pretrained = config["pretrained_cfg"]
+    metadata = {"model": config["architecture"], "num_classes": str(config["num_classes"]),
+                "normalization": normalization_named(pretrained["mean"], pretrained["std"]),
+                "classes": json.dumps(config["label_names"]), "format": export_format}
+    if geometry:
+        metadata.update(image_size=str(pretrained["input_size"][-1]), crop_ratio=str(pretrained["crop_pct"]))
+    save_file(load_file(str(Path(folder) / "model.safetensors")), str(path), metadata=metadata)
+    return path
 
 
 def digits_val_batch(digits_root: Path, n: int = 64):

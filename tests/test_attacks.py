@@ -16,7 +16,7 @@ EPS, STEP = 8 / 255, 2 / 255
 
 @pytest.fixture(scope="module")
 def trained_model(trained_demo_run):
-    return load_exported(trained_demo_run / "final_main_norm.safetensors")
+    return load_exported(trained_demo_run / "final_model")
 
 
 @pytest.fixture(scope="module")

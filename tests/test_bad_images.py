@@ -172,7 +172,7 @@ def test_a_run_with_bad_images_finishes_saves_every_epoch_and_counts_them(loader
         model, cfg, classes = load_checkpoint_model(run_dir / "checkpoints" / name)
         assert classes == CLASSES and cfg.epochs == 2
         assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert (run_dir / "final_main_norm.safetensors").is_file()
+    assert (run_dir / "final_model" / "model.safetensors").is_file()
 
 
 def _reports(root: Path, loader: str) -> str:

@@ -73,17 +73,17 @@ def test_panel_check_fails_for_an_attack_that_changes_nothing(digits_root, tmp_p
 
 
 def test_exports_load_strict_into_plain_timm(trained_demo_run, digits_root, tmp_path):
-    out = tmp_path / "best.safetensors"
+    out = tmp_path / "best"
     tool_in_process("export.py", trained_demo_run / "checkpoints" / "best", out, check=True)
     trained, cfg, classes = load_checkpoint_model(trained_demo_run / "checkpoints" / "best")
     images, _ = digits_val_batch(digits_root, 32)
     plain = timm.create_model(cfg.model, num_classes=len(classes)).eval()
-    plain.load_state_dict(load_file(str(out)), strict=True)
+    plain.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
     with torch.no_grad():
         expected = trained(images)
         torch.testing.assert_close(plain((images - trained.mean) / trained.std), expected)
     final = timm.create_model(cfg.model, num_classes=len(classes))
-    final.load_state_dict(load_file(str(trained_demo_run / "final_main_norm.safetensors")), strict=True)
+    final.load_state_dict(load_file(str(trained_demo_run / "final_model" / "model.safetensors")), strict=True)
 
 
 LOADERS = [loader for loader, module in (("torchvision", "torchvision"), ("dali", "nvidia.dali"), ("ffcv", "ffcv"))

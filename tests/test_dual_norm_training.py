@@ -33,8 +33,8 @@ def test_dual_layernorm_models_learn_and_export_plain_timm(model, method, digits
     trained = load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
     assert any(".aux." in key for key in trained)  # it did train auxiliary norms
 
-    export = run_dir / "final_main_norm.safetensors"
-    timm.create_model(model, num_classes=10).load_state_dict(load_file(str(export)), strict=True)
+    export = run_dir / "final_model"
+    timm.create_model(model, num_classes=10).load_state_dict(load_file(str(export / "model.safetensors")), strict=True)
     result = tool_in_process("evaluate.py", export, "--data", digits_root / "val", "--workers", "0", "--json",
                              tmp_path / "eval.json")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import tool_in_process
+from conftest import old_single_file_export, tool_in_process
 from common.errors import UserInputError
 from tools.robustness import imagenet_c, sets
 from tools.robustness.load import imagenet_wnids, load_any
@@ -37,7 +37,7 @@ def run_cli(*args, cwd):
 
 def test_checkpoint_export_and_run_folder_agree(trained_demo_run, digits_root, accelerator, one_thread):
     last = sets.clean(context(trained_demo_run / "checkpoints" / "last", accelerator), digits_root / "val")
-    export = sets.clean(context(trained_demo_run / "final_main_norm.safetensors", accelerator), digits_root / "val")
+    export = sets.clean(context(trained_demo_run / "final_model", accelerator), digits_root / "val")
     assert last["images"] == export["images"] == len(list((digits_root / "val").rglob("*.png")))
     assert export["top1"] == last["top1"] and export["top5"] == last["top5"]
     # the same images and transform as the training run's own final validation
@@ -47,20 +47,15 @@ def test_checkpoint_export_and_run_folder_agree(trained_demo_run, digits_root, a
 
 def test_export_away_from_its_run_keeps_the_val_geometry(trained_demo_run, tmp_path):
     moved = tmp_path / "model.safetensors"  # no config.yaml beside it: the metadata says the geometry
-    shutil.copy(trained_demo_run / "final_main_norm.safetensors", moved)
+    old_single_file_export(trained_demo_run / "final_model", moved)  # a single-file export of before the folder
     _, cfg, classes = load_any(moved)
     assert (cfg.data.val_image_size, cfg.data.crop_ratio, cfg.model) == (32, 1.0, "test_resnet")  # the demo run's
     assert classes == [str(d) for d in range(10)]
 
 
 def test_export_without_geometry_or_config_warns_and_uses_the_defaults(trained_demo_run, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from models.export import read_metadata
-
-    source = trained_demo_run / "final_main_norm.safetensors"  # rewritten as an export from before the geometry
-    old = {k: v for k, v in read_metadata(source).items() if k not in ("image_size", "crop_ratio")}
-    save_file(load_file(str(source)), str(tmp_path / "old.safetensors"), metadata=old)
+    # an export from before the geometry was recorded
+    old_single_file_export(trained_demo_run / "final_model", tmp_path / "old.safetensors", geometry=False)
     with pytest.warns(UserWarning, match="no config.yaml beside it"):
         _, cfg, _ = load_any(tmp_path / "old.safetensors")
     assert (cfg.data.image_size, cfg.data.crop_ratio) == (224, 0.875)
@@ -207,14 +202,14 @@ def test_imagenet_a_subset_argmax(demo_cfg, accelerator, tmp_path):
 
 def test_cli_plain_state_dict_json_and_wandb(trained_demo_run, digits_root, accelerator, tmp_path, one_thread):
     from safetensors.torch import load_file
-    torch.save(load_file(str(trained_demo_run / "final_main_norm.safetensors")), tmp_path / "plain.pth")
+    torch.save(load_file(str(trained_demo_run / "final_model" / "model.safetensors")), tmp_path / "plain.pth")
     result = run_cli(tmp_path / "plain.pth", "--model", "test_resnet", "--image-size", "32", "--crop-ratio", "1",
                      "--data", digits_root / "val", "--attack", "pgd", "eps=4", "steps=1", "--workers", "0",
                      "--corrupt", "--corruptions", "contrast", "--severities", "2",
                      "--json", tmp_path / "out.json", "--wandb-run", "evaltest1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "out.json").read_text())
-    direct = sets.clean(context(trained_demo_run / "final_main_norm.safetensors", accelerator), digits_root / "val")
+    direct = sets.clean(context(trained_demo_run / "final_model", accelerator), digits_root / "val")
     assert report["clean"]["top1"] == pytest.approx(direct["top1"])
     assert report["robust"][0]["top1"] <= report["clean"]["top1"] and report["errors"] == {}
     assert "clean val" in result.stdout and "PGD-1 eps=4/255" in result.stdout

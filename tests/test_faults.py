@@ -149,8 +149,9 @@ def test_stop_policy_names_the_step_that_made_weights_non_finite(step_parts, che
 
 
 def test_no_checkpoint_or_export_of_non_finite_weights_is_written(step_parts, tmp_path):
-    from models.export import NonFiniteWeights, save_main_norm
+    from models.export import NonFiniteWeights
     from train.checkpoint_io import save_checkpoint
+    from train.model_export import export_model
 
     ctx, accelerator, optimizer, *_ = step_parts("advprop")
     with torch.no_grad():
@@ -159,9 +160,8 @@ def test_no_checkpoint_or_export_of_non_finite_weights_is_written(step_parts, tm
                                                r"net\.fc\.weight"):
         save_checkpoint(accelerator, tmp_path / "run", "epoch_0001", TrainState(epoch=1), ctx.cfg, list("0123456789"),
                         is_best=True, keep=2)
-    with pytest.raises(NonFiniteWeights, match=r"final_main_norm.safetensors: 1 of its tensors .*fc\.weight"):
-        save_main_norm(ctx.attack_model.net, tmp_path / "final_main_norm.safetensors", model_name="resnet18",
-                       normalization="imagenet", classes=list("0123456789"))
+    with pytest.raises(NonFiniteWeights, match=r"final_model: 1 of its tensors .*fc\.weight"):
+        export_model(ctx.attack_model.net, tmp_path / "final_model", ctx.cfg, list("0123456789"), {"epoch": 1})
     assert list(tmp_path.iterdir()) == []  # no folder, no file, no temporary
 
 
@@ -180,7 +180,8 @@ def test_a_run_whose_steps_would_overflow_the_weights_never_saves_them(few_digit
     # step 1 at the warm-up LR is kept; step 2 (the full LR) is the first undone: its weights, not a later loss
     assert "skipped 1 step(s) with a non-finite loss or weights up to step 2" in skipped.stdout + skipped.stderr
     files = sorted((tmp_path / "skip").rglob("*.safetensors"))
-    assert {p.name for p in files} == {"model.safetensors", "final_main_norm.safetensors"}
+    assert {p.name for p in files} == {"model.safetensors"}  # checkpoints' and the export's
+    assert tmp_path / "skip" / "final_model" / "model.safetensors" in files
     assert all(all_tensors_finite(p) for p in files), files
 
     stopped = run_train(f"data.root={few_digits}", f"output_dir={tmp_path / 'stop'}", *OVERFLOWING_LR,

@@ -147,7 +147,7 @@ def test_sigterm_in_the_final_evaluation_stops_at_once_and_a_rerun_redoes_it(few
     err = stderr.text
     assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped the final evaluation" in err and "rerun the same command" in err
-    assert not (run_dir / "summary.json").exists() and not (run_dir / "final_main_norm.safetensors").exists()
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "final_model").exists()
     trained = (run_dir / "checkpoints" / "last" / "model.safetensors").read_bytes()
 
     args = [*common, "eval_attack.steps=2"]  # evaluation settings may change on resume
@@ -156,7 +156,7 @@ def test_sigterm_in_the_final_evaluation_stops_at_once_and_a_rerun_redoes_it(few
     assert (run_dir / "checkpoints" / "last" / "model.safetensors").read_bytes() == trained  # no training
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["val_images"] == 360 and "robust_top1" in summary
-    assert (run_dir / "final_main_norm.safetensors").exists()
+    assert (run_dir / "final_model" / "model.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------- a full disk
@@ -232,19 +232,19 @@ def test_export_never_writes_over_its_checkpoint_or_a_folder(finished_run, tmp_p
                  and not p.is_symlink())
     refused(tool("export.py", best, other / "x.safetensors"), "inside the checkpoint folder")
     refused(tool("export.py", best, tmp_path), "is a folder")
-    refused(tool("export.py", best, finished_run / "final_main_norm.safetensors"), "exists", "--overwrite")
-    refused(tool("export.py", finished_run / "config.yaml", tmp_path / "x.safetensors"), "is a file, not a folder")
+    refused(tool("export.py", best, finished_run / "final_model"), "exists", "--overwrite")
+    refused(tool("export.py", finished_run / "config.yaml", tmp_path / "x"), "is a file, not a folder")
     assert fingerprint(finished_run) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary file anywhere
 
-    from_run = tool("export.py", finished_run, tmp_path / "best.safetensors")  # a run folder: its best
+    from_run = tool("export.py", finished_run, tmp_path / "best")  # a run folder: its best
     assert from_run.returncode == 0 and str(best) in from_run.stdout, from_run.stderr
-    again = tool("export.py", best, tmp_path / "best.safetensors", "--overwrite")
+    again = tool("export.py", best, tmp_path / "best", "--overwrite")
     assert again.returncode == 0, again.stderr
 
 
 def test_evaluate_refuses_a_model_name_that_contradicts_the_weights(trained_demo_run, digits_root):
-    result = tool("evaluate.py", trained_demo_run / "final_main_norm.safetensors", "--data", digits_root / "val",
+    result = tool("evaluate.py", trained_demo_run / "final_model", "--data", digits_root / "val",
                   "--model", "resnet34")
     refused(result, "--model resnet34 does not match", "test_resnet")
 
@@ -255,9 +255,9 @@ def test_tools_refuse_a_checkpoint_whose_config_and_weights_are_different_models
     config = OmegaConf.load(mixed / "config.yaml")
     config.model = "resnet34"  # … and the config of another run
     OmegaConf.save(config, mixed / "config.yaml")
-    for result in (tool("export.py", mixed, tmp_path / "out.safetensors"),
+    for result in (tool("export.py", mixed, tmp_path / "out"),
                    tool("evaluate.py", mixed, "--data", digits_root / "val")):
         line = refused(result, f"checkpoint {mixed}: model.safetensors does not hold the model its config.yaml and "
                                f"classes.json describe (resnet34, 10 classes)", "missing", "copy the whole checkpoint")
         assert "state_dict" not in line
-    assert not (tmp_path / "out.safetensors").exists()
+    assert not (tmp_path / "out").exists()

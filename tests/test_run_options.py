@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import tool_in_process, train_in_process
+from conftest import old_single_file_export, tool_in_process, train_in_process
 
 # advprop on timm's small test ResNet: 22 batches of 64 an epoch, 4 per optimizer step, so 6 steps an
 # epoch, the last of 2 batches; global batch 256, so LR = lr_per_256 = 0.4 (configs/demo.yaml)
@@ -87,10 +87,7 @@ def test_eval_aux_norm_and_evaluate_norm_aux_agree(extended_run, digits_root, tm
 
 def as_made_before_the_rename(run_dir, tmp_path):
     """A copy of run_dir as this trainer wrote it when only BatchNorms were dual: eval_aux_bn in
-    every config.yaml, final_main_bn.safetensors of format advprop-main-bn."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
+    every config.yaml, final_main_bn.safetensors of format advprop-main-bn (a single file: no final_model/)."""
     old = tmp_path / "old_run"
     shutil.copytree(run_dir, old, symlinks=True)
     for config in [old / "config.yaml", *old.glob("checkpoints/*/config.yaml")]:
@@ -99,11 +96,8 @@ def as_made_before_the_rename(run_dir, tmp_path):
         text = config.read_text()
         assert "eval_aux_norm: true" in text
         config.write_text(text.replace("eval_aux_norm:", "eval_aux_bn:"))
-    export = old / "final_main_norm.safetensors"
-    with safe_open(str(export), framework="pt") as file:
-        metadata = {**file.metadata(), "format": "advprop-main-bn"}
-    save_file(load_file(str(export)), str(old / "final_main_bn.safetensors"), metadata=metadata)
-    export.unlink()
+    old_single_file_export(old / "final_model", old / "final_main_bn.safetensors", export_format="advprop-main-bn")
+    shutil.rmtree(old / "final_model")
     return old
 
 
@@ -115,7 +109,7 @@ def test_a_run_and_export_from_before_the_rename_load_and_resume(extended_run, d
     old_export = tmp_path / "old_export.safetensors"  # an export of format advprop-main-bn, elsewhere
     shutil.copy(old / "final_main_bn.safetensors", old_export)
     model, cfg, classes = load_any(old_export)
-    new_model, _, _ = load_any(extended_run / "final_main_norm.safetensors")
+    new_model, _, _ = load_any(extended_run / "final_model")
     assert cfg.model == "test_resnet" and classes == [str(d) for d in range(10)]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), new_model.state_dict().values()))
     folder_model, folder_cfg, _ = load_any(old / "checkpoints" / "epoch_0002")  # its config says eval_aux_bn
@@ -128,4 +122,4 @@ def test_a_run_and_export_from_before_the_rename_load_and_resume(extended_run, d
                              env={"OMP_NUM_THREADS": "1"})
     assert "redoing the final evaluation" in rerun.stdout
     assert "eval_aux_bn is now called eval_aux_norm" in rerun.stderr
-    assert (old / "final_main_norm.safetensors").is_file() and not (old / "final_main_bn.safetensors").exists()
+    assert (old / "final_model" / "config.json").is_file() and not (old / "final_main_bn.safetensors").exists()

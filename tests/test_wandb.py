@@ -46,6 +46,9 @@ def test_the_trained_model_is_a_model_artifact_with_what_it_takes_to_use_it(wand
     assert final["attack"]["steps"] == 1 and "val_top1" in main[0][1]
     best = [meta["epoch"] for aliases, meta in main if "best" in aliases]
     assert best  # the best epoch carries the alias
+    files = [sorted(entry.path for entry in a.manifest.contents) for a in records_of(wandb_run, "artifact")
+             if a.type == "model"]
+    assert files and all(names == ["README.md", "config.json", "model.safetensors"] for names in files), files
 
 
 def test_metrics_are_defined_for_the_dashboard(wandb_run):
@@ -80,7 +83,7 @@ def test_resuming_adds_no_duplicate_artifact(wandb_run, digits_root):
 
 
 def test_evaluate_names_the_artifact_it_evaluated(wandb_run, digits_root):
-    result = tool_in_process("evaluate.py", wandb_run / "final_main_norm.safetensors", "--data", digits_root / "val",
+    result = tool_in_process("evaluate.py", wandb_run / "final_model", "--data", digits_root / "val",
                              "--limit", "64", "--wandb-run")
     assert result.returncode == 0, result.stderr[-2000:]
     run_id = (wandb_run / "wandb_id.txt").read_text().strip()

@@ -21,7 +21,7 @@ def index_cache(tmp_path, monkeypatch):
 
 def test_evaluate_reads_shards_as_the_folder(trained_demo_run, digits_root, tmp_path, one_thread):
     from accelerate import Accelerator
-    model, cfg, classes = load_any(trained_demo_run / "final_main_norm.safetensors")
+    model, cfg, classes = load_any(trained_demo_run / "final_model")
     ctx = sets.EvalContext(model, cfg, classes, Accelerator(cpu=True), workers=0)
     folder = sets.clean(ctx, digits_root / "val")
     converted = tmp_path / "wds"

@@ -156,8 +156,8 @@ def test_one_epoch_trains_on_every_backend(converted, tmp_path):
         losses = [line["train/loss/clean"] for line in lines if "train/loss/clean" in line]
         assert len(losses) == 11 and losses[-1] < 0.6 * losses[0], (backend, losses)  # it learns: labels fit images
         assert json.loads((run_dir / "summary.json").read_text())["val_images"] == 360
-        from models.export import read_metadata
-        assert json.loads(read_metadata(run_dir / "final_main_norm.safetensors")["classes"]) == [str(d) for d in range(10)]
+        config = json.loads((run_dir / "final_model" / "config.json").read_text())
+        assert config["label_names"] == [str(d) for d in range(10)]
 
 
 # ---------------------------------------------------------------------------------------------

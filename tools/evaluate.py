@@ -7,10 +7,12 @@ Stylized-ImageNet.
     python tools/evaluate.py b0_ap.pth --model tf_efficientnet_b0.ap_in1k --data imagenet/val \
         --imagenet-c imagenet-c --imagenet-a imagenet-a --imagenet-r imagenet-r --stylized sin/val
 
-CHECKPOINT: a run folder (its checkpoints/best, else last), a checkpoint folder, an exported
-main-norm .safetensors (tools/export.py), or a plain timm state dict (.safetensors/.pth) with
---model NAME. Nothing is downloaded. Images go through the training run's val transform (resize
-the shorter side, center crop). Sizes of --attack are pixel units (/255) like the training config.
+CHECKPOINT: a run folder (its checkpoints/best, else last), a checkpoint folder, a model export
+folder (timm's Hub layout: tools/export.py, a run's final_model/) or `hf-hub:USER/NAME` (the same
+on the Hugging Face Hub: the only download), a single-file export of older runs (.safetensors), or
+a plain timm state dict (.safetensors/.pth) with --model NAME. Images go through the training run's
+val transform (resize the shorter side, center crop; an export's: its config.json's). Sizes of
+--attack are pixel units (/255) like the training config.
 A set that cannot be evaluated is reported as FAILED with the reason, the others still run and are
 reported and written, and the exit status is 1 (2: the model or an option is unusable). Attacks
 are untargeted, on the eval-mode model through its main norms (--norm aux: the auxiliary ones;
@@ -33,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from common.errors import UserInputError
 from common.exit_status import run_entry_point
 from models.dual_norm import dual_norm_layers
+from models.hub import is_hub_name
 from tools.robustness import imagenet_c, report as reporting, sets
 from tools.robustness.folders import data_classes
 from tools.robustness.load import load_any
@@ -44,7 +47,9 @@ from train.tracking import wandb_mode
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="run/checkpoint folder, exported .safetensors, or timm state dict")
+    parser.add_argument("checkpoint", type=Path,
+                        help="run/checkpoint folder, export folder, hf-hub:USER/NAME, exported .safetensors, or "
+                             "timm state dict")
     parser.add_argument("--data", required=True, type=Path,
                         help="val ImageFolder (clean and robust accuracy), or WebDataset shards: a folder with "
                              "_info.json (its val/validation split) or a .tar brace pattern")
@@ -159,6 +164,8 @@ def corruption_grid(args) -> tuple[list[str], list[int]]:
 
 def run_dir_of(checkpoint: Path) -> Path | None:
     """The training run folder of a checkpoint (it holds wandb_id.txt), if any."""
+    if is_hub_name(str(checkpoint)):
+        return None
     folder = checkpoint.resolve()
     return next((f for f in (folder, *folder.parents[:3]) if (f / "wandb_id.txt").is_file()), None)
 

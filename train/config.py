@@ -22,6 +22,7 @@ from pipelines.ffcv_writer import StorageSettings
 from train.attacks import PGDConfig
 from train.config_checks import ATTACK_NODES, ConfigError, validate
 from train.methods import METHODS as METHOD_RECORDS
+from train.starting_model import with_starting_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STORAGE = StorageSettings()  # the .beton storage defaults: the FFCV writer's
@@ -143,8 +144,12 @@ class Config:
     output_dir: str = ""  # "" → runs/<name>
     seed: int = 0
     # model
-    model: str = "resnet18"  # any timm model name
-    pretrained_path: str = ""  # local weights file (timm/safetensors state dict); "" → random init
+    # any timm model name, or a shared model to start from: local-dir:FOLDER | hf-hub:USER/NAME (an
+    # export: its architecture, weights and preprocessing; train/starting_model.py)
+    model: str = "resnet18"
+    # weights to start from: a local file (timm/safetensors state dict), or local-dir:/hf-hub: weights of
+    # `model`'s architecture; "" → random init
+    pretrained_path: str = ""
     normalization: str = "imagenet"  # imagenet (torchvision stats) | inception (mean = std = 0.5)
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth: timm's drop_path_rate (the deepest block's drop probability)
@@ -266,7 +271,7 @@ def load_config(args: list[str] | None = None, *,
         for key in ATTACK_NODES:
             if isinstance(recipe_cfg.get(key), str):
                 recipe_cfg[key] = attack_preset(key, recipe_cfg[key])
-        layers = [recipe_cfg, *overrides]
+        layers = with_starting_model([recipe_cfg, *overrides], lambda layers: merged(layers, {}))
         cfg = merged(layers, {})
         defaults = method_attack_defaults(cfg, continuing)
         if defaults:

@@ -8,10 +8,13 @@ augmentations (train/batch_augment.py) add their own.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import UserInputError
+from models.factory import model_name_problem
+from models.hub import hub_name_problem, is_hub_name
 from pipelines.augment_policy import timm_transform
 from pipelines.ffcv_writer import WRITE_MODES
 from pipelines.loader import BACKENDS
@@ -75,8 +78,10 @@ def optimizer_checks(cfg: DictConfig) -> list[Check]:
 
 def run_checks(cfg: DictConfig) -> list[Check]:
     """The model, the loop, reporting and checkpoints."""
-    methods = tuple(METHOD_RECORDS)
+    methods, model_problem = tuple(METHOD_RECORDS), model_name_problem(cfg.model)
     return [
+        (model_problem is None, "model", model_problem),
+        pretrained_path_check(cfg.pretrained_path),
         (cfg.method in methods, "method", f"must be one of {methods}"),
         (cfg.epochs >= 1, "epochs", "must be ≥ 1"),
         (cfg.batch_size >= 1, "batch_size", "must be ≥ 1"),
@@ -98,6 +103,15 @@ def run_checks(cfg: DictConfig) -> list[Check]:
         (cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be ≥ 1"),
         (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be ≥ 0"),
     ]
+
+
+def pretrained_path_check(path: str) -> Check:
+    if is_hub_name(path):
+        problem = hub_name_problem(path)
+        return problem is None, "pretrained_path", problem
+    kind = "a folder" if Path(path).is_dir() else "not a file"
+    return not path or Path(path).is_file(), "pretrained_path", \
+        f"is {kind} (a weights file, or local-dir:FOLDER / hf-hub:USER/NAME)"
 
 
 def data_checks(cfg: DictConfig) -> list[Check]:

@@ -10,12 +10,16 @@ from safetensors.torch import load_file
 
 from common.errors import UserInputError
 from models.factory import create_model
+from models.hub import is_export_folder
 from train.config import read_saved_config, schema
 from train.run_state import CheckpointError
 
 
 def checkpoint_folder(folder: Path) -> Path:
     """A checkpoint folder itself, or a run folder's (or its checkpoints/ folder's) best, else last."""
+    if is_export_folder(folder):
+        raise UserInputError(f"{folder} is a model export (timm's Hub layout), not a checkpoint: give the run or "
+                             f"checkpoint folder it came from")
     for candidate in (folder, folder / "best", folder / "last",
                       folder / "checkpoints" / "best", folder / "checkpoints" / "last"):
         if (candidate / "model.safetensors").is_file():

@@ -6,7 +6,7 @@
     python train/run.py method=vanilla tracker=none                                  # one process
 
 Leaves in output_dir (default runs/<name>): config.yaml, metrics.jsonl, checkpoints/ (last, best),
-final_main_norm.safetensors (plain timm weights), panels/*.png, summary.json, wandb/.
+final_model/ (the trained model as timm's Hub folder: tools/export.py), panels/*.png, summary.json, wandb/.
 One run at a time writes an output_dir; rerunning the command continues it (train/resume_rules.py
 says which settings may change). Exit status: 0 finished, or stopped by a signal with a checkpoint
 saved; 2 bad input (nothing written); 3 non-finite loss or weights (none saved); 4 disk full
@@ -35,7 +35,6 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 from timm.layers import convert_sync_batchnorm
 
-from models.export import export_settings, save_main_norm
 from models.factory import create_model
 from common.errors import UserInputError
 from common.exit_status import run_entry_point
@@ -51,6 +50,7 @@ from train.faults import StopInValidation, StoppedAfterTraining, StopRequest
 from train.loop import evaluate, train_one_epoch
 from train.methods import StepContext, method_of
 from train.model_artifacts import FINAL_EMA_EXPORT, FINAL_EXPORT, OLD_FINAL_EXPORTS, ModelArtifacts
+from train.model_export import export_model, final_results, logged_epoch_results
 from train.optim import create_optimizer, create_schedule, steps_per_epoch
 from train.resume import check_resume, continued_settings, restore
 from train.output_dir import check_output_dir
@@ -234,13 +234,13 @@ def finish(ctx, accelerator, train_loader, val_loader, state, log, run_dir: Path
     log.log({"epoch": state.epoch, **{f"final/{k}": v for k, v in report.items() if isinstance(v, (int, float))}},
             state.step)
     if accelerator.is_main_process:
-        export = export_settings(cfg, classes)
-        save_main_norm(ctx.attack_model.net, run_dir / FINAL_EXPORT, **export)
+        results = final_results(report, state.epoch)
+        export_model(ctx.attack_model.net, run_dir / FINAL_EXPORT, cfg, classes, results)
         if ema is not None:
-            save_main_norm(ema.module.net, run_dir / FINAL_EMA_EXPORT, **export)
-        for new, old in OLD_FINAL_EXPORTS.items():  # a run made before the rename: its old-named exports are stale
-            if (run_dir / new).is_file():
-                (run_dir / old).unlink(missing_ok=True)
+            export_model(ema.module.net, run_dir / FINAL_EMA_EXPORT, cfg, classes,
+                         logged_epoch_results(run_dir, state.epoch, "val_ema") or {"epoch": state.epoch})
+        for old in OLD_FINAL_EXPORTS:  # the single-file exports of a run made before the folder: stale now
+            (run_dir / old).unlink(missing_ok=True)
         (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
         artifacts.final(report, state.epoch, best_is_last=state.best_epoch == state.epoch)
         plot_run(run_dir)

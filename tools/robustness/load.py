@@ -1,8 +1,10 @@
-"""A model for evaluation from any weights we know, loaded strictly, never downloaded.
+"""A model for evaluation from any weights we know, loaded strictly, downloaded only from an hf-hub: name.
 
     model, cfg, classes = load_any("runs/demo")                                  # run → checkpoints/best
     model, cfg, classes = load_any("runs/demo/checkpoints/epoch_0008")           # a checkpoint folder
-    model, cfg, classes = load_any("runs/demo/final_main_norm.safetensors")      # our main-norm export
+    model, cfg, classes = load_any("runs/demo/final_model")                       # an export (timm's Hub layout)
+    model, cfg, classes = load_any("hf-hub:USER/NAME")                            # the same on the Hub
+    model, cfg, classes = load_any("runs/old/final_main_norm.safetensors")        # a single-file export of before
     model, cfg, classes = load_any("b0_ap.pth", model_name="tf_efficientnet_b0.ap_in1k")  # plain timm
 
 model: a `Normalized` (takes [0, 1] images) in eval mode. cfg: a run config (train/config.py)
@@ -20,27 +22,33 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.export import EXPORT_FORMATS, read_metadata
-from models.factory import NORMALIZATION, Normalized, create_net, read_weights
+from models.export import OLD_EXPORT_FORMATS, read_metadata
+from models.factory import NORMALIZATION, Normalized, create_net, normalization_named, read_weights
+from models.hub import LOCAL_DIR, create_hub_net, is_export_folder, is_hub_name
 from common.errors import UserInputError
 from train.model_loading import checkpoint_folder, load_checkpoint_model
 from train.config import read_saved_config, schema
 
 
 def load_any(path: str | Path, *, model_name: str | None = None):
+    if is_hub_name(str(path)):
+        return load_hub(str(path), model_name)
     path = Path(path)
+    if is_export_folder(path):
+        return load_hub(f"{LOCAL_DIR}{path}", model_name)
     if path.is_dir():
         model, cfg, classes = load_checkpoint_model(checkpoint_folder(path))
         check_model_name(model_name, cfg.model, path)
         return model, cfg, classes
     if not path.is_file():
-        raise UserInputError(f"{path} does not exist (expected a run or checkpoint folder, an exported "
-                             f".safetensors file, or a timm state dict with --model NAME)")
+        raise UserInputError(f"{path} does not exist (expected a run or checkpoint folder, an export folder, "
+                             f"an hf-hub:USER/NAME, an exported .safetensors file, or a timm state dict with "
+                             f"--model NAME)")
     try:
         metadata = read_metadata(path) if path.suffix == ".safetensors" else {}
     except Exception as error:  # safetensors' own error type: not a safetensors file
         raise UserInputError(f"cannot read weights {path}: {type(error).__name__}: {error}") from None
-    if metadata.get("format") in EXPORT_FORMATS:
+    if metadata.get("format") in OLD_EXPORT_FORMATS:
         check_model_name(model_name, metadata["model"], path)
         return load_export(path, metadata)
     if not model_name:
@@ -56,8 +64,34 @@ def check_model_name(given: str | None, recorded: str, path: Path) -> None:
                              f"leave --model out (it is only for plain timm state dicts)")
 
 
+def load_hub(name: str, model_name: str | None):
+    """An export folder (local-dir:) or an hf-hub: model: timm builds it and loads its weights; its
+    config.json's pretrained_cfg gives the normalisation, the val geometry and the class names."""
+    net = create_hub_net(name)
+    check_model_name(model_name, net.pretrained_cfg["architecture"], Path(name))
+    model, cfg = described_by_timm(net, net.pretrained_cfg["architecture"], name)
+    classes = net.pretrained_cfg.get("label_names")
+    return model, cfg, list(classes) if isinstance(classes, (list, tuple)) else None
+
+
+def described_by_timm(net: torch.nn.Module, model: str, source: str):
+    """(net wrapped with the normalisation of its pretrained_cfg, a run config with its val geometry)."""
+    pretrained = net.pretrained_cfg or {}
+    mean, std = NORMALIZATION["imagenet"]  # timm's default where a pretrained_cfg has none
+    normalization = normalization_named(pretrained.get("mean", mean), pretrained.get("std", std))
+    if normalization is None:
+        raise UserInputError(f"{source} normalises with mean {pretrained['mean']} and std {pretrained['std']}: not "
+                             f"constants we normalise with ({', '.join(NORMALIZATION)})")
+    size = pretrained.get("input_size", (3, 224, 224))[-1]
+    cfg = OmegaConf.merge(schema(), {
+        "model": model, "normalization": normalization,
+        "data": {"image_size": size, "val_image_size": size, "crop_ratio": pretrained.get("crop_pct", 0.875)}})
+    return Normalized(net, normalization).eval(), cfg
+
+
 def load_export(path: Path, metadata: dict):
-    """tools/export.py's file; the val geometry from the run's config.yaml beside it, else from the
+    """A single-file export of before the folder (tools/export.py then); the val geometry from the
+    run's config.yaml beside it, else from the
     file's metadata (exports since image_size was recorded), else the defaults."""
     run_config = path.parent / "config.yaml"
     has_run_config = run_config.is_file()
@@ -87,18 +121,9 @@ def load_timm_state(path: Path, name: str):
     if f"{head}.weight" in state and state[f"{head}.weight"].shape[0] != 1000:
         net.reset_classifier(state[f"{head}.weight"].shape[0])
     load_strict(net, state, path)
-    pretrained = net.pretrained_cfg or {}
-    normalization = next((key for key, (mean, _) in NORMALIZATION.items()
-                          if torch.allclose(torch.tensor(mean), torch.tensor(pretrained.get("mean", mean)))), None)
-    if normalization is None:
-        raise UserInputError(f"timm's mean for {name} is {pretrained['mean']}: not one we normalise with "
-                             f"({', '.join(NORMALIZATION)})")
-    size = pretrained.get("input_size", (3, 224, 224))[-1]
-    cfg = OmegaConf.merge(schema(), {
-        "model": name, "normalization": normalization,
-        "data": {"image_size": size, "val_image_size": size, "crop_ratio": pretrained.get("crop_pct", 0.875)}})
+    model, cfg = described_by_timm(net, name, f"timm's {name}")
     num_classes = net.get_classifier().weight.shape[0]
-    return Normalized(net, normalization).eval(), cfg, imagenet_wnids() if num_classes == 1000 else None
+    return model, cfg, imagenet_wnids() if num_classes == 1000 else None
 
 
 def imagenet_wnids() -> list[str]:
