@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, one_error_line, train_in_process
+from conftest import REPO, one_error_line, tool_in_process, train_in_process
 from models.hub import CONFIG_FILE, WEIGHTS_FILE
 
 # the export's preprocessing differs from configs/demo.yaml's (imagenet, crop ratio 1.0), so a run
@@ -206,11 +206,9 @@ def test_a_bad_model_name_is_refused_before_any_data(model, named, tmp_path, hub
     assert not data.exists() and not (tmp_path / "run").exists()
 
 
-def test_evaluate_refuses_an_hf_hub_model_it_cannot_fetch(digits_root, hub_offline, capsys):
-    from tools import evaluate
-
-    assert evaluate.main(["hf-hub:nobody/nothing-here", "--data", str(digits_root / "val")]) == 2
-    assert "cannot read the config.json of hf-hub:nobody/nothing-here" in capsys.readouterr().err
+def test_evaluate_refuses_an_hf_hub_model_it_cannot_fetch(digits_root, hub_offline):
+    result = tool_in_process("evaluate.py", "hf-hub:nobody/nothing-here", "--data", digits_root / "val")
+    assert "cannot read the config.json of hf-hub:nobody/nothing-here" in one_error_line(result)
 
 
 PREPROCESSING = {"input_size": (3, 32, 32), "crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear",
