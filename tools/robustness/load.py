@@ -24,7 +24,7 @@ from models.export import EXPORT_FORMATS, read_metadata
 from models.factory import NORMALIZATION, Normalized, create_net, read_weights
 from common.errors import UserInputError
 from train.model_loading import checkpoint_folder, load_checkpoint_model
-from train.config import read_saved_config, schema
+from train.config import onto_schema, read_saved_config
 
 
 def load_any(path: str | Path, *, model_name: str | None = None):
@@ -65,8 +65,7 @@ def load_export(path: Path, metadata: dict):
                          "crop_ratio": float(metadata["crop_ratio"])}} if "image_size" in metadata else {}
     try:
         run_settings = read_saved_config(run_config) if has_run_config else {}
-        cfg = OmegaConf.merge(schema(), geometry, run_settings,
-                              {"model": metadata["model"], "normalization": metadata["normalization"]})
+        cfg = onto_schema(geometry, run_settings, {"model": metadata["model"], "normalization": metadata["normalization"]})
     except OmegaConfBaseException as error:
         raise UserInputError(f"{run_config} (beside {path.name}) is not a run config: {error}") from None
     if not geometry and not has_run_config:
@@ -94,7 +93,7 @@ def load_timm_state(path: Path, name: str):
         raise UserInputError(f"timm's mean for {name} is {pretrained['mean']}: not one we normalise with "
                              f"({', '.join(NORMALIZATION)})")
     size = pretrained.get("input_size", (3, 224, 224))[-1]
-    cfg = OmegaConf.merge(schema(), {
+    cfg = onto_schema({
         "model": name, "normalization": normalization,
         "data": {"image_size": size, "val_image_size": size, "crop_ratio": pretrained.get("crop_pct", 0.875)}})
     num_classes = net.get_classifier().weight.shape[0]
