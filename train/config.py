@@ -277,8 +277,9 @@ def merged(layers: list, attack_defaults: dict) -> DictConfig:
 def onto_schema(*layers, attack_defaults: dict | None = None) -> DictConfig:
     """The schema with layers (recipes, overrides, a saved config.yaml) merged on in order, each
     attack node first made the kind a layer names (attack_node), under the method's attack defaults."""
+    attack_defaults = attack_defaults or {}
     cfg = schema()
-    cfg.attack = attack_node("attack", "pgd", attack_defaults or {})
+    cfg.attack = attack_node("attack", "pgd", attack_defaults)
     for layer in layers:
         layer = OmegaConf.create(layer)
         for key in ATTACK_NODES:
