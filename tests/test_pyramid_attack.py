@@ -194,8 +194,8 @@ def test_each_level_is_clipped_before_its_multiplier_and_the_image_after_each_le
     delta = torch.tensor([[[[1.0, -1.0, 0.2]]]]).expand(1, 3, 1, 3).contiguous()
     edge = perturb(torch.full((1, 3, 1, 10), 0.5), [delta], [4], [1.0])
     assert edge[0, 0, 0].tolist() == pytest.approx([1.0] * 4 + [0.0] * 4 + [0.7] * 2)  # clipped; partial block
-    level_by_level = perturb(torch.full((1, 3, 1, 4), 0.9), [torch.ones(1, 3, 1, 1) * 0.2, -torch.ones(1, 3, 1, 1) * 0.2],
-                             [4, 4], [1.0, 1.0])
+    up, down = torch.full((1, 3, 1, 1), 0.2), torch.full((1, 3, 1, 1), -0.2)
+    level_by_level = perturb(torch.full((1, 3, 1, 4), 0.9), [up, down], [4, 4], [1.0, 1.0])
     assert level_by_level.flatten().tolist() == pytest.approx([0.8] * 12)  # 0.9 + 0.2 → 1.0, then − 0.2 (not 0.9)
 
 

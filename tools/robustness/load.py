@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from models.export import EXPORT_FORMATS, read_metadata
@@ -65,7 +64,8 @@ def load_export(path: Path, metadata: dict):
                          "crop_ratio": float(metadata["crop_ratio"])}} if "image_size" in metadata else {}
     try:
         run_settings = read_saved_config(run_config) if has_run_config else {}
-        cfg = onto_schema(geometry, run_settings, {"model": metadata["model"], "normalization": metadata["normalization"]})
+        cfg = onto_schema(geometry, run_settings,
+                          {"model": metadata["model"], "normalization": metadata["normalization"]})
     except OmegaConfBaseException as error:
         raise UserInputError(f"{run_config} (beside {path.name}) is not a run config: {error}") from None
     if not geometry and not has_run_config:
