@@ -290,6 +290,10 @@ def onto_schema(*layers, attack_defaults: dict | None = None) -> DictConfig:
             if cfg[key] is None or kind != cfg[key].kind:
                 cfg[key] = attack_node(key, kind, attack_defaults if key == "attack" else {})
         cfg = OmegaConf.merge(cfg, layer)
+    for key in ATTACK_NODES:
+        if not isinstance(cfg[key], DictConfig) and not (key == "eval_attack" and cfg[key] is None):
+            raise ConfigError(f"bad value for {key}: {cfg[key]!r} is not an attack: give a name ({key}=pgd5, "
+                              f"{key}=pyramid) or the keys of one ({key}.eps=…)")
     return cfg
 
 
