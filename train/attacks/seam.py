@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.registry import add_record
 from models.dual_norm import MAIN, use_norm
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, images, labels) → images
@@ -90,10 +91,7 @@ ATTACKS: dict[str, AttackKind] = {}
 
 def register_attack(kind: AttackKind) -> AttackKind:
     """Make a kind selectable by its name (a name already taken is an error)."""
-    if kind.name in ATTACKS and ATTACKS[kind.name] is not kind:
-        raise ValueError(f"an attack named {kind.name!r} is already registered")
-    ATTACKS[kind.name] = kind
-    return kind
+    return add_record(ATTACKS, kind, "an attack")
 
 
 def kind_of(node) -> AttackKind:

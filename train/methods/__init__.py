@@ -45,6 +45,7 @@ f·B rows (f = adv_fraction), each a training forward and backward: ≈ 1 + f·k
 """
 from __future__ import annotations
 
+from common.registry import add_record
 from train.methods import adv_train, advprop, fast_advprop, goodfellow_mix, pyramid_at, vanilla
 from train.methods.common import make_adversarial
 from train.methods.record import Backward, Method, MethodSteps, StepContext, StepOutput
@@ -55,10 +56,7 @@ METHODS: dict[str, Method] = {}
 
 def register(method: Method) -> Method:
     """Make a method selectable by `method=<name>` (a name already taken is an error)."""
-    if method.name in METHODS and METHODS[method.name] is not method:
-        raise ValueError(f"a method named {method.name!r} is already registered")
-    METHODS[method.name] = method
-    return method
+    return add_record(METHODS, method, "a method")
 
 
 def method_of(cfg) -> Method:
