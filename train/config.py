@@ -129,7 +129,7 @@ class Config:
     # method
     method: str = "advprop"  # a name of train/methods/ (METHODS)
     # the training attack: a node of a kind of train/attacks/ (its `kind`; default pgd) with targeted
-    # and bn_mode; attack=NAME (a kind, or a preset: pgd1, pgd3, pgd4, pgd5, fgsm) sets it
+    # and bn_mode; attack=NAME (a kind: pgd, pyramid; or a preset: pgd1, pgd3, pgd4, pgd5, fgsm) sets it
     attack: Any = field(default_factory=lambda: training_node("pgd"))
     # the run's loss: ce (softmax cross-entropy) | bce (timm's BinaryCrossEntropy, one sigmoid per
     # class: PyramidAT, DeiT III); the attack descends or ascends the same kind of loss, unsmoothed
