@@ -77,7 +77,7 @@ def test_the_model_card(hub_run):
     results = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert results["clean top-1"] == round(summary["clean_top1"], 2)
     assert results[f"robust top-1 ({summary['robust_attack']})"] == round(summary["robust_top1"], 2)
-    for words in ("PGD-1, ε = 4/255", "targeted at a random wrong class", "train/run.py config=config.yaml",
+    for words in ("training attack: PGD-1 eps=4/255", "targeted (random target classes)", "train/run.py config=config.yaml",
                   "model: test_resnet", "main norms", 'timm.create_model("local-dir:', "crop_pct 0.8649"):
         assert words in card.text, words
 

@@ -33,6 +33,11 @@ figures with date, machine and torch version).
 RandomErasing, then Mixup or CutMix: train/batch_augment.py):
 
     python tools/bench_step.py --methods vanilla_mix_erase --threads 1 --clock process
+
+`pyramid_at` (method record) and `advprop_pyramid` (the pyramid attack's record) train with
+PyramidAT's published attack (5 steps), beside advprop's PGD-5:
+
+    python tools/bench_step.py --methods pyramid_at,advprop_pyramid,advprop_pgd5 --threads 1 --clock process
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ from train.run_state import TrainState
 from train.compile import compile_model
 from train.config import load_config
 from train.loop import train_step
+from train.attacks import ATTACKS
 from train.methods import METHODS, StepContext, method_of
 from train.optim import create_optimizer, create_schedule
 from train.step_guard import StepGuard
@@ -66,10 +72,11 @@ AUGMENTED = {"vanilla_mix_erase": ["method=vanilla", "data.mixup=0.8", "data.cut
 
 
 def bench_cases() -> dict[str, list[str]]:
-    """name → config overrides, from each registered method's record (its bench_cases); the attack
-    presets are the paper's (train/config.py ATTACK_PRESETS). Then the augmented batch's case."""
-    methods = {name: overrides for method in METHODS.values() for name, overrides in method.bench_cases.items()}
-    return {**methods, **AUGMENTED}
+    """name → config overrides, from each registered method's record, then each attack kind's
+    (their bench_cases; the PGD presets are the paper's, train/attacks/gradient_sign.py). Then the
+    augmented batch's case."""
+    records = [*METHODS.values(), *ATTACKS.values()]
+    return {**{name: overrides for record in records for name, overrides in record.bench_cases.items()}, **AUGMENTED}
 
 
 TARGETS = {  # × vanilla, for runs under CONDITIONS; "attack_step": one PGD step with frozen weights

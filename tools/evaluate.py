@@ -39,8 +39,8 @@ from models.hub import is_hub_name
 from tools.robustness import imagenet_c, report as reporting, sets
 from tools.robustness.folders import data_classes
 from tools.robustness.load import load_any
-from train.attacks import ATTACKS, attack_checks, build_attack, describe
-from train.config import ATTACK_PRESETS, attack_preset
+from train.attacks import ATTACK_PRESETS, ATTACKS, attack_checks, build_attack, describe, node_type
+from train.config import attack_setting
 from train.model_artifacts import evaluated_artifact
 from train.tracking import wandb_mode
 
@@ -57,9 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attack", nargs="+", action="append", metavar="NAME KEY=VALUE",
                         help="robust top-1 under an untargeted attack (sizes in pixel units), repeatable: "
                              "`pgd eps=4 steps=5` (keys: eps, step_size, steps, random_start, start_rule, "
-                             "reach_eps) or a preset pgd1|pgd3|pgd4|pgd5|fgsm; `autoattack eps=4` (the standard "
-                             "version: APGD-CE, APGD-T, FAB-T, Square; keys eps, seed); `apgd eps=4` (keys eps, "
-                             "steps, restarts, loss=ce|dlr, seed)")
+                             "reach_eps) or a preset pgd1|pgd3|pgd4|pgd5|fgsm; `pyramid` (PyramidAT's attack, "
+                             "its published values; keys eps, step_size, steps, levels='[32,16,1]', "
+                             "multipliers='[20,10,1]', start=zero|uniform|normal); `autoattack eps=4` (the "
+                             "standard version: APGD-CE, APGD-T, FAB-T, Square; keys eps, seed); `apgd eps=4` "
+                             "(keys eps, steps, restarts, loss=ce|dlr, seed)")
     parser.add_argument("--imagenet-c", type=Path, help="ImageNet-C root: <corruption>/<1-5>/<wnid>/")
     parser.add_argument("--corrupt", action="store_true", help="synthesise ImageNet-C corruptions from --data")
     parser.add_argument("--corruptions", default=",".join(imagenet_c.CORRUPTIONS),
@@ -96,22 +98,21 @@ class OldName(argparse._StoreAction):
 
 
 def parse_attack(tokens: list[str]) -> dict:
-    """`NAME KEY=VALUE…` (NAME an attack kind of train/attacks/ or a PGD preset, `pgd5 eps=2`) →
+    """`NAME KEY=VALUE…` (NAME an attack kind of train/attacks/ or a preset, `pgd5 eps=2`) →
     {attack: the attack, key, name: for the report}."""
     name, *pairs = tokens
-    if name not in ATTACKS and name not in ATTACK_PRESETS:
-        raise UserInputError(f"--attack {name}: use one of {tuple(ATTACKS)} KEY=VALUE… or a PGD preset "
-                             f"{tuple(ATTACK_PRESETS)}")
-    kind = ATTACKS.get(name, ATTACKS["pgd"])
-    preset = attack_preset("eval_attack", name) if name in ATTACK_PRESETS else {}
+    if name not in ATTACK_PRESETS:
+        raise UserInputError(f"--attack {name}: use one of {tuple(ATTACKS)} KEY=VALUE… or a preset "
+                             f"{tuple(p for p in ATTACK_PRESETS if p not in ATTACKS)}")
+    preset = attack_setting("eval_attack", name)
     try:
-        node = OmegaConf.merge(OmegaConf.structured(kind.options), preset, OmegaConf.from_dotlist(pairs))
+        node = OmegaConf.merge(OmegaConf.structured(node_type(ATTACKS[preset["kind"]])), preset,
+                               OmegaConf.from_dotlist(pairs))
     except (OmegaConfBaseException, ValueError) as error:
         raise UserInputError(f"--attack {' '.join(tokens)}: {error} (robust accuracy is measured under "
                              f"untargeted attacks, on the model's eval-mode BN statistics)".replace("\n", "; ")) from None
-    problems = [f"{key} {problem}" for ok, key, problem in attack_checks(node, name) if not ok]
-    if kind.name == "pgd" and (node.steps < 1 or node.step_size <= 0):
-        problems.append("needs steps ≥ 1 and step_size > 0")
+    problems = [f"{key} {problem}" for ok, key, problem in attack_checks(node, name, needed="to attack at all")
+                if not ok]
     if problems:
         raise UserInputError(f"--attack {' '.join(tokens)}: {'; '.join(problems)}")
     key, title = describe(node)

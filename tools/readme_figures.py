@@ -105,7 +105,7 @@ def markdown_names(text: str) -> list[str]:
 
 def demo_table_names() -> list[str]:
     """The row names train/run.py's table has for the README's demo (configs/demo.yaml) today."""
-    from train.attacks import describe
+    from train.attacks import attack_steps, describe
     from train.config import load_config
     from train.summary import robust_attack, table_rows
 
@@ -113,7 +113,7 @@ def demo_table_names() -> list[str]:
     report = {"clean_top1": 0.0, "clean_top5": 0.0, "val_images": 0, "images_left_out": {"train": 0, "val": 0},
               "train_seconds": 0.0, "train_img_per_s": 0.0, "steady_img_per_s": 0.0, "data_wait_fraction": 0.0,
               "environment": {"precision": "", "processes": 1, "device": "", "loader": "", "compile": False}}
-    if cfg.eval_robust and robust_attack(cfg).steps > 0:
+    if cfg.eval_robust and attack_steps(robust_attack(cfg)) > 0:
         report.update(robust_top1=0.0, robust_attack=describe(robust_attack(cfg))[1])
     return ["result"] + [name for name, _ in table_rows(cfg, report)]
 

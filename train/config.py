@@ -5,21 +5,23 @@ bad value is one clear error before any work; the checks are train/config_checks
     python train/run.py                                   # configs/demo.yaml
     python train/run.py config=configs/x.yaml epochs=3 attack.eps=1 model=resnet18
 
-Attack sizes are in pixel units like the paper (attack.eps=4 means 4/255 on [0, 1] images).
+Attack sizes are in pixel units like the paper (attack.eps=4 means 4/255 on [0, 1] images). The
+attack nodes (attack, eval_attack) are the chosen kind's (train/attacks/): `attack=pyramid` makes
+cfg.attack a pyramid attack's node, `attack=pgd5` a PGD node with the paper's PGD-5.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from pipelines.ffcv_writer import StorageSettings
-from train.attacks import PGDConfig
+from train.attacks import ATTACK_PRESETS, ATTACKS, kind_of, node_type
 from train.config_checks import ATTACK_NODES, ConfigError, validate
 from train.methods import METHODS as METHOD_RECORDS
 from train.starting_model import with_starting_model
@@ -27,32 +29,6 @@ from train.starting_model import with_starting_model
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STORAGE = StorageSettings()  # the .beton storage defaults: the FFCV writer's
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "demo.yaml"
-
-@dataclass
-class AttackConfig(PGDConfig):
-    """The training attack: PGD (train/attacks/gradient_sign.py: eps, step_size, steps, random_start,
-    start_rule, clean_start_fraction, reach_eps; pixel units). A method may set some of these under
-    the recipe (its record's attack_defaults: advprop and fast_advprop the references' attack)."""
-    targeted: bool = True  # Xie et al.: a random wrong class as target
-    bn_mode: str = "train"  # the model the attack sees: train (BN batch statistics) | eval (running statistics)
-
-
-# `attack=NAME` (command line or recipe): the paper's attacker strengths (Xie et al., Table "attacker
-# strength"), in pixel units; keys given after it override. FGSM is one full-ε step from the clean image (Goodfellow et al.).
-ATTACK_PRESETS = {
-    "pgd1": dict(eps=1.0, step_size=1.0, steps=1),
-    "pgd3": dict(eps=2.0, step_size=1.0, steps=3),
-    "pgd4": dict(eps=3.0, step_size=1.0, steps=4),
-    "pgd5": dict(eps=4.0, step_size=1.0, steps=5),
-    "fgsm": dict(eps=1.0, step_size="${.eps}", steps=1, random_start=False, targeted=False),
-}
-
-
-@dataclass
-class EvalAttackConfig(PGDConfig):
-    """The attack of the final robust accuracy: untargeted PGD on the eval-mode model (BN running
-    statistics), so it has no `targeted` or `bn_mode`; every image starts at a random point."""
-
 
 @dataclass
 class ProgressiveConfig:
@@ -157,7 +133,13 @@ class Config:
     bn_eps: Optional[float] = None
     # method
     method: str = "advprop"  # a name of train/methods/ (METHODS)
-    attack: AttackConfig = field(default_factory=AttackConfig)  # or a preset: attack=pgd5
+    # the training attack: a node of a kind of train/attacks/ (its `kind`; default pgd) with targeted
+    # and bn_mode; attack=NAME (a kind: pgd, pyramid; or a preset: pgd1, pgd3, pgd4, pgd5, fgsm) sets it
+    attack: Any = field(default_factory=lambda: training_node("pgd"))
+    # the run's loss: ce (softmax cross-entropy) | bce (timm's BinaryCrossEntropy, one sigmoid per
+    # class: PyramidAT, DeiT III); the attack descends or ascends the same kind of loss, unsmoothed
+    loss: str = "ce"
+    bce_sum_classes: bool = False  # bce: per image the sum over classes (scenic's sigmoid CE), not timm's mean
     # and one node per method with options, named after it: advprop, goodfellow_mix, fast_advprop (schema())
     # data
     loader: str = "torchvision"  # one of config_checks.LOADERS
@@ -169,6 +151,7 @@ class Config:
     # ends with a step over the batches left (timm's train.py does the same)
     grad_accum_steps: int = 1
     label_smoothing: float = 0.0  # with data.mixup/cutmix: inside the mixed targets (timm's Mixup)
+    grad_clip_norm: float = 0.0  # clip the gradient's global L2 norm to this before each optimizer step; 0 → off
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     channels_last: bool = True
@@ -180,7 +163,9 @@ class Config:
     # evaluation
     eval_aux_norm: bool = False  # also validate through the auxiliary norms each epoch (dual-norm methods)
     eval_robust: bool = True  # robust top-1 under eval_attack (untargeted) at the end
-    eval_attack: Optional[EvalAttackConfig] = None  # e.g. eval_attack=pgd5 (one attack for all methods); None → attack
+    # a node of any attack kind, e.g. eval_attack=pgd5 (one attack for all methods), eval_attack=autoattack;
+    # None → the training attack's node as its kind evaluates it (untargeted)
+    eval_attack: Any = None
     # logging and checkpoints
     tracker: str = "wandb"  # wandb (offline without a login) | none
     wandb_project: str = "advprop"
@@ -243,8 +228,10 @@ def load_config(args: list[str] | None = None, *,
     """Schema ← the method's attack defaults ← recipe (config=PATH, default configs/demo.yaml) ←
     key=value overrides, validated, then the method's finalize.
 
-    `attack=pgd5` (or `eval_attack=…`, or `attack: pgd5` in a recipe) sets that node to a preset of
-    ATTACK_PRESETS; overrides apply in order, so `attack=pgd5 attack.eps=2` changes only ε.
+    `attack=NAME` (or `eval_attack=…`, or `attack: NAME` in a recipe) sets that node to an attack
+    kind's defaults or to a preset of ATTACK_PRESETS; overrides apply in order, so `attack=pgd5
+    attack.eps=2` changes only ε. A name (or `attack.kind=…`) of another kind than the node's
+    starts the node afresh as that kind's: `attack=pyramid` after a recipe's PGD keys.
     continuing (train/run.py): cfg → the config of the run cfg continues, or None. For a continued
     run the method's attack defaults are the values that run was made with (a key it predates: the
     schema's, the old behaviour), so a method default that changed never stops or alters a resume.
@@ -261,7 +248,7 @@ def load_config(args: list[str] | None = None, *,
         if key == "config":
             recipe = Path(value)
         elif key in ATTACK_NODES:
-            overrides.append(OmegaConf.create({key: attack_preset(key, value)}))
+            overrides.append(OmegaConf.create({key: attack_setting(key, value)}))
         else:
             overrides.append(OmegaConf.from_dotlist([arg]))
     if not recipe.is_file():
@@ -270,7 +257,7 @@ def load_config(args: list[str] | None = None, *,
         recipe_cfg = with_current_names(read_recipe(recipe), str(recipe))
         for key in ATTACK_NODES:
             if isinstance(recipe_cfg.get(key), str):
-                recipe_cfg[key] = attack_preset(key, recipe_cfg[key])
+                recipe_cfg[key] = attack_setting(key, recipe_cfg[key])
         layers = with_starting_model([recipe_cfg, *overrides], lambda layers: merged(layers, {}))
         cfg = merged(layers, {})
         defaults = method_attack_defaults(cfg, continuing)
@@ -286,10 +273,52 @@ def load_config(args: list[str] | None = None, *,
 
 
 def merged(layers: list, attack_defaults: dict) -> DictConfig:
-    cfg = OmegaConf.merge(schema(), {"attack": attack_defaults}, *layers)
+    cfg = onto_schema(*layers, attack_defaults=attack_defaults)
     if not cfg.output_dir:
         cfg.output_dir = str(Path("runs") / cfg.name)
     return cfg
+
+
+def onto_schema(*layers, attack_defaults: dict | None = None) -> DictConfig:
+    """The schema with layers (recipes, overrides, a saved config.yaml) merged on in order, each
+    attack node first made the kind a layer names (attack_node), under the method's attack defaults."""
+    attack_defaults = attack_defaults or {}
+    cfg = schema()
+    cfg.attack = attack_node("attack", "pgd", attack_defaults)
+    for layer in layers:
+        layer = OmegaConf.create(layer)
+        for key in ATTACK_NODES:
+            given = layer.get(key)
+            if not isinstance(given, DictConfig):
+                continue
+            kind = given.get("kind") or (cfg[key].kind if cfg[key] is not None else "pgd")
+            if cfg[key] is None or kind != cfg[key].kind:
+                cfg[key] = attack_node(key, kind, attack_defaults if key == "attack" else {})
+        cfg = OmegaConf.merge(cfg, layer)
+    for key in ATTACK_NODES:
+        if not isinstance(cfg[key], DictConfig) and not (key == "eval_attack" and cfg[key] is None):
+            raise ConfigError(f"bad value for {key}: {cfg[key]!r} is not an attack: give a name ({key}=pgd5, "
+                              f"{key}=pyramid) or the keys of one ({key}.eps=…)")
+    return cfg
+
+
+def training_node(kind: str):
+    """The training attack's node of a kind, at its defaults (a dataclass instance)."""
+    return node_type(ATTACKS[kind], training=True)()
+
+
+def attack_node(key: str, kind: str, attack_defaults: dict) -> DictConfig:
+    """A fresh node of an attack kind for config key `key` (attack: the training attack's, with
+    targeted and bn_mode, and the method's attack defaults that the kind has)."""
+    if kind not in ATTACKS:
+        raise ConfigError(f"bad value for {key}.kind: {kind!r} must be one of {tuple(ATTACKS)}")
+    training = key == "attack"
+    if training and not ATTACKS[kind].trains:
+        trainers = tuple(name for name, record in ATTACKS.items() if record.trains)
+        raise ConfigError(f"bad value for attack: {kind} is an evaluation attack (it takes neither targets nor the "
+                          f"training loss): train with one of {trainers}, evaluate with eval_attack={kind}")
+    node = OmegaConf.structured(node_type(ATTACKS[kind], training))
+    return OmegaConf.merge(node, {name: value for name, value in attack_defaults.items() if name in node})
 
 
 def method_attack_defaults(cfg: DictConfig, continuing=None) -> dict:
@@ -301,8 +330,8 @@ def method_attack_defaults(cfg: DictConfig, continuing=None) -> dict:
     if saved is None:
         return dict(record.attack_defaults)
     made_with = saved.get("attack") or {}
-    before = OmegaConf.structured(AttackConfig)
-    return {key: made_with.get(key, before[key]) for key in record.attack_defaults}
+    before = OmegaConf.structured(node_type(kind_of(made_with), training=True))
+    return {key: made_with.get(key, before[key]) for key in record.attack_defaults if key in before}
 
 
 # keys renamed since (old → new): a recipe, an override or a saved run's config.yaml may still use
@@ -338,12 +367,15 @@ def read_saved_config(path: Path) -> DictConfig:
     return with_current_names(OmegaConf.load(path))
 
 
-def attack_preset(key: str, name: str) -> dict:
+def attack_setting(key: str, name: str) -> dict:
+    """The values `key=name` gives an attack node: a kind's name (its defaults) or a preset, with
+    its kind; keys the node does not have are left out (fgsm's `targeted` for eval_attack)."""
     if name not in ATTACK_PRESETS:
-        raise ConfigError(f"bad value for {key}: {name!r} is not a preset; use one of {tuple(ATTACK_PRESETS)} "
-                          f"or set its keys ({key}.eps=…)")
-    fields = AttackConfig.__dataclass_fields__ if key == "attack" else EvalAttackConfig.__dataclass_fields__
-    return {k: v for k, v in ATTACK_PRESETS[name].items() if k in fields}
+        raise ConfigError(f"bad value for {key}: {name!r} is neither an attack nor a preset; use one of "
+                          f"{tuple(ATTACK_PRESETS)} or set its keys ({key}.eps=…)")
+    values = ATTACK_PRESETS[name]
+    fields = node_type(ATTACKS[values["kind"]], training=key == "attack").__dataclass_fields__
+    return {k: v for k, v in values.items() if k in fields}
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

@@ -2,8 +2,8 @@
 loader) is checked here, before any work, and refused as one line naming the key and the problem.
 
 Each group below returns (holds, dotted key, problem) triples; the attack kinds
-(train/attacks/), the methods (train/methods/, their records' `checks`) and the batch
-augmentations (train/batch_augment.py) add their own.
+(train/attacks/, their records' `checks`), the methods (train/methods/, their records' `checks`)
+and the batch augmentations (train/batch_augment.py) add their own.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from pipelines.loader import BACKENDS
 from train.attacks import attack_checks
 from train.batch_augment import checks as batch_augment_checks
 from train.methods import METHODS as METHOD_RECORDS
+from train.methods.common import LOSSES
 
 LOADERS = tuple(BACKENDS)  # pipelines/loader.py's backends: torchvision, ffcv, dali
-BN_MODES = ("train", "eval")  # attack.bn_mode
 DATASETS = ("digits", "imagefolder", "webdataset")
 AUTO_AUGMENT_LOADERS = ("torchvision", "dali")  # FFCV's pipelines have no AutoAugment
 ATTACK_NODES = ("attack", "eval_attack")  # config nodes that accept a preset name
@@ -39,10 +39,7 @@ def validate(cfg: DictConfig) -> None:
     # no setting means anything as NaN or ±inf (an LR of nan would write NaN weights at the first step)
     for key in non_finite_keys(OmegaConf.to_container(cfg, resolve=True)):
         raise ConfigError(f"bad value for {key}: {OmegaConf.select(cfg, key)!r} must be a finite number")
-    checks = [*optimizer_checks(cfg), *run_checks(cfg), *data_checks(cfg), *attack_size_checks(cfg)]
-    for key in ATTACK_NODES:  # each attack kind checks its own keys
-        if cfg.get(key) is not None:
-            checks += attack_checks(cfg[key], key)
+    checks = [*optimizer_checks(cfg), *run_checks(cfg), *data_checks(cfg), *attack_node_checks(cfg)]
     for record in METHOD_RECORDS.values():  # each method checks its options, and what it needs when chosen
         checks += record.checks(cfg)
     checks += batch_augment_checks(cfg, METHOD_RECORDS.get(cfg.method))
@@ -87,6 +84,8 @@ def run_checks(cfg: DictConfig) -> list[Check]:
         (cfg.batch_size >= 1, "batch_size", "must be ≥ 1"),
         (cfg.grad_accum_steps >= 1, "grad_accum_steps", "must be ≥ 1"),
         (0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
+        (cfg.loss in LOSSES, "loss", f"must be one of {LOSSES}"),
+        (cfg.grad_clip_norm >= 0, "grad_clip_norm", "must be ≥ 0 (0: no clipping)"),
         (0 <= cfg.drop_rate < 1, "drop_rate", "must be in [0, 1)"),
         (0 <= cfg.drop_path_rate < 1, "drop_path_rate", "must be in [0, 1)"),
         (cfg.bn_momentum is None or 0 <= cfg.bn_momentum <= 1, "bn_momentum", "must be in [0, 1]"),
@@ -137,15 +136,14 @@ def data_checks(cfg: DictConfig) -> list[Check]:
     ]
 
 
-def attack_size_checks(cfg: DictConfig) -> list[Check]:
-    """Attack settings that are numbers but mean no attack: a radius beyond the image range, or
-    no PGD step at all for a method that trains on adversarial examples (its record's `attacks`)."""
-    checks = [(cfg.get(key) is None or cfg[key].eps <= 255, f"{key}.eps",
-               "must be ≤ 255 (pixel units: 255 is the whole [0, 1] image range)") for key in ATTACK_NODES]
-    checks.append((cfg.attack.bn_mode in BN_MODES, "attack.bn_mode", f"must be one of {BN_MODES}"))
+def attack_node_checks(cfg: DictConfig) -> list[Check]:
+    """Each attack node's values, as its kind's record checks them; the training attack must take a
+    step with a method that trains on adversarial examples (its record's `attacks`)."""
     record = METHOD_RECORDS.get(cfg.method)
-    if record is not None and record.attacks:
-        checks.append((cfg.attack.steps >= 1, "attack.steps",
-                       f"must be ≥ 1 with method={cfg.method} (0 steps make no adversarial example; "
-                       f"method=vanilla trains without an attack)"))
+    attacking = record is not None and record.attacks
+    needed = (f"with method={cfg.method} (0 steps make no adversarial example; method=vanilla trains "
+              f"without an attack)") if attacking else ""
+    checks = attack_checks(cfg.attack, "attack", needed=needed)
+    if cfg.eval_attack is not None:
+        checks += attack_checks(cfg.eval_attack, "eval_attack")
     return checks

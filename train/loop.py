@@ -3,7 +3,7 @@
 train_step is the one owner of a step: it runs the method (train/methods/) up to each Backward
 it yields, has the StepGuard check the terms, backpropagates with Accelerate's loss scaling and
 gradient accumulation, synchronises DDP on the last backward of a step only, scales per-group
-gradients, steps the optimizer, the LR schedule and the EMA.
+gradients (and clips their norm), steps the optimizer, the LR schedule and the EMA.
 
 Speed is reported per logging window under perf/ (W&B groups it in one section): img_per_s,
 data_wait (the share of the window spent waiting for the loader), lr, gpu_memory_gb (CUDA: the
@@ -117,7 +117,7 @@ def train_step(ctx: StepContext, accelerator, optimizer, scheduler, state, x, la
         raise RuntimeError(f"method {cfg.method} yields more than the {passes} Backward requests its record says")
     except StopIteration as done:
         out = done.value
-    if sync and not optimizer_step(ctx, optimizer, scheduler, state, out, guard, ema):
+    if sync and not optimizer_step(ctx, accelerator, optimizer, scheduler, state, out, guard, ema):
         return skip_or_stop(cfg, accelerator, state, "the optimizer step made weights or optimizer state non-finite "
                             "(the loss was finite: an LR too high for them, or a division by zero)")
     return out
@@ -132,9 +132,12 @@ def scale_gradients(grad_scales: list[tuple[list[torch.Tensor], float]]) -> None
                 torch._foreach_mul_(grads, factor)
 
 
-def optimizer_step(ctx, optimizer, scheduler, state, out: StepOutput, guard, ema) -> bool:
-    """False: the guard did not keep the step (host mode); it is not counted."""
+def optimizer_step(ctx, accelerator, optimizer, scheduler, state, out: StepOutput, guard, ema) -> bool:
+    """False: the guard did not keep the step (host mode); it is not counted. cfg.grad_clip_norm:
+    the gradient's global norm clipped after the per-group scales (Accelerate unscales AMP's first)."""
     scale_gradients(out.grad_scales)
+    if ctx.cfg.grad_clip_norm:
+        accelerator.clip_grad_norm_(ctx.model.parameters(), ctx.cfg.grad_clip_norm)
     saved = guard.before_step()
     optimizer.step()
     kept = guard.after_step(saved)

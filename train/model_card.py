@@ -15,6 +15,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCardData
 from omegaconf import OmegaConf
 
+from train.attacks import describe
 from train.methods import METHODS
 
 TASK = "image-classification"
@@ -71,10 +72,10 @@ def method_section(cfg) -> str:
     lines = ["## Method and attack", "", f"- method: {doc}"]
     if record.attacks:
         attack = cfg.attack
-        lines.append(f"- training attack: PGD-{attack.steps}, ε = {attack.eps:g}/255, step {attack.step_size:g}/255, "
-                     f"{'targeted at a random wrong class' if attack.targeted else 'untargeted'}, "
-                     f"{'from a random start' if attack.random_start else 'from the clean image'}, "
-                     f"on the model in {attack.bn_mode} mode")
+        _, title = describe(attack)  # the attack's record says what it is (its evaluation title: untargeted)
+        lines.append(f"- training attack: {title.removesuffix(' untargeted')}, "
+                     f"{'targeted (random target classes)' if attack.targeted else 'untargeted'}, "
+                     f"on the model in {attack.bn_mode} mode (its keys: the recipe below)")
     else:
         lines.append("- no attack in training")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from common.errors import UserInputError
 from models.factory import create_model
 from models.hub import is_export_folder
-from train.config import read_saved_config, schema
+from train.config import onto_schema, read_saved_config
 from train.run_state import CheckpointError
 
 
@@ -32,7 +32,7 @@ def load_checkpoint_model(folder: Path):
     """(model, cfg, classes) rebuilt from a checkpoint folder, weights loaded strictly."""
     folder = Path(folder)
     try:
-        cfg = OmegaConf.merge(schema(), read_saved_config(folder / "config.yaml"))
+        cfg = onto_schema(read_saved_config(folder / "config.yaml"))
         classes = json.loads((folder / "classes.json").read_text())
         state = load_file(str(folder / "model.safetensors"))
     except Exception as error:  # missing file, bad YAML/JSON, truncated safetensors

@@ -21,7 +21,8 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import UserInputError
-from train.config import schema, with_current_names
+from train.attacks import ATTACKS
+from train.config import onto_schema, with_current_names
 
 MAY_CHANGE = (
     "epochs", "name", "output_dir", "resume",
@@ -53,13 +54,21 @@ def may_change(key: str) -> bool:
 
 def changed_keys(saved: DictConfig | dict, current: DictConfig) -> list[tuple[str, object, object]]:
     """(key, saved value, current value) for every key that differs and may not change. A key newer
-    than the saved run counts as its schema default (a new key's default keeps the old behaviour); a
-renamed key counts under its new name (train/config.py RENAMED_KEYS)."""
-    defaults = flatten(OmegaConf.to_container(schema(), resolve=True))
-    old = {**defaults, **flatten(OmegaConf.to_container(with_current_names(saved), resolve=True))}
+    than the saved run counts as its schema default (of the saved attack's kind: a new key's default
+    keeps the old behaviour); a renamed key counts under its new name (train/config.py RENAMED_KEYS).
+    Another attack kind is one difference, attack.kind, not each of the two nodes' keys."""
+    saved = with_current_names(saved)
+    attack = saved.get("attack")
+    kind = attack.get("kind", "pgd") if isinstance(attack, DictConfig) else "pgd"
+    defaults = flatten(OmegaConf.to_container(onto_schema({"attack": {"kind": kind if kind in ATTACKS else "pgd"}}),
+                                              resolve=True))
+    old = {**defaults, **flatten(OmegaConf.to_container(saved, resolve=True))}
     new = flatten(OmegaConf.to_container(current, resolve=True))
-    return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
-            if old.get(key) != new.get(key) and not may_change(key)]
+    changed = [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+               if old.get(key) != new.get(key) and not may_change(key)]
+    if old.get("attack.kind") != new.get("attack.kind"):
+        changed = [c for c in changed if not c[0].startswith("attack.") or c[0] == "attack.kind"]
+    return changed
 
 
 def check_same_run(saved: DictConfig | dict, current: DictConfig, *, where: str,

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from accelerate.utils import gather_object
-from omegaconf import OmegaConf
 
-from train.attacks import PGDConfig, build_attack, describe
+from train.attacks import attack_steps, build_attack, describe, evaluation_node
 from train.run_state import TrainState
 from train.environment import summary_line
 from train.loop import evaluate
@@ -16,7 +15,7 @@ def final_report(ctx, accelerator, train_loader, val_loader, state: TrainState, 
     report = {"clean_top1": clean["top1"], "clean_top5": clean["top5"], "val_images": clean["images"],
               "images_left_out": {"train": images_left_out(train_loader), "val": images_left_out(val_loader)}}
     attack = robust_attack(cfg)
-    if cfg.eval_robust and attack.steps > 0:
+    if cfg.eval_robust and attack_steps(attack) > 0:
         robust = evaluate(ctx.attack_model, val_loader, accelerator, attack=build_attack(attack), desc="robust val")
         report["robust_top1"] = robust["top1"]
         report["robust_attack"] = describe(attack)[1]
@@ -26,14 +25,9 @@ def final_report(ctx, accelerator, train_loader, val_loader, state: TrainState, 
 
 
 def robust_attack(cfg):
-    """The attack of the final robust accuracy: eval_attack, else untargeted PGD of the training
-    attack's strength (its ε, steps and step rule), every image from a random start (when
-    random_start), whatever the training attack's start rule; on the eval-mode model."""
-    if cfg.eval_attack is not None:
-        return cfg.eval_attack
-    training = cfg.attack
-    return OmegaConf.structured(PGDConfig(eps=training.eps, step_size=training.step_size, steps=training.steps,
-                                          random_start=training.random_start, reach_eps=training.reach_eps))
+    """The node of the final robust accuracy's attack (untargeted, on the eval-mode model): eval_attack,
+    else the training attack's node as its kind evaluates it (PGD: every image from its own random start)."""
+    return cfg.eval_attack if cfg.eval_attack is not None else evaluation_node(cfg.attack)
 
 
 def images_left_out(loader) -> int:

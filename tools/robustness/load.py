@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from models.export import OLD_EXPORT_FORMATS, read_metadata
@@ -27,7 +26,7 @@ from models.factory import NORMALIZATION, Normalized, create_net, normalization_
 from models.hub import LOCAL_DIR, create_hub_net, is_export_folder, is_hub_name
 from common.errors import UserInputError
 from train.model_loading import checkpoint_folder, load_checkpoint_model
-from train.config import read_saved_config, schema
+from train.config import onto_schema, read_saved_config
 
 
 def load_any(path: str | Path, *, model_name: str | None = None):
@@ -83,7 +82,7 @@ def described_by_timm(net: torch.nn.Module, model: str, source: str):
         raise UserInputError(f"{source} normalises with mean {pretrained['mean']} and std {pretrained['std']}: not "
                              f"constants we normalise with ({', '.join(NORMALIZATION)})")
     size = pretrained.get("input_size", (3, 224, 224))[-1]
-    cfg = OmegaConf.merge(schema(), {
+    cfg = onto_schema({
         "model": model, "normalization": normalization,
         "data": {"image_size": size, "val_image_size": size, "crop_ratio": pretrained.get("crop_pct", 0.875)}})
     return Normalized(net, normalization).eval(), cfg
@@ -99,8 +98,8 @@ def load_export(path: Path, metadata: dict):
                          "crop_ratio": float(metadata["crop_ratio"])}} if "image_size" in metadata else {}
     try:
         run_settings = read_saved_config(run_config) if has_run_config else {}
-        cfg = OmegaConf.merge(schema(), geometry, run_settings,
-                              {"model": metadata["model"], "normalization": metadata["normalization"]})
+        cfg = onto_schema(geometry, run_settings,
+                          {"model": metadata["model"], "normalization": metadata["normalization"]})
     except OmegaConfBaseException as error:
         raise UserInputError(f"{run_config} (beside {path.name}) is not a run config: {error}") from None
     if not geometry and not has_run_config:

@@ -1,80 +1,120 @@
-"""Attacks behind one interface: a config node in, an attack function out.
+"""Attacks behind one seam: an attack kind is a record (AttackKind, train/attacks/seam.py), its
+config node is its options dataclass, and every caller runs it the same way.
 
-    attack = build_attack(node)                  # node: the dataclass (or OmegaConf node) of a kind below
-    adversarial = attack(model, images, labels)  # images float [0, 1]; the node's sizes are pixel units (/255)
+    kind        node                        what
+    pgd         gradient_sign.PGDConfig     PGD and FGSM (presets pgd1, pgd3, pgd4, pgd5, fgsm): trains, evaluates
+    pyramid     pyramid.PyramidConfig       Pyramid Adversarial Training's multi-scale attack: trains, evaluates
+    apgd        library.APGDConfig          torchattacks' APGD (Croce & Hein 2020): evaluation
+    autoattack  library.AutoAttackConfig    AutoAttack's standard version from torchattacks' parts: evaluation
 
-An attack returns detached images of the input's shape inside the ε-ball (L∞) and [0, 1], and
-leaves the model as it found it: parameters, their `.grad` and `requires_grad`, BN running
-statistics, train/eval mode. It attacks the model as given: which norms the images go through and
-whether the model is in train or eval mode are the caller's choice (train/methods/common.py for
-training, train/loop.py's evaluate() for robust accuracy: eval mode).
+A node names its kind (`kind: pyramid`); `attack=NAME` / `eval_attack=NAME` (a kind or a preset)
+makes one. The training attack's node (cfg.attack, node_type(kind, training=True)) also holds
+`targeted` (towards the kind's targets) and `bn_mode` (the mode the model is attacked in).
 
-    kind        node                       what
-    pgd         gradient_sign.PGDConfig    ours: PGD and FGSM, for training and evaluation
-    apgd        library.APGDConfig         torchattacks' APGD (Croce & Hein 2020): evaluation
-    autoattack  library.AutoAttackConfig   AutoAttack's standard version from torchattacks' parts: evaluation
+    adversarial = train_attack(cfg.attack, model, images, labels, num_classes=K, route=AUX, loss=…)
+    adversarial = build_attack(node)(model, images, labels)  # evaluation: untargeted, the model as given
 
-build_attack(node, targeted=..., loss=...): `targeted` and `loss` are PGD's: it maximises (targeted:
-minimises) loss(logits, labels) summed over the batch, by default cross-entropy, which takes class
-probabilities (soft targets) as well as class indices. A new kind is its file (a config dataclass,
-build, describe, checks) and one line in ATTACKS.
+An attack returns detached images of the input's shape in [0, 1] and leaves the model as it found
+it: parameters, their `.grad` and `requires_grad`, BN running statistics, train/eval mode.
+
+A new kind is one file (its options dataclass with `kind`, its Iterates or build, describe, checks,
+presets, `KIND = AttackKind(...)`) and one line in BUILT_IN (or register_attack(kind) from your own
+code before load_config): `attack=NAME`, its keys, checks, the robust evaluation, tools/evaluate.py
+--attack NAME and its tools/bench_step.py cases follow from the record.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Mapping
+from dataclasses import field, make_dataclass
 
-import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from train.attacks import gradient_sign, library, pyramid
+from train.attacks.gradient_sign import (PGDConfig, pgd, pgd_kwargs, pgd_step, random_start_point,
+                                         random_wrong_class, start_point)
+from train.attacks.pyramid import PyramidConfig
+from train.attacks.seam import (ATTACKS, BN_MODES, Attack, AttackKind, Check, Iterates, build_attack,
+                                cross_entropy_sum, descend, eval_mode, frozen, kind_of, register_attack,
+                                train_attack)
 
-from train.attacks import gradient_sign, library
-from train.attacks.gradient_sign import (PGDConfig, cross_entropy_sum, frozen, pgd, pgd_kwargs, pgd_step,
-                                         random_start_point, random_wrong_class, start_point)
-
-Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class AttackKind:
-    name: str
-    options: type  # the config dataclass of its node (pixel units)
-    build: Callable[..., Attack]  # (node, *, targeted, loss) → attack
-    describe: Callable[[object], tuple[str, str]]  # node → (metric key, table title)
-    checks: Callable[[object, str], list]  # (node, its config key) → [(ok, key, problem)]
+BUILT_IN = (gradient_sign.KIND, pyramid.KIND, library.APGD, library.AUTOATTACK)
+for built_in in BUILT_IN:
+    register_attack(built_in)
 
 
-ATTACKS = {kind.name: kind for kind in (
-    AttackKind("pgd", PGDConfig, gradient_sign.build, gradient_sign.describe, gradient_sign.checks),
-    AttackKind("apgd", library.APGDConfig, library.build_apgd, library.describe_apgd, library.checks_apgd),
-    AttackKind("autoattack", library.AutoAttackConfig, library.build_autoattack, library.describe_autoattack,
-               library.checks_autoattack),
-)}
+# ----------------------------------------------------------------------------- config nodes
+
+TRAINING_KEYS = [
+    ("targeted", bool, field(default=True)),  # towards the kind's targets (PGD: Xie et al.'s random wrong class)
+    ("bn_mode", str, field(default="train")),  # the model the attack sees: train (batch statistics) | eval (running)
+]
+_training_types: dict[type, type] = {}
 
 
-def kind_of(node) -> AttackKind:
-    """The kind whose config dataclass the node is (or derives from)."""
-    cls = OmegaConf.get_type(node) if isinstance(node, DictConfig) else type(node)
-    for kind in ATTACKS.values():
-        if isinstance(cls, type) and issubclass(cls, kind.options):
-            return kind
-    raise TypeError(f"{cls} is not the config of an attack ({', '.join(ATTACKS)})")
+def node_type(kind: AttackKind, training: bool = False) -> type:
+    """The dataclass of a config node of this kind: its options, and as the training attack
+    (cfg.attack) those plus TRAINING_KEYS."""
+    if not training:
+        return kind.options
+    if kind.options not in _training_types:
+        _training_types[kind.options] = make_dataclass(f"Training{kind.options.__name__}", TRAINING_KEYS,
+                                                       bases=(kind.options,))
+    return _training_types[kind.options]
 
 
-def build_attack(node, *, targeted: bool = False, loss=None) -> Attack:
-    extra = {} if loss is None else {"loss": loss}
-    return kind_of(node).build(node, targeted=targeted, **extra)
+class Presets(Mapping):
+    """`attack=NAME` values of every registered kind, name → {"kind": …, key: value}: each kind's own
+    name (its defaults) and its presets."""
 
+    def _all(self) -> dict[str, dict]:
+        names = {}
+        for kind in ATTACKS.values():
+            names[kind.name] = {"kind": kind.name}
+            names.update({name: {"kind": kind.name, **values} for name, values in kind.presets.items()})
+        return names
+
+    def __getitem__(self, name: str) -> dict:
+        return self._all()[name]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+ATTACK_PRESETS = Presets()
+
+
+# ----------------------------------------------------------------------------- asking a node's record
 
 def describe(node) -> tuple[str, str]:
     """(metric key, title) of an evaluation attack, e.g. ("pgd5_eps4", "PGD-5 eps=4/255 …")."""
     return kind_of(node).describe(node)
 
 
-def attack_checks(node, key: str) -> list[tuple[bool, str, str]]:
-    return kind_of(node).checks(node, key)
+def attack_steps(node) -> int:
+    """The gradient steps the node's attack takes (0: none)."""
+    return kind_of(node).steps(node)
 
 
-__all__ = ["ATTACKS", "Attack", "AttackKind", "PGDConfig", "attack_checks", "build_attack", "cross_entropy_sum",
-           "describe", "frozen", "kind_of", "pgd", "pgd_kwargs", "pgd_step", "random_start_point",
-           "random_wrong_class", "start_point"]
+def evaluation_node(node):
+    """The node the final robust evaluation runs for a training node (its kind's rule; as is by default)."""
+    rule = kind_of(node).for_evaluation
+    return rule(node) if rule is not None else node
+
+
+def attack_checks(node, key: str, *, needed: str = "") -> list[Check]:
+    """The kind's checks of its values, a training node's bn_mode, and, needed (e.g. "with
+    method=advprop (…)"), that it takes at least one step."""
+    kind = kind_of(node)
+    checks = list(kind.checks(node, key))
+    if hasattr(node, "bn_mode"):
+        checks.append((node.bn_mode in BN_MODES, f"{key}.bn_mode", f"must be one of {BN_MODES}"))
+    if needed and kind.steps_key:
+        checks.append((kind.steps(node) >= 1, f"{key}.{kind.steps_key}", f"must be ≥ 1 {needed}"))
+    return checks
+
+
+__all__ = ["ATTACKS", "ATTACK_PRESETS", "Attack", "AttackKind", "BUILT_IN", "Iterates", "PGDConfig", "PyramidConfig",
+           "attack_checks", "attack_steps", "build_attack", "cross_entropy_sum", "descend", "describe", "eval_mode",
+           "evaluation_node", "frozen", "kind_of", "node_type", "pgd", "pgd_kwargs", "pgd_step", "random_start_point",
+           "random_wrong_class", "register_attack", "start_point", "train_attack"]

@@ -15,32 +15,32 @@ Random starts (random_start=):
   batches start from uniform noise in the ε-ball and the rest from the clean image; the noise is
   not clamped to [0, 1] (the first step's projection is).
 
-Speed and correctness:
-- parameters are frozen during the attack: only the input gradient is computed (most of the cost
-  of a training step's backward is the weight gradients);
+Speed and correctness (the frozen descent is train/attacks/seam.py's):
+- parameters are frozen during the attack: only the input gradient is computed;
 - BN running statistics are not updated (BN still normalises with batch statistics in train mode;
   in eval mode it uses the running statistics). Of the norms a dual-norm model duplicates
   (models/dual_norm.py) only BatchNorm keeps running statistics: LayerNorm, GroupNorm and RMSNorm
   normalise each image by itself, the same in train and eval mode, so freezing their parameters is
   all they need;
-- the loss is summed, not averaged, and taken in fp32: only the gradient's sign matters, and under
-  fp16/bf16 autocast a 1/N-scaled gradient underflows to zero. The input stays an fp32 leaf, so
-  the gradient reaching it is fp32 and the step is taken in fp32;
+- the loss is summed and taken in fp32; the input stays an fp32 leaf, so the step is taken in fp32;
 - no copies beyond one tensor per step, and the channels-last layout is kept throughout;
 - the arithmetic of a step is torchattacks' (step, clamp δ to ±ε, clamp to [0, 1]), so with
   random_start=False the result equals the reference implementation.
+
+As an attack kind (KIND): `attack=pgd` (these defaults), the paper's presets pgd1…pgd5 and fgsm;
+as the training attack targeted by default, towards a random wrong class (Xie et al.).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) → a scalar to ascend
+from train.attacks.seam import AttackKind, Loss, cross_entropy_sum, descend, radius_checks
+from train.batch_augment import random_unmixed_class
+
 START_RULES = ("image", "batch")
 REFERENCE_COIN = 0.2  # the references' threshold: torch.randn([]) > 0.2 moves the batch (P ≈ 0.42)
 
@@ -48,6 +48,7 @@ REFERENCE_COIN = 0.2  # the references' threshold: torch.randn([]) > 0.2 moves t
 @dataclass
 class PGDConfig:
     """PGD in pixel units (/255). FGSM: steps=1, step_size=eps, random_start=false."""
+    kind: str = "pgd"
     eps: float = 4.0  # L∞ radius
     step_size: float = 1.0  # per step (see reach_eps)
     steps: int = 5
@@ -59,32 +60,6 @@ class PGDConfig:
     # step by max(step_size, eps / steps), as both references do, so that the attack can reach the
     # ε it names (PGD-2 at ε = 4 then steps 2/255, not 1/255)
     reach_eps: bool = False
-
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
-
-
-def batch_norms(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@contextmanager
-def frozen(model: nn.Module):
-    """No parameter gradients and no BN running-stat updates inside; everything restored after."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    norms = [m for m in batch_norms(model) if m.track_running_stats]
-    for p in params:
-        p.requires_grad_(False)
-    for m in norms:  # train mode keeps batch statistics but stops touching the running buffers
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-        for m in norms:
-            m.track_running_stats = True
 
 
 def random_wrong_class(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -130,27 +105,44 @@ def pgd_step(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, *, eps
     return torch.clamp(images + delta, min=0, max=1)
 
 
+class PGDIterates:
+    """PGD on one batch as iterates (train/attacks/seam.py): each iterate is a leaf requiring grad;
+    on resuming, its .grad makes the signed step. start: begin there (a point of the ε-ball;
+    random_start is then ignored)."""
+
+    def __init__(self, images: torch.Tensor, *, eps: float, step_size: float, steps: int,
+                 random_start: bool | float | str = True, targeted: bool = False, start: torch.Tensor | None = None):
+        self.images = images.detach()
+        self.eps, self.step_size, self.steps, self.targeted = eps, step_size, steps, targeted
+        if start is not None:
+            self.x = start.detach()
+        elif random_start is False:
+            self.x = self.images  # the first step makes a new tensor: no copy needed
+        else:
+            self.x = start_point(self.images, eps, random_start)
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            x = self.x.detach().requires_grad_(True)
+            yield x  # the caller backpropagates the loss into x.grad
+            self.x = pgd_step(x, self.images, x.grad, eps=self.eps, step_size=self.step_size, targeted=self.targeted)
+
+    @property
+    def adversarial(self) -> torch.Tensor:
+        return self.x.detach()
+
+
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
         step_size: float, steps: int, random_start: bool | float | str = True, targeted: bool = False,
         start: torch.Tensor | None = None, loss: Loss = cross_entropy_sum) -> torch.Tensor:
     """random_start: True, False, a probability or "batch" (module doc).
     start: begin the iterations here instead (a point of the ε-ball; random_start is ignored)."""
-    images = images.detach()
-    if start is not None:
-        adv = start.detach()
-    elif random_start is False:
-        adv = images  # the first step makes a new tensor: no copy needed
-    else:
-        adv = start_point(images, eps, random_start)
-    with frozen(model), torch.enable_grad():
-        for _ in range(steps):
-            adv = adv.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(loss(model(adv), labels), adv)
-            adv = pgd_step(adv, images, grad, eps=eps, step_size=step_size, targeted=targeted)
-    return adv.detach()
+    iterates = PGDIterates(images, eps=eps, step_size=step_size, steps=steps, random_start=random_start,
+                           targeted=targeted, start=start)
+    return descend(iterates, model, labels, loss)
 
 
-# ----------------------------------------------------------------------------- from a config node
+# ----------------------------------------------------------------------------- as an attack kind
 
 def pgd_kwargs(node) -> dict:
     """A PGD node (pixel units) → pgd() keyword arguments ([0, 1] units): the step the rule gives
@@ -167,12 +159,19 @@ def pgd_kwargs(node) -> dict:
     return dict(eps=node.eps / 255, step_size=step_size / 255, steps=node.steps, random_start=random_start)
 
 
-def build(node, *, targeted: bool = False, loss: Loss = cross_entropy_sum):
-    kwargs = pgd_kwargs(node)
+def iterates(node, images: torch.Tensor, *, targeted: bool = False) -> PGDIterates:
+    return PGDIterates(images, targeted=targeted, **pgd_kwargs(node))
 
-    def attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return pgd(model, images, labels, targeted=targeted, loss=loss, **kwargs)
-    return attack
+
+def wrong_class(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Xie et al.'s targets: a random wrong class; for mixed targets a class in neither of the two."""
+    return random_unmixed_class(labels) if labels.is_floating_point() else random_wrong_class(labels, num_classes)
+
+
+def for_evaluation(node):
+    """The robust evaluation of a training node: every image from its own random start (when
+    random_start), whatever the training attack's start rule."""
+    return OmegaConf.merge(node, {"start_rule": "image", "clean_start_fraction": 0.0})
 
 
 def describe(node) -> tuple[str, str]:
@@ -184,9 +183,26 @@ def describe(node) -> tuple[str, str]:
 
 def checks(node, key: str) -> list[tuple[bool, str, str]]:
     return [
-        (node.eps >= 0, f"{key}.eps", "must be ≥ 0 (pixel units)"),
+        *radius_checks(node, key),
         (node.steps >= 0, f"{key}.steps", "must be ≥ 0"),
         (node.step_size >= 0, f"{key}.step_size", "must be ≥ 0 (pixel units)"),
+        (node.step_size > 0 or node.reach_eps or node.steps == 0, f"{key}.step_size",
+         "must be > 0 for an attack that takes steps (or reach_eps=true: ε / steps)"),
         (node.start_rule in START_RULES, f"{key}.start_rule", f"must be one of {START_RULES}"),
         (0 <= node.clean_start_fraction <= 1, f"{key}.clean_start_fraction", "must be in [0, 1]"),
     ]
+
+
+# the paper's attacker strengths (Xie et al., Table "attacker strength"); FGSM: one full-ε step
+# from the clean image (Goodfellow et al.)
+PRESETS = {
+    "pgd1": dict(eps=1.0, step_size=1.0, steps=1),
+    "pgd3": dict(eps=2.0, step_size=1.0, steps=3),
+    "pgd4": dict(eps=3.0, step_size=1.0, steps=4),
+    "pgd5": dict(eps=4.0, step_size=1.0, steps=5),
+    "fgsm": dict(eps=1.0, step_size="${.eps}", steps=1, random_start=False, targeted=False),
+}
+
+KIND = AttackKind(
+    "pgd", PGDConfig, describe, checks, steps=lambda node: node.steps, presets=PRESETS, iterates=iterates,
+    targets=wrong_class, for_evaluation=for_evaluation)

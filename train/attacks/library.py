@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from train.attacks.gradient_sign import frozen
+from train.attacks.seam import AttackKind, frozen, radius_checks
 
 APGD_LOSSES = ("ce", "dlr")
 TARGET_CLASSES = 9  # AutoAttack standard: APGD-T and FAB-T attack the 9 most likely wrong classes
@@ -31,6 +31,7 @@ TARGET_CLASSES = 9  # AutoAttack standard: APGD-T and FAB-T attack the 9 most li
 @dataclass
 class AutoAttackConfig:
     """AutoAttack, standard version, L∞, in pixel units (/255)."""
+    kind: str = "autoattack"
     eps: float = 4.0
     seed: int = 0
 
@@ -38,6 +39,7 @@ class AutoAttackConfig:
 @dataclass
 class APGDConfig:
     """APGD (Croce & Hein 2020), L∞, in pixel units (/255); AutoAttack's settings by default."""
+    kind: str = "apgd"
     eps: float = 4.0
     steps: int = 100
     restarts: int = 1
@@ -80,13 +82,7 @@ def number_of_classes(model: nn.Module, images: torch.Tensor) -> int:
         return model(images[:1]).shape[1]
 
 
-def library_only(name: str, targeted: bool, loss) -> None:
-    if targeted or loss is not None:
-        raise ValueError(f"{name} is an untargeted evaluation attack with its own loss")
-
-
-def build_autoattack(node, *, targeted: bool = False, loss=None):
-    library_only("autoattack", targeted, loss)
+def build_autoattack(node):
     eps, seed = node.eps / 255, node.seed
 
     def attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -96,8 +92,7 @@ def build_autoattack(node, *, targeted: bool = False, loss=None):
     return attack
 
 
-def build_apgd(node, *, targeted: bool = False, loss=None):
-    library_only("apgd", targeted, loss)
+def build_apgd(node):
     settings = dict(norm="Linf", eps=node.eps / 255, steps=node.steps, n_restarts=node.restarts, seed=node.seed,
                     loss=node.loss)
 
@@ -118,11 +113,17 @@ def describe_apgd(node) -> tuple[str, str]:
 
 
 def checks_autoattack(node, key: str) -> list[tuple[bool, str, str]]:
-    return [(node.eps > 0, f"{key}.eps", "must be > 0 (pixel units)")]
+    return radius_checks(node, key, least="> 0")
 
 
 def checks_apgd(node, key: str) -> list[tuple[bool, str, str]]:
-    return [(node.eps > 0, f"{key}.eps", "must be > 0 (pixel units)"),
+    return [*radius_checks(node, key, least="> 0"),
             (node.steps >= 1, f"{key}.steps", "must be ≥ 1"),
             (node.restarts >= 1, f"{key}.restarts", "must be ≥ 1"),
             (node.loss in APGD_LOSSES, f"{key}.loss", f"must be one of {APGD_LOSSES}")]
+
+
+# evaluation-only kinds: they neither take targets nor a loss, nor hand over iterates
+APGD = AttackKind("apgd", APGDConfig, describe_apgd, checks_apgd, steps=lambda node: node.steps, build=build_apgd)
+AUTOATTACK = AttackKind("autoattack", AutoAttackConfig, describe_autoattack, checks_autoattack,
+                        steps=lambda node: 1, steps_key="", build=build_autoattack)

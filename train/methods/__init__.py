@@ -7,6 +7,11 @@
     advprop         Xie et al. 2020: J(x; main norms) + w·J(x_adv; aux norms), the attack through aux norms
     fast_advprop    Mei et al. 2022: 4:1 clean:adv split of the batch, every attack iteration's forward
                     and backward also train the weights (aux norms), loss weights 1 / ½ / ½
+    pyramid_at      Herrmann et al. 2022: J(x) + w·J(x_adv), one norm set, the same dropout masks for
+                    every pass of a step (with attack=pyramid: Pyramid Adversarial Training)
+
+Every method that attacks takes any training attack kind (cfg.attack, train/attacks/):
+`method=advprop attack=pyramid` is PyramidAT's attack with AdvProp's auxiliary norms.
 
 A new method is one file here: its step generator, its options dataclass and their checks, and a
 `METHOD = Method(...)` record naming them (dual norms, backwards per step, attack defaults, its
@@ -33,26 +38,25 @@ weights 1 / ½ / ½, one attack step) the shared weights see ≈ 0.8·mean(clean
 0.1·mean(adv); with k attack steps each iteration adds its ½·mean(attack) share (fast_advprop.py).
 
 Cost in units of one vanilla step (forward + backward of B images = 1): a PGD step with frozen
-weights costs s (tools/bench_step.py measures it), so advprop PGD-k ≈ 2 + s·k, adv_train ≈ 1 + s·k;
+weights costs s (tools/bench_step.py measures it), so advprop and pyramid_at with k steps ≈ 2 + s·k,
+adv_train ≈ 1 + s·k;
 fast_advprop trains on (1 − f)·B clean rows, then k attack iterations and one adversarial pass of
 f·B rows (f = adv_fraction), each a training forward and backward: ≈ 1 + f·k.
 """
 from __future__ import annotations
 
-from train.methods import adv_train, advprop, fast_advprop, goodfellow_mix, vanilla
+from common.registry import add_record
+from train.methods import adv_train, advprop, fast_advprop, goodfellow_mix, pyramid_at, vanilla
 from train.methods.common import make_adversarial
 from train.methods.record import Backward, Method, MethodSteps, StepContext, StepOutput
 
-BUILT_IN = (vanilla, adv_train, goodfellow_mix, advprop, fast_advprop)
+BUILT_IN = (vanilla, adv_train, goodfellow_mix, advprop, fast_advprop, pyramid_at)
 METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
     """Make a method selectable by `method=<name>` (a name already taken is an error)."""
-    if method.name in METHODS and METHODS[method.name] is not method:
-        raise ValueError(f"a method named {method.name!r} is already registered")
-    METHODS[method.name] = method
-    return method
+    return add_record(METHODS, method, "a method")
 
 
 def method_of(cfg) -> Method:

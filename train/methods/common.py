@@ -1,24 +1,52 @@
-"""What the methods' steps share: losses and metrics, the training attack, dual-norm forwards and
-the per-group gradient scale."""
+"""What the methods' steps share: the run's loss and metrics, the training attack, matched
+dropout masks, dual-norm forwards and the per-group gradient scale."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from timm.loss import BinaryCrossEntropy
 
 from models.dual_norm import AUX, MAIN, route_parameters, use_norm
-from train.attacks import build_attack, random_wrong_class
-from train.batch_augment import dominant_label, random_unmixed_class
+from train.attacks import cross_entropy_sum, train_attack
+from train.batch_augment import dominant_label
 from train.methods.record import StepContext
 
+LOSSES = ("ce", "bce")  # cfg.loss
 
-def cross_entropy(ctx: StepContext, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
-    """Class indices: with cfg.label_smoothing. Class probabilities (mixed targets, whose smoothing
-    timm's Mixup already applied): the soft-target cross-entropy, timm's SoftTargetCrossEntropy."""
+
+def training_loss(ctx: StepContext, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+    """The run's loss (cfg.loss), averaged or summed over the batch. Class indices: with
+    cfg.label_smoothing; class probabilities (mixed targets, whose smoothing timm's Mixup already
+    applied) as they are. ce: softmax cross-entropy (for probabilities timm's SoftTargetCrossEntropy);
+    bce: binary_cross_entropy_per_image."""
     smoothing = 0.0 if labels.is_floating_point() else ctx.cfg.label_smoothing
+    if ctx.cfg.loss == "bce":
+        losses = binary_cross_entropy_per_image(logits, labels, smoothing, ctx.cfg.bce_sum_classes)
+        return losses.sum() if reduction == "sum" else losses.mean()
     return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing, reduction=reduction)
+
+
+cross_entropy = training_loss  # its name from before loss=bce
+
+
+def binary_cross_entropy_per_image(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0,
+                                   sum_classes: bool = False) -> torch.Tensor:
+    """timm's BinaryCrossEntropy (one sigmoid per class; class indices one-hot with its smoothing)
+    per image: the mean over classes (timm's default, so the batch mean is timm's loss) or, with
+    sum_classes, the sum (timm's sum_classes; scenic's sigmoid cross-entropy, PyramidAT's loss)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    losses = BinaryCrossEntropy(smoothing=smoothing, reduction="none")(logits, labels)
+    return losses.sum(1) if sum_classes else losses.mean(1)
+
+
+def attack_loss(cfg):
+    """The loss the training attack descends or ascends, summed over the batch: the run's kind of
+    loss without label smoothing (the references' attacks use the plain loss)."""
+    if cfg.loss == "bce":
+        return lambda logits, labels: binary_cross_entropy_per_image(logits, labels, 0.0, cfg.bce_sum_classes).sum()
+    return cross_entropy_sum
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -33,34 +61,14 @@ def two_part_metrics(clean_loss, adv_loss, clean_logits, adv_logits, clean_label
 
 # ----------------------------------------------------------------------------- the training attack
 
-@contextmanager
-def eval_mode(model: nn.Module, enabled: bool = True):
-    """The model in eval mode inside (BN running statistics, no dropout or stochastic depth), as
-    the references' `model.eval()` before their attack; each module's mode restored after."""
-    modes = [(m, m.training) for m in model.modules()] if enabled else []
-    if enabled:
-        model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def make_adversarial(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor,
-                     route: str = MAIN) -> torch.Tensor:
-    """The configured attack (cfg.attack) on images, through the norms of `route`, with the model
-    in train mode (batch statistics) or, attack.bn_mode=eval, in eval mode. Untargeted it ascends
-    the loss of `labels` (class probabilities too: the soft-target loss); targeted it descends to a
-    random wrong class (mixed targets: a random class in neither of the two mixed labels)."""
-    attack_cfg = ctx.cfg.attack
-    targets = labels
-    if attack_cfg.targeted:
-        mixed = labels.is_floating_point()
-        targets = random_unmixed_class(labels) if mixed else random_wrong_class(labels, ctx.num_classes)
-    attack = build_attack(attack_cfg, targeted=attack_cfg.targeted)
-    with use_norm(ctx.attack_model, route), eval_mode(ctx.attack_model, attack_cfg.bn_mode == "eval"):
-        return attack(ctx.attack_model, images, targets)
+def make_adversarial(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, route: str = MAIN,
+                     masks: MatchedMasks | None = None) -> torch.Tensor:
+    """The run's training attack (cfg.attack, any kind: train/attacks/seam.py train_attack) on
+    images through the norms of `route`, on the run's loss; masks: its forwards draw the step's
+    dropout masks."""
+    forward = masks.around(ctx.attack_model) if masks is not None else None
+    return train_attack(ctx.cfg.attack, ctx.attack_model, images, labels, num_classes=ctx.num_classes, route=route,
+                        loss=attack_loss(ctx.cfg), forward=forward)
 
 
 def attack_source(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, mix_attacked: bool):
@@ -77,9 +85,12 @@ def attack_source(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, 
 # one concatenated forward with a split route: splitting and re-joining the batch at every norm layer
 # costs ~20% of a step on CPU, for no fewer FLOPs.
 
-def main_and_aux_forward(ctx: StepContext, clean: torch.Tensor, adversarial: torch.Tensor):
-    clean_logits = ctx.model(clean)
-    with use_norm(ctx.attack_model, AUX):
+def main_and_aux_forward(ctx: StepContext, clean: torch.Tensor, adversarial: torch.Tensor,
+                         masks: MatchedMasks | None = None):
+    same = masks.same if masks is not None else nullcontext
+    with same():
+        clean_logits = ctx.model(clean)
+    with use_norm(ctx.attack_model, AUX), same():
         adv_logits = ctx.model(adversarial)
     return clean_logits, adv_logits
 
@@ -91,3 +102,34 @@ def per_group_scales(ctx: StepContext, shared: float, main: float, aux: float) -
     if aux > 0:
         scales.append((route_parameters(ctx.attack_model, AUX), shared / aux))
     return scales
+
+
+# ----------------------------------------------------------------------------- matched dropout masks
+
+class MatchedMasks:
+    """Dropout and stochastic-depth masks drawn once per step: every forward inside same() starts the
+    random generators of the CPU and the step's device from the step's seed, so it draws the masks
+    of every other such forward of the step (the batch's shape is the same), and the run's
+    generators are left as they were. The seed is drawn from the run's generator: new masks each
+    step. PyramidAT's code does this with one dropout key per step (scenic's dropout_rng)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.seed = int(torch.randint(0, 2**62, ()))
+
+    @contextmanager
+    def same(self):
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(self.seed)
+            for device in cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(self.seed)
+            yield
+
+    def around(self, model):
+        """model's forward, drawing the step's masks."""
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with self.same():
+                return model(x)
+        return forward

@@ -5,7 +5,8 @@ As the authors' code (meijieru/fast_advprop, imagenet.py train() with --reuse_mi
 --attack_in_train --original_attack): the last rows of the batch are attacked with untargeted PGD
 through the aux norms in train mode, and the forward and backward of *each* of its attack.steps
 iterations also train the shared weights and the aux norms (weight attack_weight; the input
-gradient of that same backward makes the next iterate). The last iterate is the adversarial
+gradient of that same backward makes the next iterate: the attack kind hands each iterate over,
+train/attacks/seam.py, so any kind trains it, attack=pyramid too). The last iterate is the adversarial
 batch, which is shuffled across processes (their --shuffle_before_train_adv: per-GPU BN
 statistics would otherwise leak labels) and trained on with weight adv_weight. A step therefore
 yields attack.steps + 1 Backward requests (the first also holds the clean loss).
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from models.dual_norm import AUX, use_norm
-from train.attacks import pgd_kwargs, pgd_step, start_point
-from train.methods.common import attack_source, cross_entropy, per_group_scales, two_part_metrics
+from train.attacks import attack_steps, kind_of
+from train.methods.common import attack_source, per_group_scales, training_loss, two_part_metrics
 from train.methods.record import Backward, Method, MethodSteps, StepContext, StepOutput
 
 # the authors' attacker (train/methods/advprop.py); its BN mode is train: its attack step trains
@@ -47,34 +48,31 @@ class FastAdvPropConfig:
 
 
 def step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> MethodSteps:
-    options, attack = ctx.cfg.fast_advprop, pgd_kwargs(ctx.cfg.attack)
+    options, node = ctx.cfg.fast_advprop, ctx.cfg.attack
     n_adv = max(1, round(len(images) * options.adv_fraction))
     n = len(images) - n_adv  # clean rows
     attacked, attacked_labels = attack_source(ctx, images, labels, options.mix_attacked)
     clean_labels, adv_labels, source = labels[:n], attacked_labels[n:], attacked[n:]
-    iterations = attack["steps"]
+    iterations = attack_steps(node)
     aux_count = n_adv * (iterations * options.attack_weight + options.adv_weight)
     shared = n + aux_count  # the weighted number of images behind the shared weights
 
     clean_logits = ctx.model(images[:n])
-    clean_sum = cross_entropy(ctx, clean_logits, clean_labels, "sum")
-    adversarial = start_point(source, attack["eps"], attack["random_start"])
+    clean_sum = training_loss(ctx, clean_logits, clean_labels, "sum")
+    attack = kind_of(node).iterates(node, source, targeted=False)
     attack_sums = []
-    for iteration in range(iterations):
-        adversarial = adversarial.detach().requires_grad_(True)
+    for iteration, iterate in enumerate(attack):  # the training backward fills iterate.grad
         with use_norm(ctx.attack_model, AUX):
-            attack_sum = cross_entropy(ctx, ctx.model(adversarial), adv_labels, "sum")
+            attack_sum = training_loss(ctx, ctx.model(iterate), adv_labels, "sum")
         terms = {"clean": clean_sum / shared} if iteration == 0 else {}
         yield Backward({**terms, "attack": options.attack_weight * attack_sum / shared})
-        adversarial = pgd_step(adversarial, source, adversarial.grad, eps=attack["eps"],
-                               step_size=attack["step_size"], targeted=False)
         attack_sums.append(attack_sum.detach())
 
-    panel = adversarial  # before the shuffle: row for row the attacked source
+    adversarial = panel = attack.adversarial  # the panel: before the shuffle, row for row the attacked source
     with use_norm(ctx.attack_model, AUX):
         adversarial, adv_labels = shuffle_across_processes(ctx, adversarial, adv_labels)
         adv_logits = ctx.model(adversarial)
-    adv_sum = cross_entropy(ctx, adv_logits, adv_labels, "sum")
+    adv_sum = training_loss(ctx, adv_logits, adv_labels, "sum")
     yield Backward({"adv": options.adv_weight * adv_sum / shared})
 
     metrics = two_part_metrics(clean_sum / n, adv_sum / n_adv, clean_logits, adv_logits, clean_labels, adv_labels)
@@ -93,7 +91,7 @@ def shuffle_across_processes(ctx: StepContext, images: torch.Tensor, labels: tor
 
 
 def backwards(cfg) -> int:
-    return cfg.attack.steps + 1
+    return attack_steps(cfg.attack) + 1
 
 
 def checks(cfg) -> list:
@@ -109,7 +107,6 @@ def checks(cfg) -> list:
          "gradient, so the attack maximises the true labels' loss): add attack.targeted=false"),
         (not (chosen and attack.bn_mode != "train"), "attack.bn_mode",
          "must be train with method=fast_advprop (the attack's forward is a training forward)"),
-        (not (chosen and attack.steps < 1), "attack.steps", "must be ≥ 1 with method=fast_advprop"),
     ]
 
 
@@ -120,7 +117,7 @@ def apply_equal_budget(cfg) -> None:
     what runs, and is never divided twice."""
     if not cfg.fast_advprop.equal_budget:
         return
-    scale = 1 + cfg.fast_advprop.adv_fraction * cfg.attack.steps
+    scale = 1 + cfg.fast_advprop.adv_fraction * attack_steps(cfg.attack)
     before = cfg.epochs
     cfg.epochs = max(1, round(cfg.epochs / scale))
     cfg.schedule.warmup_epochs /= scale

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from train.methods.common import cross_entropy, make_adversarial, two_part_metrics
+from train.methods.common import make_adversarial, training_loss, two_part_metrics
 from train.methods.record import Backward, Method, MethodSteps, StepContext, StepOutput
 
 
@@ -20,8 +20,8 @@ def step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> Method
     adversarial = make_adversarial(ctx, images, labels)
     n = len(images)
     logits = ctx.model(torch.cat([images, adversarial]))  # one batch: BN statistics mix both kinds
-    clean_loss = cross_entropy(ctx, logits[:n], labels)
-    adv_loss = cross_entropy(ctx, logits[n:], labels)
+    clean_loss = training_loss(ctx, logits[:n], labels)
+    adv_loss = training_loss(ctx, logits[n:], labels)
     yield Backward({"clean": alpha * clean_loss, "adv": (1 - alpha) * adv_loss})
     return StepOutput(two_part_metrics(clean_loss, adv_loss, logits[:n], logits[n:], labels, labels), adversarial)
 
