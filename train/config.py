@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipelines.ffcv_writer import StorageSettings
 from train.attacks import PGDConfig
 from train.config_checks import ATTACK_NODES, ConfigError, validate
+from train.interpolations import refuse_resolvers, resolve_or_refuse
 from train.methods import METHODS as METHOD_RECORDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -192,8 +193,10 @@ class Config:
 
 
 def read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    """A YAML recipe; `base: other.yaml` (relative to it) is read first and overridden by the rest."""
+    """A YAML recipe; `base: other.yaml` (relative to it) is read first and overridden by the rest.
+    Each file is refused if it calls a resolver, before anything resolves it (train/interpolations.py)."""
     recipe = load_yaml_mapping(path)
+    refuse_resolvers(recipe, f"config file {path}")
     base = recipe.pop("base", None)
     if base is None:
         return recipe
@@ -211,6 +214,8 @@ def load_yaml_mapping(path: Path) -> DictConfig:
         recipe = OmegaConf.load(path)
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not a YAML recipe: it is not text (UTF-8)") from None
+    except OmegaConfBaseException as error:  # a malformed interpolation: `name: ${oc.env`
+        raise ConfigError(f"config file {path}: not a valid interpolation: {str(error).splitlines()[0]}") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -258,7 +263,12 @@ def load_config(args: list[str] | None = None, *,
         elif key in ATTACK_NODES:
             overrides.append(OmegaConf.create({key: attack_preset(key, value)}))
         else:
-            overrides.append(OmegaConf.from_dotlist([arg]))
+            try:
+                overrides.append(OmegaConf.from_dotlist([arg]))
+            except OmegaConfBaseException as error:  # a malformed interpolation: `name=${oc.env`
+                raise ConfigError(f"argument {arg!r} is not a valid interpolation: {str(error).splitlines()[0]}"
+                                  ) from None
+            refuse_resolvers(overrides[-1], "command line")
     if not recipe.is_file():
         raise ConfigError(f"config file {recipe} does not exist")
     try:
@@ -267,10 +277,10 @@ def load_config(args: list[str] | None = None, *,
             if isinstance(recipe_cfg.get(key), str):
                 recipe_cfg[key] = attack_preset(key, recipe_cfg[key])
         layers = [recipe_cfg, *overrides]
-        cfg = merged(layers, {})
+        cfg = merged(layers, {}, recipe)
         defaults = method_attack_defaults(cfg, continuing)
         if defaults:
-            cfg = merged(layers, defaults)
+            cfg = merged(layers, defaults, recipe)
     except OmegaConfBaseException as error:
         raise ConfigError(f"bad config ({recipe}): {error}".replace("\n", "; ")) from None
     validate(cfg)
@@ -280,8 +290,9 @@ def load_config(args: list[str] | None = None, *,
     return cfg
 
 
-def merged(layers: list, attack_defaults: dict) -> DictConfig:
+def merged(layers: list, attack_defaults: dict, recipe: Path) -> DictConfig:
     cfg = OmegaConf.merge(schema(), {"attack": attack_defaults}, *layers)
+    resolve_or_refuse(cfg, f"bad config ({recipe} and the command line)")  # before anything reads a value
     if not cfg.output_dir:
         cfg.output_dir = str(Path("runs") / cfg.name)
     return cfg
@@ -329,8 +340,11 @@ def with_current_names(node, where: str = "") -> DictConfig:
 
 def read_saved_config(path: Path) -> DictConfig:
     """A run's or checkpoint's config.yaml, in today's key names (runs made before a rename still
-    load and resume)."""
-    return with_current_names(OmegaConf.load(path))
+    load and resume). One this trainer wrote holds no resolver call (train/interpolations.py): an
+    edited one that does is refused, not resolved."""
+    saved = OmegaConf.load(path)
+    refuse_resolvers(saved, str(path))
+    return with_current_names(saved)
 
 
 def attack_preset(key: str, name: str) -> dict:
