@@ -55,6 +55,7 @@ def save_main_norm(net: torch.nn.Module, path: Path, *, model_name: str, normali
                 "classes": json.dumps(classes), "format": EXPORT_FORMAT}
     if image_size:
         metadata.update(image_size=str(image_size), crop_ratio=str(crop_ratio))
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         save_file(state, str(temporary), metadata=metadata)

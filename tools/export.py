@@ -8,8 +8,10 @@ The output loads with `timm.create_model(name, num_classes=n).load_state_dict(..
 and gives the trained model's eval logits for inputs normalised as the file's metadata says
 (train/run.py also writes <output_dir>/final_main_norm.safetensors at the end of every run).
 OUT is never written inside the checkpoint (or any checkpoint folder), nor over a folder; an
-existing OUT is replaced only with --overwrite. Exit 2 with one line when it cannot export, 3 when
-the checkpoint's weights hold a NaN or an infinity (nothing is written).
+existing OUT is replaced only with --overwrite; a missing folder of OUT is made. All of it is checked
+before the checkpoint is loaded (tools/output_guard.py: a folder on /proc, behind a symlink loop or
+under a file is refused). Exit 2 with one line when it cannot export, 3 when the checkpoint's
+weights hold a NaN or an infinity (nothing is written).
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.errors import UserInputError
+from tools.output_guard import check_output_file
 from train.run_plot import PLOT_FILE, plot_run
 
 
@@ -21,8 +23,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help=f"PNG to write (default: RUN/{PLOT_FILE})")
     args = parser.parse_args(argv)
     try:
+        check_output_file(args.out or args.run / PLOT_FILE, inputs=[args.run / "metrics.jsonl"], overwrite=True,
+                          example=PLOT_FILE)
         print(f"wrote {plot_run(args.run, args.out)}")
-    except FileNotFoundError as error:
+    except (FileNotFoundError, UserInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

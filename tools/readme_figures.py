@@ -35,6 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from common.errors import UserInputError
+from tools.output_guard import check_output_file
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
 BLOCK = re.compile(r"<!-- figures:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /figures -->", re.S)
@@ -278,6 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not (args.names or args.check) or (args.saved_output and len(args.names) != 1):
         print(f"error: name figures of {sorted(FIGURES)} (one with --from) or give --check", file=sys.stderr)
         return 2
+    if args.names:  # before measuring: a figure that cannot be kept is not measured
+        try:
+            check_output_file(args.readme, overwrite=True, example="README.md")
+            if not args.readme.is_file():
+                raise UserInputError(f"--readme {args.readme} does not exist")
+        except UserInputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     for name in args.names:
         try:
             body = measure(FIGURES[name], args.note, saved_output=args.saved_output)
