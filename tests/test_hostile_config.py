@@ -41,7 +41,8 @@ def test_a_recipe_reading_the_environment_is_refused_and_leaks_nothing(few_digit
 def test_any_resolver_on_the_command_line_is_refused(override, resolver, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", SENTINEL)
     key = override.split("=")[0]
-    with pytest.raises(UserInputError, match=rf"^command line: {key}: .* calls the resolver {resolver}, refused") as error:
+    refusal = rf"^command line: {key}: .* calls the resolver {resolver}, refused"
+    with pytest.raises(UserInputError, match=refusal) as error:
         load_config([override, "tracker=none"])
     assert SENTINEL not in str(error.value)
 
@@ -59,7 +60,8 @@ def test_a_resolver_in_a_base_recipe_is_refused_naming_that_file(tmp_path):
     ("name=${name}", "name", "Recursive interpolation detected"),
     ("seed=${seed}", "seed", "Recursive interpolation detected"),
     ("epochs=${name}", "epochs", "could not be converted to Integer"),
-    ("wandb_group=\\${oc.env:HOME}", "wandb_group", "holds '${' once resolved"),  # escaped: config.yaml would resolve it
+    # escaped: a literal '${oc.env:HOME}', which config.yaml, read back, would resolve
+    ("wandb_group=\\${oc.env:HOME}", "wandb_group", "holds '${' once resolved"),
 ])
 def test_an_interpolation_that_does_not_resolve_is_one_line_naming_the_key(override, key, problem, few_digits,
                                                                           tmp_path):

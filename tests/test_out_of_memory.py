@@ -63,16 +63,8 @@ def test_the_demo_at_4096_px_is_refused_before_anything_is_written(few_digits, t
 
 
 def step_context(*overrides: str):
-    """The run's model, unwrapped, in a StepContext, for a config of the demo recipe."""
-    from accelerate import Accelerator
-
-    from train.config import load_config
-    from train.methods import StepContext
-    from train.run import build_model
-
-    cfg = load_config(["tracker=none", *overrides])
-    model, _ = build_model(cfg, Accelerator(cpu=True), 10)
-    return StepContext(model, model, cfg, 10)
+    """The run's model, unwrapped, in a StepContext, for a config of the demo recipe (10 classes)."""
+    return memory_check.config_step_context(list(overrides), num_classes=10)
 
 
 @pytest.mark.parametrize("overrides, lowest_gb", [

@@ -11,7 +11,6 @@ import pytest
 from common.errors import UserInputError
 from common.exit_status import run_entry_point
 from conftest import train_in_process
-from tools.output_guard import check_output_file, check_output_folder
 
 
 @pytest.fixture
@@ -49,6 +48,7 @@ def refusal(capsys, code: int) -> str:
 
 @pytest.mark.parametrize("place", ["under a file", "on /proc", "through a symlink loop"])
 def test_the_guard_refuses_a_place_no_file_can_be_written(place, bad_places):
+    from tools.output_guard import check_output_file, check_output_folder
     folder, words = bad_places[place]
     with pytest.raises(UserInputError) as error:
         check_output_file(folder / "x.json", overwrite=True, example="x.json")
@@ -59,12 +59,14 @@ def test_the_guard_refuses_a_place_no_file_can_be_written(place, bad_places):
 
 
 def test_the_guard_accepts_a_folder_still_to_be_made_and_writes_nothing(tmp_path):
+    from tools.output_guard import check_output_file, check_output_folder
     check_output_file(tmp_path / "new" / "deeper" / "x.json", overwrite=False, example="x.json")
     check_output_folder(tmp_path / "other" / "set")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_the_guard_refuses_outputs_inside_inputs_and_checkpoints(tmp_path):
+    from tools.output_guard import check_output_file, check_output_folder
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "train_state.json").write_text("{}")
     with pytest.raises(UserInputError, match="inside the checkpoint folder"):

@@ -8,6 +8,8 @@ with a tiny batch, measures the most bytes autograd keeps saved for backward at 
 extrapolates linearly in images × pixels; with the gradients, optimizer state and input batches
 added, an estimate above the memory available refuses the run before anything is written. The
 estimate leaves out short-lived buffers, so it errs towards letting a run start.
+
+    python -m train.memory_check model=resnet50 data.image_size=224 batch_size=64   # a config's estimate
 """
 from __future__ import annotations
 
@@ -15,12 +17,17 @@ import contextlib
 import copy
 import os
 import re
+import sys
+import time
 from pathlib import Path
 
-import psutil
-import torch
+if __name__ == "__main__":  # as train/run.py, before torch loads OpenMP: threads that wait sleep
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common.errors import UserInputError
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from common.errors import UserInputError  # noqa: E402
 
 PROBE_IMAGES = 2  # train-mode BatchNorm needs more than one value per channel
 PROBE_SIZE = 64  # px: larger runs are measured at this size and scaled by their pixels
@@ -169,3 +176,24 @@ def check_memory_fits(ctx, accelerator) -> None:
     problem = main_process_decides(accelerator, lambda: memory_problem(ctx, processes))
     if problem:
         raise OutOfMemory(problem)
+
+
+def config_step_context(overrides: list[str], num_classes: int):
+    """The model of a config (its recipe plus overrides) on the CPU, as run.py builds it, in a StepContext."""
+    from accelerate import Accelerator
+
+    from train.config import load_config
+    from train.methods import StepContext
+    from train.run import build_model
+
+    cfg = load_config([*overrides, "tracker=none"])
+    model, _ = build_model(cfg, Accelerator(cpu=True), num_classes)
+    return StepContext(model, model, cfg, num_classes)
+
+
+if __name__ == "__main__":
+    ctx = config_step_context(sys.argv[1:], num_classes=1000)
+    start = time.perf_counter()
+    needed, how = estimated_bytes(ctx)
+    print(f"a training step needs about {needed / 2**30:.2f} GB with {settings(ctx.cfg)} ({how}, 1000 classes, "
+          f"{time.perf_counter() - start:.2f} s); {available_bytes() / 2**30:.1f} GB are available here")

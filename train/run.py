@@ -8,10 +8,12 @@
 Leaves in output_dir (default runs/<name>): config.yaml, metrics.jsonl, checkpoints/ (last, best),
 final_main_norm.safetensors (plain timm weights), panels/*.png, summary.json, wandb/.
 One run at a time writes an output_dir; rerunning the command continues it (train/resume_rules.py
-says which settings may change). Exit status: 0 finished, or stopped by a signal with a checkpoint
-saved; 2 bad input (nothing written); 3 non-finite loss or weights (none saved); 4 disk full
-(previous checkpoints intact); 5 another process did not answer within collective_timeout_s;
-128 + N: signal N during the final evaluation (training is saved; rerun to redo the evaluation).
+says which settings may change). Exit status: 0 finished (a signal after the final table too), or
+stopped by a signal with a checkpoint saved; 2 bad input (nothing written), a size that does not fit
+memory included (train/memory_check.py); 3 non-finite loss or weights (none saved), or a checkpoint
+holding them; 4 disk full (previous checkpoints intact); 5 another process did not answer within
+collective_timeout_s; 128 + N: signal N at start-up (nothing trained yet) or during the final
+evaluation (training is saved; rerun to redo the evaluation). docs/runs.md: what is refused.
 An epoch's training is checkpointed before its validation, which a resumed run redoes if it did
 not finish.
 """
