@@ -59,7 +59,7 @@ def test_a_resolver_in_a_base_recipe_is_refused_naming_that_file(tmp_path):
     ("wandb_group=${nonexistent.key}", "wandb_group", "Interpolation key 'nonexistent.key' not found"),
     ("name=${name}", "name", "Recursive interpolation detected"),
     ("seed=${seed}", "seed", "Recursive interpolation detected"),
-    ("epochs=${name}", "epochs", "could not be converted to Integer"),
+    ("log_every=${name}", "log_every", "could not be converted to Integer"),
     # escaped: a literal '${oc.env:HOME}', which config.yaml, read back, would resolve
     ("wandb_group=\\${oc.env:HOME}", "wandb_group", "holds '${' once resolved"),
 ])
