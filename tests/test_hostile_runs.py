@@ -64,7 +64,7 @@ def test_a_poisoned_checkpoint_is_named_with_an_earlier_one_to_resume_from(two_c
     poison(checkpoints / "epoch_0001")
     args = [f"data.root={few_digits}", f"output_dir={two_checkpoints}", "epochs=2", *QUICK]
     line = one_error_line(train_in_process(*args, check=False), code=3)
-    assert f"checkpoint {checkpoints / 'epoch_0001'} itself holds NaN or infinite values (1 tensors: model " in line
+    assert f"checkpoint {checkpoints / 'epoch_0001'} itself holds NaN or infinite values (1 tensor: model " in line
     assert f"the newest earlier one with finite weights is {checkpoints / 'step_00000002'}" in line
     assert "step 4" not in line and "Lower the LR" not in line, line  # not the poisoned step's, not the LR's fault
     # resume=PATH through the `last` link: the same diagnosis; with no finite one left, a new run is the way

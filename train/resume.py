@@ -102,8 +102,8 @@ def refuse_poisoned(accelerator, folder: Path, ema=None) -> None:
               f"continues from {earlier.name}) or pass resume={earlier}" if earlier else
               f"no earlier checkpoint in {folder.parent} has finite weights: start a new run (a new output_dir)")
     raise PoisonedCheckpoint(
-        f"checkpoint {folder} itself holds NaN or infinite values ({len(bad)} tensors: {', '.join(bad[:3])}"
-        f"{', …' if len(bad) > 3 else ''}), so no step can continue from it; {advice}")
+        f"checkpoint {folder} itself holds NaN or infinite values ({len(bad)} tensor{'s' * (len(bad) > 1)}: "
+        f"{', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}), so no step can continue from it; {advice}")
 
 
 def restore(accelerator, cfg, run_dir: Path, classes: list[str], ema=None) -> tuple[TrainState, Path | None]:
