@@ -45,7 +45,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.exit_status import run_entry_point
 from tools.gpu_table import table, tests_outcome
+from tools.output_guard import check_output_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -297,6 +299,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="every part on the CPU with tiny sizes")
     args = parser.parse_args(argv)
     sizes = DRY if args.dry_run else FULL
+    for folder in (args.out, args.work or args.out / "work", args.cache_dir):  # before any part runs
+        check_output_folder(folder)
     work = (args.work or args.out / "work").resolve()
     for folder in (args.out, work):
         folder.mkdir(parents=True, exist_ok=True)
@@ -311,4 +315,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_entry_point(main, sys.argv[1:]))

@@ -35,8 +35,10 @@ from pathlib import Path
 import torch
 
 from common.errors import UserInputError
+from common.exit_status import run_entry_point
 from pipelines.ffcv_writer import WRITE_MODES, StorageSettings
 from pipelines.loader import BACKENDS, build_loader, prepare_dataset
+from tools.output_guard import check_output_folder
 from tools.wds_bench import first_batch_report, shard_copy, shard_overrides
 from train.config import load_config
 
@@ -144,6 +146,8 @@ def measure(args, folder: Path, backend: str, workers: int, shards: Path | None 
 
 def main(argv) -> int:
     args = parse_args(argv)
+    if args.first_batch_shards or args.data is None or args.shards or "ffcv" in args.backends:
+        check_output_folder(args.cache_dir)  # photos, shards, .beton files: before any is made
     if args.first_batch_shards:  # its own synthetic set; no folder needed
         args.cache_dir.mkdir(parents=True, exist_ok=True)
         rows = first_batch_report(args)
@@ -206,4 +210,4 @@ def print_table(runs: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_entry_point(main, sys.argv[1:]))

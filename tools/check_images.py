@@ -22,6 +22,7 @@ from pathlib import Path
 from common.exit_status import run_entry_point
 from pipelines.image_check import cache_folder, check_images, folder_key, report_path
 from pipelines.image_folder import list_image_folder
+from tools.output_guard import check_output_folder
 
 
 def parse_args(argv):
@@ -38,7 +39,9 @@ def parse_args(argv):
 
 def main(argv) -> int:
     args = parse_args(argv)
+    check_output_folder(cache_folder())  # what the check is for: kept for later runs
     if args.photos:
+        check_output_folder(Path("data/bench"))
         from pipelines.photo_data import build_photo_imagefolder
         name = "photos" if args.photos == 1800 else f"photos-{args.photos}"  # tools/bench_loaders.py's names
         args.folder = build_photo_imagefolder(Path("data/bench") / name, count=args.photos)

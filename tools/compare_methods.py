@@ -25,7 +25,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from common.exit_status import run_entry_point
+from tools.output_guard import check_output_folder
 from train.config import load_config
+from train.interpolations import refuse_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 def sweep_runs(sweep_file: Path, extra: list[str] = ()) -> dict[str, list[str]]:
     """run name → train/run.py arguments (recipe, common overrides, the run's, then extra)."""
     sweep = OmegaConf.load(sweep_file)
+    refuse_resolvers(sweep, f"sweep file {sweep_file}")  # its overrides reach config.yaml (train/interpolations.py)
     common = [f"config={REPO / sweep.recipe}", *sweep.get("common", [])]
     return {name: [*common, *overrides, *extra] for name, overrides in sweep.runs.items()}
 
@@ -81,7 +85,7 @@ def print_table(results: dict[str, dict]) -> None:
     print(f"robust attack: {', '.join(sorted(attacks))}; cost per step relative to vanilla's throughput")
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", type=Path, default=REPO / "configs" / "sweeps" / "compare_methods.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
@@ -90,7 +94,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true",
                         help="also print every run's summary.json as one JSON object on the last line")
     parser.add_argument("overrides", nargs="*", help="key=value for every run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_output_folder(args.out)  # before the first run trains
     runs = sweep_runs(args.sweep, args.overrides)
     names = [n for n in args.only.split(",") if n] or list(runs)
     group = args.group or f"compare_methods-{args.out.resolve().name}"
@@ -105,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main, sys.argv[1:]))

@@ -13,8 +13,9 @@ images) are skipped with their reason, files without an image extension and seco
 or folder (symlink loops) are listed too: found = written + skipped + files without an image
 extension. Shards appear only when complete and the info file lists them only then. Exit 0 when the
 split is written; 2 with a one-line error (nothing written) when the source cannot give one (a class
-folder without an image, too), OUT is a file, lies inside SRC or a checkpoint, or already holds the
-split (replace it with --overwrite); 128 + N when stopped by signal N (nothing written).
+folder without an image, too), OUT is a file or cannot be written (tools/output_guard.py), lies
+inside SRC or a checkpoint, or already holds the split (replace it with --overwrite); 128 + N when
+stopped by signal N (nothing written).
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ import json
 import sys
 from pathlib import Path
 
-from common.errors import UserInputError
 from common.exit_status import run_entry_point
 from pipelines.wds_writer import convert_folder
 from tools.conversion_report import run_conversion, summary_line
+from tools.output_guard import check_output_folder
 
 
 def parse_args(argv):
@@ -47,23 +48,11 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def check_output_set(out: Path, src: Path) -> None:
-    """OUT must be a folder (or nothing yet) outside SRC and outside any checkpoint folder."""
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"output {out} is a file: give the folder of the shard set")
-    target, source = out.resolve(), src.resolve()
-    if target == source or source in target.parents:
-        raise UserInputError(f"output {out} is inside the input {src}: it would change what is being read; "
-                             f"write it outside {src}")
-    if any((folder / "train_state.json").exists() for folder in (target, *target.parents)):
-        raise UserInputError(f"output {out} is inside a checkpoint folder; write it elsewhere")
-
-
 def main(argv) -> int:
     args = parse_args(argv)
     split = args.split or args.src.name
     def convert() -> dict:
-        check_output_set(args.out, args.src)
+        check_output_folder(args.out, inputs=[args.src])
         return convert_folder(args.src, args.out, split=split, shard_size=args.shard_size, prefix=args.prefix,
                               name=args.name, workers=args.workers, seed=args.seed, limit=args.limit,
                               overwrite=args.overwrite)

@@ -36,13 +36,15 @@ from common.errors import UserInputError
 from common.exit_status import run_entry_point
 from models.dual_norm import dual_norm_layers
 from models.hub import is_hub_name
+from tools.output_guard import check_output_file, check_output_folder
 from tools.robustness import imagenet_c, report as reporting, sets
 from tools.robustness.folders import data_classes
 from tools.robustness.load import load_any
 from train.attacks import ATTACK_PRESETS, ATTACKS, attack_checks, build_attack, describe, node_type
 from train.config import attack_setting
+from train.interpolations import refuse_resolvers, resolve_or_refuse
 from train.model_artifacts import evaluated_artifact
-from train.tracking import wandb_mode
+from train.tracking import wandb_mode, wandb_project_problem
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,8 +108,10 @@ def parse_attack(tokens: list[str]) -> dict:
                              f"{tuple(p for p in ATTACK_PRESETS if p not in ATTACKS)}")
     preset = attack_setting("eval_attack", name)
     try:
-        node = OmegaConf.merge(OmegaConf.structured(node_type(ATTACKS[preset["kind"]])), preset,
-                               OmegaConf.from_dotlist(pairs))
+        given = OmegaConf.from_dotlist(pairs)
+        refuse_resolvers(given, f"--attack {' '.join(tokens)}")  # the report and W&B would hold what it reads
+        node = OmegaConf.merge(OmegaConf.structured(node_type(ATTACKS[preset["kind"]])), preset, given)
+        resolve_or_refuse(node, f"--attack {' '.join(tokens)}")
     except (OmegaConfBaseException, ValueError) as error:
         raise UserInputError(f"--attack {' '.join(tokens)}: {error} (robust accuracy is measured under "
                              f"untargeted attacks, on the model's eval-mode BN statistics)".replace("\n", "; ")) from None
@@ -171,8 +175,22 @@ def run_dir_of(checkpoint: Path) -> Path | None:
     return next((f for f in (folder, *folder.parents[:3]) if (f / "wandb_id.txt").is_file()), None)
 
 
+def check_outputs(args) -> None:
+    """--json and W&B's folder can be written, and W&B takes the project name (tools/output_guard.py)."""
+    read = [args.data, args.imagenet_c, args.imagenet_a, args.imagenet_r, args.stylized]
+    read += [args.checkpoint] if args.checkpoint.is_file() else []  # a run folder may hold the report
+    if args.json:
+        check_output_file(args.json, inputs=[p for p in read if p], overwrite=True, example="eval.json")
+    if args.wandb_run is not None:
+        problem = wandb_project_problem(args.wandb_project)
+        if problem:
+            raise UserInputError(f"--wandb-project {args.wandb_project!r} {problem}")
+        check_output_folder((run_dir_of(args.checkpoint) or Path(".")) / "wandb")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_outputs(args)  # before the evaluation: a report that cannot be written is not run
     attacks = [parse_attack(tokens) for tokens in args.attack or []]
     model, cfg, classes = load_any(args.checkpoint, model_name=args.model)
     classes = model_classes(classes, model, args.data)

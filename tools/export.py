@@ -14,7 +14,9 @@ writes the same at the end of every run (<output_dir>/final_model/). Load it wit
 
 --eval-report adds tools/evaluate.py's numbers (its --json: AutoAttack, mCE, …) to the card.
 OUT is never written inside the checkpoint (or any checkpoint folder), nor over a folder that is not
-an export; an existing export is replaced only with --overwrite. --push-to-hub needs a Hugging Face
+an export; an existing export is replaced only with --overwrite; a missing parent folder is made. All
+of it is checked before the checkpoint is loaded (tools/output_guard.py: a folder on /proc, behind a
+symlink loop or under a file is refused). --push-to-hub needs a Hugging Face
 token (`hf auth login` or HF_TOKEN) and uploads the folder as one commit. Exit 2 with one line when
 it cannot export or upload (nothing written, nothing uploaded), 3 when the checkpoint's weights hold
 a NaN or an infinity (nothing is written).
@@ -30,7 +32,7 @@ from pathlib import Path
 from common.errors import UserInputError
 from common.exit_status import run_entry_point
 from models.hub import hub_error
-from tools.output_guard import check_output_folder
+from tools.output_guard import check_export_folder
 from train.model_export import checkpoint_results, export_model
 from train.model_loading import checkpoint_folder, load_checkpoint_model
 from train.run_state import read_state
@@ -61,7 +63,7 @@ def main(argv: list[str]) -> None:
                              if args.checkpoint.exists() else f"{args.checkpoint} does not exist")
     folder = checkpoint_folder(args.checkpoint)
     if args.out is not None:
-        check_output_folder(args.out, inputs=[folder], overwrite=args.overwrite)
+        check_export_folder(args.out, inputs=[folder], overwrite=args.overwrite)
     if args.push_to_hub:
         check_hub_upload(args.push_to_hub)
     evaluations = [read_eval_report(path) for path in args.eval_report]

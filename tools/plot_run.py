@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from common.exit_status import run_entry_point
+from tools.output_guard import check_output_file
 from train.run_plot import PLOT_FILE, plot_run
 
 
@@ -21,6 +22,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run", type=Path, help="a run folder (output_dir of train/run.py)")
     parser.add_argument("--out", type=Path, help=f"PNG to write (default: RUN/{PLOT_FILE})")
     args = parser.parse_args(argv)
+    check_output_file(args.out or args.run / PLOT_FILE, inputs=[args.run / "metrics.jsonl"], overwrite=True,
+                      example=PLOT_FILE)
     print(f"wrote {plot_run(args.run, args.out)}")  # a folder that is no run: FileNotFoundError, exit 2
     return 0
 

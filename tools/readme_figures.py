@@ -41,6 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from common.errors import UserInputError
+from common.exit_status import run_entry_point
+from tools.output_guard import check_output_file
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
 
@@ -351,6 +355,9 @@ def all_pages_text(paths: list[Path]) -> str:
 
 
 def page_of(name: str, paths: list[Path]) -> Path:
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise ValueError(f"page {', '.join(missing)} does not exist")
     holding = [path for path in paths if any(block["name"] == name for block in blocks(path.read_text()))]
     if len(holding) != 1:
         raise ValueError(f"figure {name}: {len(holding)} pages hold a block <!-- figures:{name} --> (needs one)")
@@ -391,6 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not (args.names or args.check) or (args.saved_output and len(args.names) != 1):
         print(f"error: name figures of {sorted(known)} (one with --from) or give --check", file=sys.stderr)
         return 2
+    if args.names:  # before measuring: a figure whose page cannot be rewritten is not measured
+        for page in args.pages:
+            check_output_file(page, overwrite=True, example="README.md")
+        try:
+            [page_of(name, args.pages) for name in args.names]
+        except ValueError as error:
+            raise UserInputError(str(error)) from None
     for name in sorted(args.names, key=lambda n: n in DERIVED):  # a summary after what it summarises
         try:
             page = rewrite(name, args.pages, args.note, args.saved_output)
@@ -405,4 +419,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry_point(main, sys.argv[1:]))

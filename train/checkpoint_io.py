@@ -66,8 +66,8 @@ def save_checkpoint(accelerator, run_dir: Path, name: str, state: TrainState, cf
     return final
 
 
-def refuse_non_finite_state(accelerator, name: str, ema=None) -> None:
-    """NonFiniteWeights on every process if a process's model, EMA or optimizer state is not finite."""
+def training_tensors(accelerator, ema=None) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of this process: model, EMA and optimizer state, by name."""
     tensors = {}
     for model in accelerator._models:
         tensors.update({f"model {k}": v for k, v in accelerator.unwrap_model(model).state_dict().items()})
@@ -76,6 +76,12 @@ def refuse_non_finite_state(accelerator, name: str, ema=None) -> None:
     for optimizer in accelerator._optimizers:
         for index, per_param in optimizer.state_dict()["state"].items():
             tensors.update({f"optimizer {index}.{k}": v for k, v in per_param.items() if torch.is_tensor(v)})
+    return tensors
+
+
+def refuse_non_finite_state(accelerator, name: str, ema=None) -> None:
+    """NonFiniteWeights on every process if a process's model, EMA or optimizer state is not finite."""
+    tensors = training_tensors(accelerator, ema)
     bad = non_finite_names(tensors)
     if any_process(bool(bad), accelerator):
         refuse_non_finite(tensors, f"checkpoint {name} (the previous checkpoints are intact)")

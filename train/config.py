@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipelines.ffcv_writer import StorageSettings
 from train.attacks import ATTACK_PRESETS, ATTACKS, kind_of, node_type
 from train.config_checks import ATTACK_NODES, ConfigError, validate
+from train.interpolations import refuse_resolvers, resolve_or_refuse
 from train.methods import METHODS as METHOD_RECORDS
 from train.starting_model import with_starting_model
 
@@ -182,8 +183,10 @@ class Config:
 
 
 def read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    """A YAML recipe; `base: other.yaml` (relative to it) is read first and overridden by the rest."""
+    """A YAML recipe; `base: other.yaml` (relative to it) is read first and overridden by the rest.
+    Each file is refused if it calls a resolver, before anything resolves it (train/interpolations.py)."""
     recipe = load_yaml_mapping(path)
+    refuse_resolvers(recipe, f"config file {path}")
     base = recipe.pop("base", None)
     if base is None:
         return recipe
@@ -201,6 +204,8 @@ def load_yaml_mapping(path: Path) -> DictConfig:
         recipe = OmegaConf.load(path)
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not a YAML recipe: it is not text (UTF-8)") from None
+    except OmegaConfBaseException as error:  # a malformed interpolation: `name: ${oc.env`
+        raise ConfigError(f"config file {path}: not a valid interpolation: {str(error).splitlines()[0]}") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -250,7 +255,12 @@ def load_config(args: list[str] | None = None, *,
         elif key in ATTACK_NODES:
             overrides.append(OmegaConf.create({key: attack_setting(key, value)}))
         else:
-            overrides.append(OmegaConf.from_dotlist([arg]))
+            try:
+                overrides.append(OmegaConf.from_dotlist([arg]))
+            except OmegaConfBaseException as error:  # a malformed interpolation: `name=${oc.env`
+                raise ConfigError(f"argument {arg!r} is not a valid interpolation: {str(error).splitlines()[0]}"
+                                  ) from None
+            refuse_resolvers(overrides[-1], "command line")
     if not recipe.is_file():
         raise ConfigError(f"config file {recipe} does not exist")
     try:
@@ -258,11 +268,11 @@ def load_config(args: list[str] | None = None, *,
         for key in ATTACK_NODES:
             if isinstance(recipe_cfg.get(key), str):
                 recipe_cfg[key] = attack_setting(key, recipe_cfg[key])
-        layers = with_starting_model([recipe_cfg, *overrides], lambda layers: merged(layers, {}))
-        cfg = merged(layers, {})
+        layers = with_starting_model([recipe_cfg, *overrides], lambda layers: merged(layers, {}, recipe))
+        cfg = merged(layers, {}, recipe)
         defaults = method_attack_defaults(cfg, continuing)
         if defaults:
-            cfg = merged(layers, defaults)
+            cfg = merged(layers, defaults, recipe)
     except OmegaConfBaseException as error:
         raise ConfigError(f"bad config ({recipe}): {error}".replace("\n", "; ")) from None
     validate(cfg)
@@ -272,8 +282,9 @@ def load_config(args: list[str] | None = None, *,
     return cfg
 
 
-def merged(layers: list, attack_defaults: dict) -> DictConfig:
+def merged(layers: list, attack_defaults: dict, recipe: Path) -> DictConfig:
     cfg = onto_schema(*layers, attack_defaults=attack_defaults)
+    resolve_or_refuse(cfg, f"bad config ({recipe} and the command line)")  # before anything reads a value
     if not cfg.output_dir:
         cfg.output_dir = str(Path("runs") / cfg.name)
     return cfg
@@ -363,8 +374,11 @@ def with_current_names(node, where: str = "") -> DictConfig:
 
 def read_saved_config(path: Path) -> DictConfig:
     """A run's or checkpoint's config.yaml, in today's key names (runs made before a rename still
-    load and resume)."""
-    return with_current_names(OmegaConf.load(path))
+    load and resume). One this trainer wrote holds no resolver call (train/interpolations.py): an
+    edited one that does is refused, not resolved."""
+    saved = OmegaConf.load(path)
+    refuse_resolvers(saved, str(path))
+    return with_current_names(saved)
 
 
 def attack_setting(key: str, name: str) -> dict:

@@ -22,6 +22,7 @@ from train.attacks import attack_checks
 from train.batch_augment import checks as batch_augment_checks
 from train.methods import METHODS as METHOD_RECORDS
 from train.methods.common import LOSSES
+from train.tracking import wandb_project_problem
 
 LOADERS = tuple(BACKENDS)  # pipelines/loader.py's backends: torchvision, ffcv, dali
 DATASETS = ("digits", "imagefolder", "webdataset")
@@ -99,6 +100,7 @@ def run_checks(cfg: DictConfig) -> list[Check]:
         (cfg.image_log_every >= 0, "image_log_every", "must be ≥ 0 (0: no image panels)"),
         (cfg.tracker in ("wandb", "none"), "tracker", "must be wandb or none"),
         (cfg.wandb_log_checkpoints in ("best", "all", "none"), "wandb_log_checkpoints", "must be best, all or none"),
+        *wandb_checks(cfg),
         (cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be ≥ 1"),
         (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be ≥ 0"),
     ]
@@ -111,6 +113,12 @@ def pretrained_path_check(path: str) -> Check:
     kind = "a folder" if Path(path).is_dir() else "not a file"
     return not path or Path(path).is_file(), "pretrained_path", \
         f"is {kind} (a weights file, or local-dir:FOLDER / hf-hub:USER/NAME)"
+
+
+def wandb_checks(cfg: DictConfig) -> list[Check]:
+    """W&B's own rule for the project name (it would refuse the run only once the run folder is written)."""
+    problem = wandb_project_problem(cfg.wandb_project) if cfg.tracker == "wandb" else None
+    return [(problem is None, "wandb_project", problem)]
 
 
 def data_checks(cfg: DictConfig) -> list[Check]:

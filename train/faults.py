@@ -1,12 +1,19 @@
 """Preemption and numerical faults.
 
-SIGTERM/SIGINT (a scheduler preempting the job, Ctrl-C) only set a flag: the loop finishes the
-optimizer step it is in, run.py writes a checkpoint and exits 0, and `resume=auto` continues from
-that exact batch. A second Ctrl-C stops at once. An epoch's training is checkpointed before its
-validation, so a signal during a validation stops it within a few batches (StopInValidation, exit
-0) and the resumed run validates that epoch again. Once training is finished and checkpointed, a
-signal stops the final evaluation at once (exit 128 + signal number); the same command redoes it.
+What SIGTERM/SIGINT (a scheduler preempting the job, Ctrl-C) do depends on where the run is:
+  start-up      (imports, config, data, model, resume: nothing trained yet) the program stops at
+                once, exit 128 + signal number; the same command starts again
+  training      only a flag is set: the loop finishes the optimizer step it is in, run.py writes a
+                checkpoint and exits 0, and `resume=auto` continues from that exact batch. A second
+                Ctrl-C stops at once. An epoch's training is checkpointed before its validation, so
+                a signal during a validation stops it within a few batches (StopInValidation, exit
+                0) and the resumed run validates that epoch again
+  final evaluation  (training is finished and checkpointed) it stops at once, exit 128 + N; the
+                same command redoes only the final evaluation and exports
+  finished      (summary, exports and table written) the program ends at once with exit 0
 Non-finite values never reach the weights (NonFiniteLoss, train/step_guard.py).
+
+Importing this module does not import torch: run.py installs the start-up handler before torch loads.
 """
 from __future__ import annotations
 
@@ -14,9 +21,9 @@ import os
 import signal
 import sys
 
-import torch
-
 from common.dropped_signals import signal_again_if_dropped
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -42,25 +49,84 @@ class StoppedAfterTraining(Exception):
         self.exit_line = f"\n{self}"  # a stop the user asked for, not an error
 
 
+class StoppedAtStartUp(SystemExit):
+    """A signal before training started: nothing to save, so the program ends at once (exit 128 + N).
+    A SystemExit, so that no `except Exception` of the start-up code takes it for a failure."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+class StoppedWhenFinished(SystemExit):
+    """A signal once the run is finished (summary, exports, table written): it ends with exit 0."""
+
+    def __init__(self, signum: int):
+        super().__init__(0)
+        self.signum = signum
+
+
+def stop_at_once(signum, frame) -> None:
+    """The start-up handler: one line (once), then StoppedAtStartUp."""
+    if not getattr(stop_at_once, "said", False):
+        stop_at_once.said = True
+        print(f"\n{signal.Signals(signum).name}: stopped during start-up, before any training step: nothing to "
+              "save; the same command starts the run again", file=sys.stderr, flush=True)
+    raise StoppedAtStartUp(signum)
+
+
+def stop_at_once_while_starting() -> None:
+    """From the program's first lines until StopRequest.install(): a signal ends the program at once.
+    An exception Python drops (raised in an at-fork hook or a finalizer) is raised again."""
+    stop_at_once.said = False
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop_at_once)
+    if not isinstance(sys.unraisablehook, SignalResender):
+        sys.unraisablehook = SignalResender(sys.unraisablehook)
+
+
+class SignalResender:
+    """The unraisablehook of a run: a stop that Python dropped is signalled again (common/dropped_signals.py)."""
+
+    def __init__(self, hook):
+        self.resend = signal_again_if_dropped(hook, stop_signal, lambda signum: os.kill(os.getpid(), signum))
+
+    def __call__(self, unraisable) -> None:
+        self.resend(unraisable)
+
+
+def stop_signal(error: BaseException) -> int | None:
+    stops = (StoppedAtStartUp, StoppedAfterTraining, StoppedWhenFinished)
+    return error.signum if isinstance(error, stops) else None
+
+
 class StopRequest:
     def __init__(self):
         self.requested = False
-        self.training_done = False
+        self.phase = "training"  # then "final evaluation", then "finished"
 
     def install(self) -> "StopRequest":
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._handle)
+        if not isinstance(sys.unraisablehook, SignalResender):
+            sys.unraisablehook = SignalResender(sys.unraisablehook)
         return self
 
     def training_saved(self) -> None:
         """From here on nothing is lost by stopping at once: a signal raises StoppedAfterTraining
         wherever the final evaluation is (it can outlast a scheduler's grace period)."""
-        self.training_done = True
-        sys.unraisablehook = signal_again_if_dropped(sys.unraisablehook, stopped_after_training_signal,
-                                                     lambda signum: os.kill(os.getpid(), signum))
+        self.phase = "final evaluation"
+
+    def finished(self) -> None:
+        """Everything is written: a signal ends the program with exit 0 (StoppedWhenFinished)."""
+        self.phase = "finished"
 
     def _handle(self, signum, frame) -> None:
-        if self.training_done:
+        if self.phase == "finished":
+            print(f"\n{signal.Signals(signum).name}: the run is finished and saved; exiting", file=sys.stderr,
+                  flush=True)
+            raise StoppedWhenFinished(signum)
+        if self.phase == "final evaluation":
             raise StoppedAfterTraining(signum)
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -77,6 +143,8 @@ class StopRequest:
         one process; with several, every POLL_EVERY-th of those all processes have."""
         if accelerator.num_processes == 1:
             return range(1, batches + 1)
+        import torch
+
         common = int(accelerator.gather(torch.tensor([batches], device=accelerator.device)).min())
         return range(POLL_EVERY, common + 1, POLL_EVERY)
 
@@ -85,11 +153,9 @@ class StopRequest:
             raise StopInValidation()
 
 
-def stopped_after_training_signal(error: BaseException) -> int | None:
-    return error.signum if isinstance(error, StoppedAfterTraining) else None
-
-
 def any_process(flag: bool, accelerator) -> bool:
     if accelerator.num_processes == 1:
         return flag
+    import torch
+
     return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0

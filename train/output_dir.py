@@ -26,12 +26,18 @@ def cannot_create_in(folder: Path) -> str | None:
     return None
 
 
+def deepest_existing(path: Path) -> Path:
+    """path, or the deepest of its parents that exists (what a mkdir of path would create in)."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
 def output_dir_problem(run_dir: Path, tracker: str) -> str | None:
     """One line saying why the run cannot write run_dir (or the parts of it that exist), or None."""
     run_dir = Path(run_dir)
-    existing = run_dir
-    while not existing.exists():  # the deepest part that exists
-        existing = existing.parent
+    existing = deepest_existing(run_dir)
     if not existing.is_dir():
         return f"output_dir {run_dir}: {existing} is a file, not a folder; give a folder path"
     if existing != run_dir:

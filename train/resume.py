@@ -7,9 +7,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import load_file
 
-from train.checkpoint_io import checkpoint_dir, list_checkpoints, load_checkpoint, read_run_settings
+from models.export import non_finite_names
+from train.checkpoint_io import checkpoint_dir, list_checkpoints, load_checkpoint, read_run_settings, training_tensors
 from train.config import read_saved_config
+from train.faults import any_process
 from train.resume_rules import ResumeMismatch, check_same_run
 from train.run_state import CheckpointError, TrainState, read_state
 
@@ -72,6 +75,37 @@ def continued_settings(cfg) -> DictConfig | None:
         return None
 
 
+class PoisonedCheckpoint(RuntimeError):
+    """A checkpoint whose weights, EMA or optimizer state hold a NaN or an infinity (edited, or saved
+    by a version without today's guard): no step from it can be finite, whatever the settings."""
+    exit_code = 3  # the non-finite family (train/faults.py NonFiniteLoss)
+
+
+def finite_weights(folder: Path) -> bool:
+    try:
+        return not non_finite_names(load_file(str(folder / "model.safetensors")))
+    except Exception:  # missing or damaged: not one to continue from either
+        return False
+
+
+def refuse_poisoned(accelerator, folder: Path, ema=None) -> None:
+    """PoisonedCheckpoint, naming the newest earlier checkpoint with finite weights, when the state
+    just loaded from folder is not finite (on any process)."""
+    bad = non_finite_names(training_tensors(accelerator, ema))
+    if not any_process(bool(bad), accelerator):
+        return
+    real = folder.resolve()  # resume=PATH may name a link (checkpoints/last)
+    listed = list_checkpoints(real.parent)
+    older = listed[:listed.index(real)] if real in listed else []
+    earlier = next((candidate for candidate in reversed(older) if finite_weights(candidate)), None)
+    advice = (f"the newest earlier one with finite weights is {earlier}: move {folder} away (resume=auto then "
+              f"continues from {earlier.name}) or pass resume={earlier}" if earlier else
+              f"no earlier checkpoint in {folder.parent} has finite weights: start a new run (a new output_dir)")
+    raise PoisonedCheckpoint(
+        f"checkpoint {folder} itself holds NaN or infinite values ({len(bad)} tensor{'s' * (len(bad) > 1)}: "
+        f"{', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}), so no step can continue from it; {advice}")
+
+
 def restore(accelerator, cfg, run_dir: Path, classes: list[str], ema=None) -> tuple[TrainState, Path | None]:
     """resume=none: a fresh run. PATH: that checkpoint, or an error. auto: the newest loadable
     checkpoint of this run (older ones are tried when the newest is damaged), a fresh run if it has
@@ -80,13 +114,18 @@ def restore(accelerator, cfg, run_dir: Path, classes: list[str], ema=None) -> tu
     if cfg.resume == "none":
         return TrainState(), None
     if cfg.resume != "auto":
-        return load_checkpoint(accelerator, Path(cfg.resume), ema), Path(cfg.resume)
+        folder = Path(cfg.resume)
+        state = load_checkpoint(accelerator, folder, ema)
+        refuse_poisoned(accelerator, folder, ema)
+        return state, folder
     checkpoints = list_checkpoints(checkpoint_dir(run_dir))
     problems = []
     for folder in reversed(checkpoints):
         try:
             check_matches(accelerator, folder, cfg, classes)
-            return load_checkpoint(accelerator, folder, ema), folder
+            state = load_checkpoint(accelerator, folder, ema)
+            refuse_poisoned(accelerator, folder, ema)
+            return state, folder
         except CheckpointError as error:
             accelerator.print(f"warning: skipping damaged checkpoint: {error}")
             problems.append(str(error))

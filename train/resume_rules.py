@@ -71,6 +71,21 @@ def changed_keys(saved: DictConfig | dict, current: DictConfig) -> list[tuple[st
     return changed
 
 
+def class_difference(first: list[str], second: list[str], names: tuple[str, str]) -> str:
+    """Which classes differ between two class lists, named: `names` says whose each list is."""
+    def shown(classes: list[str]) -> str:
+        more = f" and {len(classes) - 5} more" if len(classes) > 5 else ""
+        return ", ".join(map(repr, classes[:5])) + more
+
+    only = [(name, sorted(set(a) - set(b))) for name, a, b in ((names[0], first, second), (names[1], second, first))]
+    parts = [f"only in {name}: {shown(classes)}" for name, classes in only if classes]
+    if not parts:  # the same names in another order (or repeated): the labels would mean other classes
+        index = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+        at = [classes[index] if index < len(classes) else None for classes in (first, second)]
+        parts = [f"the same names in another order (class {index}: {at[0]!r} vs {at[1]!r})"]
+    return f"{len(first)} vs {len(second)} classes, {'; '.join(parts)}"
+
+
 def check_same_run(saved: DictConfig | dict, current: DictConfig, *, where: str,
                    saved_classes: list[str] | None = None, classes: list[str] | None = None,
                    saved_processes: int = 0, processes: int = 0) -> None:
@@ -78,7 +93,7 @@ def check_same_run(saved: DictConfig | dict, current: DictConfig, *, where: str,
     the current command, and how to proceed."""
     differences = [f"{key} ({old!r} → {new!r})" for key, old, new in changed_keys(saved, current)]
     if saved_classes is not None and classes is not None and list(saved_classes) != list(classes):
-        differences.append(f"classes ({len(saved_classes)}: {saved_classes[:3]}… → {len(classes)}: {classes[:3]}…)")
+        differences.append(f"classes ({class_difference(saved_classes, classes, ('the checkpoint', 'the data now'))})")
     if saved_processes and saved_processes != processes:
         differences.append(f"processes ({saved_processes} → {processes}: the global batch and the shards change)")
     if differences:

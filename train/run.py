@@ -8,10 +8,12 @@
 Leaves in output_dir (default runs/<name>): config.yaml, metrics.jsonl, checkpoints/ (last, best),
 final_model/ (the trained model as timm's Hub folder: tools/export.py), panels/*.png, summary.json, wandb/.
 One run at a time writes an output_dir; rerunning the command continues it (train/resume_rules.py
-says which settings may change). Exit status: 0 finished, or stopped by a signal with a checkpoint
-saved; 2 bad input (nothing written); 3 non-finite loss or weights (none saved); 4 disk full
-(previous checkpoints intact); 5 another process did not answer within collective_timeout_s;
-128 + N: signal N during the final evaluation (training is saved; rerun to redo the evaluation).
+says which settings may change). Exit status: 0 finished (a signal after the final table too), or
+stopped by a signal with a checkpoint saved; 2 bad input (nothing written), a size that does not fit
+memory included (train/memory_check.py); 3 non-finite loss or weights (none saved), or a checkpoint
+holding them; 4 disk full (previous checkpoints intact); 5 another process did not answer within
+collective_timeout_s; 128 + N: signal N at start-up (nothing trained yet) or during the final
+evaluation (training is saved; rerun to redo the evaluation). docs/runs.md: what is refused.
 An epoch's training is checkpointed before its validation, which a resumed run redoes if it did
 not finish.
 """
@@ -28,6 +30,11 @@ from pathlib import Path
 # parallel region sleeps instead of spinning. On cores other processes share, spinning threads made
 # a 2-thread training step 7x slower than one thread; sleeping ones match it. A user's value wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from train.faults import stop_at_once_while_starting  # noqa: E402  (torch-free)
+
+if __name__ == "__main__":  # a signal during the imports (seconds) ends with its exit status and a line
+    stop_at_once_while_starting()
 
 import torch  # noqa: E402  (and below: after the OpenMP setting)
 from accelerate import Accelerator
@@ -48,11 +55,13 @@ from train.ema import create_ema
 from train.environment import describe, use_cpu_threads
 from train.faults import StopInValidation, StoppedAfterTraining, StopRequest
 from train.loop import evaluate, train_one_epoch
+from train.memory_check import check_memory_fits, out_of_memory_explained
 from train.methods import StepContext, method_of
 from train.model_artifacts import FINAL_EMA_EXPORT, FINAL_EXPORT, OLD_FINAL_EXPORTS, ModelArtifacts
 from train.model_export import export_model, final_results, logged_epoch_results
 from train.optim import create_optimizer, create_schedule, steps_per_epoch
 from train.resume import check_resume, continued_settings, restore
+from train.resume_rules import class_difference
 from train.output_dir import check_output_dir
 from train.run_plot import PLOT_FILE, plot_run
 from train.run_lock import claim_run_folder
@@ -68,7 +77,7 @@ def build_loaders(cfg, accelerator):
     train_loader, val_loader = build_loader(cfg, "train", **shard), build_loader(cfg, "val", **shard)
     if train_loader.classes != val_loader.classes:
         raise UserInputError(f"train and val folders have different classes: "
-                             f"{train_loader.classes[:5]}… vs {val_loader.classes[:5]}…")
+                             f"{class_difference(train_loader.classes, val_loader.classes, ('train', 'val'))}")
     if len(train_loader) < cfg.grad_accum_steps:
         raise UserInputError(f"the train set gives {len(train_loader)} batches of {cfg.batch_size} per "
                              f"process, fewer than grad_accum_steps={cfg.grad_accum_steps}: lower batch_size "
@@ -104,8 +113,15 @@ def build_model(cfg, accelerator, num_classes: int):
 
 
 def main(argv: list[str]) -> None:
+    stop_at_once_while_starting()  # nothing trained yet: a signal stops at once (train/faults.py)
     die_with_launcher()  # a killed launcher leaves no worker behind holding the output_dir
     cfg = load_config(argv, continuing=continued_settings)  # a continued run keeps its method defaults
+    with out_of_memory_explained(cfg):  # settings too large for the device: one line naming them
+        return run(cfg)
+
+
+def run(cfg) -> None:
+    """The run of a validated config: set-up, training, the final evaluation (see the module doc)."""
     # cpu=True without CUDA: under torchrun (`accelerate launch --multi_gpu`) that gives real
     # multi-process CPU training over gloo; Accelerate would otherwise run each process alone.
     # A method with several backwards a step runs all but the last without DDP sync, and the last
@@ -128,6 +144,7 @@ def main(argv: list[str]) -> None:
     ema = create_ema(ctx.attack_model, cfg.ema_decay, accelerator.device)
     guard = StepGuard(ctx.attack_model, optimizer, accelerator, mode=cfg.nonfinite_check,
                       on_nonfinite=cfg.on_nonfinite)
+    check_memory_fits(ctx, accelerator)  # on a CPU: a step that cannot fit, before it meets the OOM killer
 
     state, resume_from = restore(accelerator, cfg, run_dir, classes, ema)
     state.processes = accelerator.num_processes
@@ -193,10 +210,15 @@ def main(argv: list[str]) -> None:
     stop.training_saved()
     doing("the final evaluation")
     try:
-        finish(ctx, accelerator, train_loader, val_loader, state, log, run_dir, classes, ema, environment, artifacts)
+        report = finish(ctx, accelerator, train_loader, val_loader, state, log, run_dir, classes, ema, environment,
+                        artifacts)
     except StoppedAfterTraining:
         log.close()
         raise
+    stop.finished()  # everything is written: a signal now ends with exit 0
+    if accelerator.is_main_process:
+        print_table(cfg, report)
+        print(f"plot of the run: {run_dir / PLOT_FILE}")
 
 
 def end_epoch(ctx, accelerator, val_loader, state, log, ema, epoch_start: float | None, stop) -> tuple[dict, bool]:
@@ -227,8 +249,8 @@ def stopped(accelerator, state, log) -> None:
 
 
 def finish(ctx, accelerator, train_loader, val_loader, state, log, run_dir: Path, classes: list[str], ema,
-           environment: dict, artifacts: ModelArtifacts) -> None:
-    """Final evaluation, plain-timm exports (to W&B too), summary.json, the plot and the table."""
+           environment: dict, artifacts: ModelArtifacts) -> dict:
+    """Final evaluation, plain-timm exports (to W&B too), summary.json and the plot; the report."""
     cfg = ctx.cfg
     report = final_report(ctx, accelerator, train_loader, val_loader, state, environment)
     log.log({"epoch": state.epoch, **{f"final/{k}": v for k, v in report.items() if isinstance(v, (int, float))}},
@@ -245,9 +267,7 @@ def finish(ctx, accelerator, train_loader, val_loader, state, log, run_dir: Path
         artifacts.final(report, state.epoch, best_is_last=state.best_epoch == state.epoch)
         plot_run(run_dir)
     log.close()
-    if accelerator.is_main_process:
-        print_table(cfg, report)
-        print(f"plot of the run: {run_dir / PLOT_FILE}")
+    return report
 
 
 def cli(argv: list[str]) -> int:

@@ -82,6 +82,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     for title, axis in panels.items():
         axis.set_title(title)
     out = Path(out) if out else run_dir / PLOT_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=80, metadata={"Panels": ", ".join(PANELS), "Run": str(run_dir)})
     plt.close(figure)
     return out

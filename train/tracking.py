@@ -37,6 +37,20 @@ def requested_wandb_mode() -> str:
         return "offline"
 
 
+def wandb_project_problem(project: str) -> str | None:
+    """Why W&B would refuse `project` as a project name (its own rule: wandb's Settings), or None.
+    Checked with the other settings, before the run writes anything (W&B checks only at init)."""
+    if not project.strip():
+        return "must name a W&B project (it is empty)"
+    from wandb.errors import UsageError
+    from wandb.sdk.wandb_settings import Settings
+    try:
+        Settings.validate_project(project, None)
+    except UsageError as error:  # "Invalid project name 'a/b': cannot contain characters …"
+        return f"is not a W&B project name: {str(error).split(': ', 1)[-1]}"
+    return None
+
+
 def wandb_mode() -> str:
     """The requested mode, but offline (after one warning) where online's server cannot be reached."""
     mode = requested_wandb_mode()
