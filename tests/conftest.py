@@ -162,6 +162,13 @@ def image_check_cache(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = previous
 
 
+def with_code(code: str) -> list[str]:
+    """A run_train launcher that runs `code` (a fault to inject, as a process must see it) in the
+    training process, then train/run.py as the script."""
+    return [sys.executable, "-c", f"{code}\nimport runpy, sys\nsys.argv = sys.argv[1:]\n"
+                                  f"runpy.run_path(sys.argv[0], run_name='__main__')"]
+
+
 def torch_default_threads() -> int:
     """The threads torch takes in a fresh process without OMP_NUM_THREADS: the machine's cores."""
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
