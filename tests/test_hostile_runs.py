@@ -138,3 +138,26 @@ def test_a_signal_among_the_imports_ends_with_128_plus_n_not_the_bare_signal(tmp
     assert result.stderr.strip() == "SIGTERM: stopped during start-up, before any training step: nothing to save; " \
                                     "the same command starts the run again"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_pool_forked_during_start_up_ends_when_terminated():
+    """The image check's pool is forked during start-up, when a signal stops the run at once: its
+    workers must not keep that Python handler (a worker that blocks on its task queue right after
+    Pool.terminate()'s SIGTERM never runs it, and terminate() then waits forever), nor stop on Ctrl-C."""
+    import multiprocessing
+
+    from train.faults import stop_at_once_while_starting
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop_at_once_while_starting()
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            handlers = pool.map(worker_signal_handlers, range(4))
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert set(handlers) == {(signal.SIG_DFL, signal.SIG_IGN)}
+
+
+def worker_signal_handlers(_) -> tuple:
+    return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)

@@ -58,7 +58,7 @@ def test_the_demo_at_4096_px_is_refused_before_anything_is_written(few_digits, t
                               "tracker=none", check=False)
     line = one_error_line(result)
     assert line.startswith("error: a training step needs about ") and "GB are available" in line, line
-    assert named(line, 64, 4096, 1) and "measured on a step of 2 images at 64 px" in line
+    assert named(line, 64, 4096, 1) and "measured on a step of 10 images at 64 px" in line
     assert not (tmp_path / "run").exists()
 
 
@@ -78,6 +78,15 @@ def test_runs_that_fit_a_24_gb_machine_are_not_refused(overrides, lowest_gb, mon
     assert lowest_gb * 2**30 < needed < 24 * 2**30, needed / 2**30
     monkeypatch.setattr(memory_check, "available_bytes", lambda: 24 * 2**30)
     assert memory_check.memory_problem(ctx, processes=1) is None
+
+
+@pytest.mark.parametrize("method", ["fast_advprop", "pyramid_at", "goodfellow_mix"])
+def test_every_method_can_be_probed(method, one_thread):
+    """A method that splits its batch (fast_advprop's adversarial fifth) still gives train-mode
+    BatchNorm more than one value per channel in every pass of the probe."""
+    extra = ["attack.targeted=false"] if method == "fast_advprop" else []
+    needed, how = memory_check.estimated_bytes(step_context("model=test_resnet", f"method={method}", *extra))
+    assert needed > 0 and "at 32 px" in how
 
 
 def test_the_estimate_grows_with_images_and_pixels_as_measured(one_thread):

@@ -119,9 +119,10 @@ def test_the_converters_check_before_converting(few_digits, tmp_path, capsys, ba
     from tools.convert_ffcv import main as convert_ffcv
     from tools.convert_wds import main as convert_wds
     for folder, words in bad_places.values():
-        line = refusal(capsys, convert_ffcv([str(few_digits / "val"), str(folder / "val.beton")]))
+        line = refusal(capsys, run_entry_point(convert_ffcv, [str(few_digits / "val"), str(folder / "val.beton")]))
         assert words in line, line
-        line = refusal(capsys, convert_wds([str(few_digits / "val"), str(folder / "set"), "--split", "val"]))
+        line = refusal(capsys, run_entry_point(convert_wds, [str(few_digits / "val"), str(folder / "set"), "--split",
+                                                             "val"]))
         assert words in line, line
 
 

@@ -85,6 +85,19 @@ def stop_at_once_while_starting() -> None:
         sys.unraisablehook = SignalResender(sys.unraisablehook)
 
 
+def leave_stopping_to_the_parent() -> None:
+    """In a process forked during start-up (an image-check pool, a converter's workers): SIGTERM ends
+    it at once (Pool.terminate() sends it; the start-up handler, a Python function, runs only between
+    bytecodes, so a worker that blocks on its task queue right after the signal never wakes and
+    terminate() waits forever) and Ctrl-C is left to the parent, which stops the run."""
+    if signal.getsignal(signal.SIGTERM) is stop_at_once:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+os.register_at_fork(after_in_child=leave_stopping_to_the_parent)
+
+
 class SignalResender:
     """The unraisablehook of a run: a stop that Python dropped is signalled again (common/dropped_signals.py)."""
 
