@@ -87,6 +87,7 @@ def check_export_folder(out: Path, *, inputs=(), overwrite: bool) -> None:
     is False."""
     out = Path(out)
     target = real_path(out)
+    refuse_inputs_and_checkpoints(out, target, inputs)
     if out.suffix in (".safetensors", ".pth", ".pt", ".bin"):
         raise UserInputError(f"output {out} names a weights file: an export is a folder (timm's Hub layout: "
                              f"config.json, model.safetensors, README.md); give a folder, e.g. {out.with_suffix('')}")
@@ -98,6 +99,5 @@ def check_export_folder(out: Path, *, inputs=(), overwrite: bool) -> None:
     problem = folder_problem(target.parent)
     if problem:
         raise UserInputError(f"output {out}: {problem}")
-    refuse_inputs_and_checkpoints(out, target, inputs)
     if target.exists() and not overwrite:
         raise UserInputError(f"output {out} exists; pass --overwrite to replace it")
