@@ -1,7 +1,7 @@
 """Baseline backend: torchvision ImageFolder + DataLoader, PIL decode on CPU workers, uint8 out.
 
-Images are decoded by pipelines/image_decode.py's rule (DALI's pixels for 16-bit, float, EXIF-rotated
-files); bad ones are left out or replaced as pipelines/loader.py says.
+Images are decoded by pipelines/sources/image_decode.py's rule (DALI's pixels for 16-bit, float, EXIF-rotated
+files); bad ones are left out or replaced as pipelines/loading.py says.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torchvision import datasets, transforms
 
-from pipelines.augment_policy import timm_transform
+from pipelines.backends.augment_policy import timm_transform
 from common.errors import DataError
-from pipelines.image_decode import decode_problem, open_rgb
-from pipelines.loader import MAX_SUBSTITUTES, ShardSampler, checked_listing, substitute, to_device_batch
+from pipelines.sources.image_decode import decode_problem, open_rgb
+from pipelines.loading import MAX_SUBSTITUTES, ShardSampler, checked_listing, substitute, to_device_batch
 
 
 def ignore_interrupts(worker_id: int) -> None:
@@ -152,7 +152,7 @@ class TorchvisionLoader:
 
     def make_dataset(self, cfg, split: str, rank: int):
         """The map-style dataset of the split: (uint8 CHW tensor, label, failures) per index, with
-        seed, epoch, classes and left_out attributes (tar shards: pipelines/wds_torchvision.py)."""
+        seed, epoch, classes and left_out attributes (tar shards: pipelines/backends/torchvision/shards.py)."""
         return SeededImageFolder(checked_listing(cfg, split, rank), image_transform(cfg, split))
 
     @property

@@ -1,10 +1,10 @@
 """ImageFolder → FFCV .beton, robust to the bad files a 1.2 M-image folder always holds.
 
-    from pipelines.ffcv_writer import StorageSettings, convert_imagefolder
+    from pipelines.writers.beton import StorageSettings, convert_imagefolder
     summary = convert_imagefolder("data/imagenet/train", "data/ffcv/train.beton", StorageSettings())
 
-The files are those every loader reads (pipelines/image_folder.py's walk: image extensions only,
-the others reported), decoded by the loaders' rule (pipelines/image_decode.py: the same pixels as
+The files are those every loader reads (pipelines/sources/folder/listing.py's walk: image extensions only,
+the others reported), decoded by the loaders' rule (pipelines/sources/image_decode.py: the same pixels as
 DALI and torchvision); a class folder without a usable image is refused, as every loader does.
 Two passes, both parallel with a progress bar:
   1. check: decode every image (the shared check: JPEGs at 1/8 DCT scale, cheap, yet a truncated
@@ -35,10 +35,10 @@ from PIL import Image
 
 from pipelines.atomic_files import write_whole, written_whole
 from common.errors import UserInputError
-from pipelines.image_check import parallel_map
-from pipelines.image_decode import decode_problem, to_rgb
-from pipelines.image_folder import FolderListing, check_no_empty_class, list_image_folder
-from pipelines.shard_member import image_file  # a path, or an image inside a tar shard
+from pipelines.sources.folder.image_check import parallel_map
+from pipelines.sources.image_decode import decode_problem, to_rgb
+from pipelines.sources.folder.listing import FolderListing, check_no_empty_class, list_image_folder
+from pipelines.sources.shards.member import image_file  # a path, or an image inside a tar shard
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 MAX_STORED_SIDE = 65_535  # .beton keeps width and height as uint16
@@ -200,7 +200,7 @@ def convert_imagefolder(src: str | Path, out: str | Path, settings: StorageSetti
     """Converts; returns the summary: found (files, each real one once), written, skipped (images
     that cannot be stored), non_images (files without an image extension), duplicates (second
     paths to a file or folder, not converted), bytes, seconds. listing: the files to convert when
-    they are not src's walk (tar shards' images: pipelines/wds_ffcv.py)."""
+    they are not src's walk (tar shards' images: pipelines/backends/ffcv/betons.py)."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     settings.check()

@@ -2,7 +2,7 @@
 transforms and AutoAugment, its per-sample seeding, ShardSampler's order, its mid-run report of bad
 images) over samples read by index.
 
-A sample's image bytes come from its shard (pipelines/wds_read.py) instead of a file and are decoded
+A sample's image bytes come from its shard (pipelines/sources/shards/read.py) instead of a file and are decoded
 by the PIL rule of every backend; a bad sample is replaced by the next one that reads, reported
 with its shard and key, and listed in the loader's left_out.
 """
@@ -13,8 +13,8 @@ import functools
 import torch
 from torch.utils.data import Dataset
 
-from pipelines.torchvision_loader import TorchvisionLoader, image_transform, sample_key, seeded_by_sample
-from pipelines.wds_read import ShardReader, decode_rgb, read_or_substitute
+from pipelines.backends.torchvision.loader import TorchvisionLoader, image_transform, sample_key, seeded_by_sample
+from pipelines.sources.shards.read import ShardReader, decode_rgb, read_or_substitute
 
 
 class ShardImages(Dataset):

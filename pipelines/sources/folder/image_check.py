@@ -3,7 +3,7 @@ killing it at the batch that holds it: the images that fail are left out, with t
 
     left_out = check_images(list_image_folder("data/imagenet/train"))   # [(path, reason)]
 
-The check is the loaders' and the FFCV writer's own decode rule (pipelines/image_decode.py), JPEGs
+The check is the loaders' and the FFCV writer's own decode rule (pipelines/sources/image_decode.py), JPEGs
 at 1/8 DCT scale (every byte is still read: a truncated file fails), on every core with a progress
 bar. Its result is cached outside the folder, so data on read-only shared storage works:
 $XDG_CACHE_HOME/advprop-trainer/image-check/ (default ~/.cache/...), two files per folder, named
@@ -25,8 +25,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipelines.atomic_files import write_whole
-from pipelines.image_decode import decode_problem
-from pipelines.image_folder import FolderListing
+from pipelines.sources.image_decode import decode_problem
+from pipelines.sources.folder.listing import FolderListing
 
 IN_PROCESS_BELOW = 64  # files: fewer are checked here, without starting worker processes
 REPORT_HEADER = "# images that do not decode, left out by every loader: path <TAB> reason\n"

@@ -7,7 +7,7 @@ with DALI's conditional execution (nvidia.dali.auto_aug), on the GPU after nvJPE
 
     python train/run.py loader=dali data.auto_augment=v0
 
-The DALI side: pipelines/dali_auto_augment.py (the draws), pipelines/dali_augment_ops.py (the
+The DALI side: pipelines/backends/dali/auto_augment.py (the draws), pipelines/backends/dali/augment_ops.py (the
 operations).
 """
 from __future__ import annotations

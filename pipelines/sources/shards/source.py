@@ -4,14 +4,14 @@
     train/run.py data.dataset=webdataset data.train_shards='/x/train-{0000..0099}.tar' data.val_shards=...
 
 A source, not a loader: the shards replace the ImageFolder under the backends that exist.
-  local shards   read by index (pipelines/wds_index.py, wds_read.py), so ShardSampler's order is
+  local shards   read by index (pipelines/sources/shards/index.py, wds_read.py), so ShardSampler's order is
                  every backend's, exactly as for a folder: disjoint shards by global rank, equal
                  steps, val counting each sample once, order a function of (seed, epoch), exact
-                 mid-epoch resume. torchvision: pipelines/wds_torchvision.py; DALI:
-                 pipelines/wds_dali.py; FFCV: the shards converted to .beton files once
-                 (pipelines/wds_ffcv.py), then FFCV's own loader.
+                 mid-epoch resume. torchvision: pipelines/backends/torchvision/shards.py; DALI:
+                 pipelines/backends/dali/shards.py; FFCV: the shards converted to .beton files once
+                 (pipelines/backends/ffcv/betons.py), then FFCV's own loader.
   remote shards  (pipe:, http://, ...) streamed by loader=torchvision with webdataset
-                 (pipelines/wds_stream.py), with the guarantees listed there.
+                 (pipelines/backends/torchvision/stream.py), with the guarantees listed there.
 Classes: the info file's names ("classes") or count ("num_classes"), else data.num_classes, else
 one more than the largest label (read from every sample: say data.num_classes=K to skip that).
 Without names, class i is called str(i).
@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.wds_index import SampleTable, build_table
-from pipelines.wds_read import ShardReader, UnreadableSample
-from pipelines.wds_spec import ShardSetError, ShardSplit, shard_split
+from pipelines.sources.shards.index import SampleTable, build_table
+from pipelines.sources.shards.read import ShardReader, UnreadableSample
+from pipelines.sources.shards.spec import ShardSetError, ShardSplit, shard_split
 
 _TABLES: dict[tuple[str, ...], SampleTable] = {}  # per process: train and val, prepare and make_loader
 
@@ -88,13 +88,13 @@ def prepare(cfg) -> None:
     for split in ("train", "val"):
         shards = shard_split(cfg.data, split)
         if shards.remote:
-            from pipelines.wds_stream import check_streamable
+            from pipelines.backends.torchvision.stream import check_streamable
             check_streamable(cfg, shards)
         else:
             split_table(shards, cfg.data.workers)
     classes = dataset_classes(cfg)
     if cfg.loader == "ffcv":
-        from pipelines.wds_ffcv import convert_splits
+        from pipelines.backends.ffcv.betons import convert_splits
         convert_splits(cfg, classes)
 
 
@@ -102,14 +102,14 @@ def make_loader(cfg, split: str, *, rank: int, world_size: int, device: torch.de
     shards = shard_split(cfg.data, split)
     classes = dataset_classes(cfg, split)
     if shards.remote:  # its check refuses the other loaders
-        from pipelines.wds_stream import StreamingLoader
+        from pipelines.backends.torchvision.stream import StreamingLoader
         return StreamingLoader(cfg, split, shards, classes, rank=rank, world_size=world_size, device=device)
     if cfg.loader == "ffcv":  # prepare() converted the shards; FFCV reads the .beton as for a folder
-        from pipelines.ffcv_loader import make_loader as ffcv_loader
+        from pipelines.backends.ffcv.loader import make_loader as ffcv_loader
         return ffcv_loader(cfg, split, rank=rank, world_size=world_size, device=device)
     reader = ShardReader(split_table(shards, cfg.data.workers), len(classes))
     if cfg.loader == "dali":
-        from pipelines.wds_dali import ShardDaliLoader
+        from pipelines.backends.dali.shards import ShardDaliLoader
         return ShardDaliLoader(cfg, split, reader, classes, rank=rank, world_size=world_size, device=device)
-    from pipelines.wds_torchvision import ShardTorchvisionLoader
+    from pipelines.backends.torchvision.shards import ShardTorchvisionLoader
     return ShardTorchvisionLoader(cfg, split, reader, classes, rank=rank, world_size=world_size, device=device)

@@ -2,7 +2,7 @@
 
 Every backend reads through ShardReader (random access: two preads per sample, in whatever order
 ShardSampler gives). A sample found bad mid-epoch (it cannot be read, its cls is no class, its image
-does not decode) is replaced by the next sample of the set that reads, as pipelines/loader.py's
+does not decode) is replaced by the next sample of the set that reads, as pipelines/loading.py's
 `substitute` replaces a folder's image (a shard that cannot be read at all is skipped whole), and
 named, shard and key, for the loader's report and left_out: read_or_substitute. Batches stay full,
 so every process keeps its step count, and the epoch's order stays a function of (seed, epoch).
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from PIL import Image
 
 from common.errors import DataError
-from pipelines.image_decode import to_rgb
-from pipelines.loader import MAX_SUBSTITUTES, substitute
-from pipelines.wds_index import SampleTable
-from pipelines.wds_spec import IMAGE_EXTENSIONS
+from pipelines.sources.image_decode import to_rgb
+from pipelines.loading import MAX_SUBSTITUTES, substitute
+from pipelines.sources.shards.index import SampleTable
+from pipelines.sources.shards.spec import IMAGE_EXTENSIONS
 
 # What DALI's image decoders read (GIF, for one, is not among them).
 DALI_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "PPM", "JPEG2000")
@@ -131,7 +131,7 @@ def read_or_substitute(reader: ShardReader, index: int, accept):
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    """The torchvision backend's decode: the one PIL rule of every backend (pipelines/image_decode.py)."""
+    """The torchvision backend's decode: the one PIL rule of every backend (pipelines/sources/image_decode.py)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # palette transparency, large-image warnings
         with Image.open(io.BytesIO(data)) as image:

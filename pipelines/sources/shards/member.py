@@ -1,9 +1,9 @@
 """An image inside a tar shard where the converters and the decode rule take a path.
 
 ShardMember is a str ("<shard>:<key>.<ext>", as reports name it; ending in the image's extension,
-as the path rules expect) that also knows where its bytes lie. pipelines/image_decode.py and the
+as the path rules expect) that also knows where its bytes lie. pipelines/sources/image_decode.py and the
 FFCV writer open what they are given through image_file() and size it with image_file_size(), so a
-shard's images go through the very checks and decoding of a folder's files (pipelines/wds_ffcv.py).
+shard's images go through the very checks and decoding of a folder's files (pipelines/backends/ffcv/betons.py).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ distinct files whose decode cost is that of real photos. One class per source ph
 function of (seed, i), so the set is deterministic and built by all cores at once; built once,
 atomically (a temp folder renamed into place), then reused.
 
-    python -c "from pipelines.photo_data import build_photo_imagefolder as b; print(b('data/photos'))"
+    python -c "from pipelines.sources.offline.photos import build_photo_imagefolder as b; print(b('data/photos'))"
 """
 from __future__ import annotations
 

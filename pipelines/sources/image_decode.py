@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipelines.shard_member import image_file, image_file_size  # a path, or an image inside a tar shard
+from pipelines.sources.shards.member import image_file, image_file_size  # a path, or an image inside a tar shard
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": PIL reads 16-bit PGMs so
 

@@ -1,7 +1,7 @@
 """loader=dali on local tar shards: the DALI loader (its pipelines, nvJPEG or CPU decoding,
 AutoAugment, kept iterators, ShardSampler's order) fed encoded images instead of file paths.
 
-The external source reads each batch's samples from their shards (pipelines/wds_read.py) in
+The external source reads each batch's samples from their shards (pipelines/sources/shards/read.py) in
 ShardSampler's order and hands DALI the bytes, where the folder's source hands it paths for
 fn.io.file.read. Why not fn.readers.webdataset: it shards and shuffles by its own rule (contiguous
 ranges per shard_id, a shuffle buffer), which cannot give the one order every backend shares, nor
@@ -19,8 +19,8 @@ import torch
 
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines.dali_loader import DaliLoader, EpochFiles, dali_reason
-from pipelines.wds_read import ShardReader, UnreadableSample, decodable_by_dali, read_or_substitute
+from pipelines.backends.dali.loader import DaliLoader, EpochFiles, dali_reason
+from pipelines.sources.shards.read import ShardReader, UnreadableSample, decodable_by_dali, read_or_substitute
 
 
 class EpochShardSamples(EpochFiles):

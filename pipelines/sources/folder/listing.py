@@ -12,7 +12,7 @@ converter share, so they agree on the classes, the files, their order and their 
                        so any file fixed, added or removed changes it (the image check's cache key,
                        and what makes FFCV reconvert)
     listing.images()   the files with an image extension (torchvision's IMG_EXTENSIONS) that are not
-                       left_out (set by pipelines/image_check.py), every class holding one at least
+                       left_out (set by pipelines/sources/folder/image_check.py), every class holding one at least
 
 Symbolic links are followed once. A link to a folder already walked (a loop such as `ln -s .
 ROOT/1/self`, a class folder, ROOT itself) and a second path to a file already listed (a link, a

@@ -4,7 +4,7 @@ On a CPU pipeline DALI's warp_affine, coord_transform and full-image float arith
 0.3–0.7 ms of a 2-core machine per 224² image — about the decode of an image, for operations PIL
 does in a fraction of that. These kernels compute what those DALI operators compute, 2–5× faster,
 run by DALI's numba_function operator in DALI's own threads. GPU pipelines keep DALI's operators
-(pipelines/dali_augment_ops.py picks by device; tests/test_dali_cpu_kernels.py compares the two).
+(pipelines/backends/dali/augment_ops.py picks by device; tests/test_dali_cpu_kernels.py compares the two).
     - warp: bilinear, destination → source matrix, the image surrounded by a 1-pixel border of a
       fill colour and clamped beyond it (what DALI's warp of the padded image computes), in 8-bit
       fixed point like PIL's resampling (≤ 1 grey level from DALI's float result);

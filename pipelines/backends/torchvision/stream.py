@@ -25,10 +25,10 @@ import random
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.loader import to_device_batch
-from pipelines.torchvision_loader import ignore_interrupts, image_transform, seeded_by_sample
-from pipelines.wds_read import UnreadableSample, decode_rgb
-from pipelines.wds_spec import IMAGE_EXTENSIONS, LABEL_EXTENSION, ShardSetError, ShardSplit
+from pipelines.loading import to_device_batch
+from pipelines.backends.torchvision.loader import ignore_interrupts, image_transform, seeded_by_sample
+from pipelines.sources.shards.read import UnreadableSample, decode_rgb
+from pipelines.sources.shards.spec import IMAGE_EXTENSIONS, LABEL_EXTENSION, ShardSetError, ShardSplit
 
 SHUFFLE_BUFFER = 2_000  # samples; timm's WDS reader uses 8,192 (its initial fill 2,048)
 

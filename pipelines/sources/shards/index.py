@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipelines.wds_spec import IMAGE_EXTENSIONS, LABEL_EXTENSION, ShardSetError, ShardSplit, local_path
+from pipelines.sources.shards.spec import IMAGE_EXTENSIONS, LABEL_EXTENSION, ShardSetError, ShardSplit, local_path
 
 INDEX_VERSION = "v1.2"
 

@@ -10,7 +10,7 @@ PIL applies, implemented with DALI operators (tested against timm pixel by pixel
     first padded with a 1-pixel border of the fill colour, because DALI fills with one value for
     all channels and timm fills with the per-channel ImageNet mean;
   - on CPU pipelines the warp, colour matrix, solarize(-add), contrast and autocontrast are numba
-    kernels computing the same (pipelines/dali_cpu_kernels.py): DALI's CPU operators are 2–7× slower;
+    kernels computing the same (pipelines/backends/dali/cpu_kernels.py): DALI's CPU operators are 2–7× slower;
   - DALI warps bilinearly; timm picks bilinear or bicubic at random per operation;
   - equalize follows OpenCV's lookup table (PIL's rounds a little differently); sharpness filters
     the 1-pixel border too (PIL leaves it as it was).
@@ -27,7 +27,7 @@ from nvidia.dali.auto_aug import augmentations as dali_ops
 from nvidia.dali.auto_aug.core import _Augmentation, augmentation
 from nvidia.dali.pipeline import do_not_convert
 
-from pipelines import dali_cpu_kernels
+from pipelines.backends.dali import cpu_kernels as dali_cpu_kernels
 
 LEVEL_DENOM = 10  # timm's _LEVEL_DENOM: level 10 is an operation's full strength
 

@@ -1,6 +1,6 @@
 """ImageFolder → WebDataset tar shards, an _info.json in timm's layout and DALI index files.
 
-    from pipelines.wds_writer import convert_folder
+    from pipelines.writers.shards import convert_folder
     summary = convert_folder("data/imagenet/train", "data/imagenet-wds", split="train", shard_size=1000)
 
 Three passes:
@@ -38,14 +38,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines.atomic_files import process_exists, signals_end_the_block, temporary_path, write_whole
-from pipelines.ffcv_writer import ConversionError, StorageSettings, check_all, list_imagefolder, spread_subset
-from pipelines.image_decode import to_rgb
-from pipelines.image_folder import check_no_empty_class
-from pipelines.wds_index import dali_index_path, scan_tar, write_index
-from pipelines.wds_spec import IMAGE_EXTENSIONS, INFO_FILES
+from pipelines.writers.beton import ConversionError, StorageSettings, check_all, list_imagefolder, spread_subset
+from pipelines.sources.image_decode import to_rgb
+from pipelines.sources.folder.listing import check_no_empty_class
+from pipelines.sources.shards.index import dali_index_path, scan_tar, write_index
+from pipelines.sources.shards.spec import IMAGE_EXTENSIONS, INFO_FILES
 
 INFO = INFO_FILES[0]
-# The converters' one image check (pipelines/ffcv_writer.py): decodes, not empty; no size limits here
+# The converters' one image check (pipelines/writers/beton.py): decodes, not empty; no size limits here
 # (shards keep every image as it is).
 CHECK = StorageSettings(max_resolution=0, min_side=1)
 

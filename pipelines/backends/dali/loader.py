@@ -18,10 +18,10 @@ time, and DALI's threads read and decode them. So
 An image that fails to decode mid-run (changed since the up-front check, or a kind DALI cannot
 decode: 1-bit or 32-bit integer TIFF) stops DALI's pipeline; DALI reports errors in batch order, so
 the failing batch is known, its files are decoded one by one to find the culprit, which is
-reported, counted in left_out and replaced by pipelines/loader.py's `substitute` from then on, and
+reported, counted in left_out and replaced by pipelines/loading.py's `substitute` from then on, and
 a new pipeline continues from that batch (its crops freshly drawn, as after a resume).
 AutoAugment/RandAugment (data.auto_augment) runs inside the train pipeline, on the GPU after
-nvJPEG or on the CPU: pipelines/dali_auto_augment.py.
+nvJPEG or on the CPU: pipelines/backends/dali/auto_augment.py.
 Random crops, flips and AutoAugment draws come from the pipeline's generator, seeded by (seed, rank) and the position
 the pipeline was built at: a run from scratch is reproducible; a resumed epoch sees the right images
 in the right order, with freshly drawn crops (DALI's RNG cannot skip the consumed samples). An
@@ -34,10 +34,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines.dali_auto_augment import DaliAutoAugment
+from pipelines.backends.dali.auto_augment import DaliAutoAugment
 from common.errors import DataError
-from pipelines.image_decode import decode_problem
-from pipelines.loader import MAX_SUBSTITUTES, ShardSampler, checked_listing, substitute, to_device_batch
+from pipelines.sources.image_decode import decode_problem
+from pipelines.loading import MAX_SUBSTITUTES, ShardSampler, checked_listing, substitute, to_device_batch
 
 # nvJPEG scratch buffers reserved up front so the first large images do not trigger reallocations
 # (the values of DALI's own ResNet-50 example).
@@ -48,7 +48,7 @@ class EpochFiles:
     """The external source: batches of (encoded path, label) over the list of the current epoch.
     DALI calls iter() on it at every pipeline reset and stops the epoch at StopIteration."""
 
-    yields_bytes = False  # paths, read by DALI; a subclass may give encoded images (pipelines/wds_dali.py)
+    yields_bytes = False  # paths, read by DALI; a subclass may give encoded images (pipelines/backends/dali/shards.py)
 
     def __init__(self, batch_size: int):
         self.batch_size, self.paths, self.labels, self.position = batch_size, [], [], 0

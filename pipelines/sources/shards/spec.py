@@ -10,9 +10,9 @@ Two ways to name them (`data.dataset=webdataset`):
   data.train_shards=SPEC   a brace pattern, e.g. /data/x/train-{0000..0099}.tar, or several joined by
   data.val_shards=SPEC     "::" (webdataset's rule), with timm's optional "|N" sample-count suffix.
                            When data.root also has an info file, its shard lengths are looked up by
-                           file name; otherwise the index files give them (pipelines/wds_index.py).
+                           file name; otherwise the index files give them (pipelines/sources/shards/index.py).
 A shard is a local path or a URL that webdataset opens (`pipe:CMD`, http://, https://, ...): the
-latter are streamed (pipelines/wds_stream.py), the former read by index.
+latter are streamed (pipelines/backends/torchvision/stream.py), the former read by index.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """loader=ffcv on tar shards, by converting: each split's shards → a .beton, once, with the FFCV
-converter of folders (pipelines/ffcv_writer.py: every image checked by the one decode rule, bad ones
+converter of folders (pipelines/writers/beton.py: every image checked by the one decode rule, bad ones
 skipped and listed, the .beton appearing only when complete), fed the shards' images
-(pipelines/shard_member.py) instead of files.
+(pipelines/sources/shards/member.py) instead of files.
 
     python tools/convert_ffcv.py data/imagenet-wds data/ffcv/val.beton --split validation
     train/run.py data.dataset=webdataset data.root=data/imagenet-wds loader=ffcv    # converts on first use
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.ffcv_writer import ConversionError, StorageSettings, convert_imagefolder, read_metadata
-from pipelines.image_folder import FolderListing, file_stamp
-from pipelines.shard_member import ShardMember
-from pipelines.wds_index import read_index, split_name
-from pipelines.wds_read import ShardReader, UnreadableSample
-from pipelines.wds_spec import IMAGE_EXTENSIONS, ShardSplit
+from pipelines.writers.beton import ConversionError, StorageSettings, convert_imagefolder, read_metadata
+from pipelines.sources.folder.listing import FolderListing, file_stamp
+from pipelines.sources.shards.member import ShardMember
+from pipelines.sources.shards.index import read_index, split_name
+from pipelines.sources.shards.read import ShardReader, UnreadableSample
+from pipelines.sources.shards.spec import IMAGE_EXTENSIONS, ShardSplit
 
 
 def shard_stamps(shards: ShardSplit) -> array:
@@ -38,7 +38,7 @@ def shard_fingerprint(shards: ShardSplit, classes: list[str]) -> str:
 def shard_listing(shards: ShardSplit, classes: list[str], *, workers: int = 0, limit: int = 0) -> FolderListing:
     """The split's images as a converter listing: (ShardMember, label) per sample; unreadable
     labels in listing.unreadable. limit > 0 keeps that many samples, evenly spaced."""
-    from pipelines.webdataset_source import read_labels, split_table
+    from pipelines.sources.shards.source import read_labels, split_table
 
     if shards.remote:
         raise ConversionError(f"{shards.source}: remote shards cannot be converted here; copy them first")
@@ -85,8 +85,8 @@ def staleness(beton: Path, shards: ShardSplit, classes: list[str], settings: Sto
 def convert_splits(cfg, classes: list[str]) -> None:
     """prepare() for loader=ffcv: each split's .beton (data.ffcv.*_beton if given, used as it is;
     else <data.root>/ffcv/<split>.beton, made unless current)."""
-    from pipelines.ffcv_loader import beton_path, storage_settings
-    from pipelines.wds_spec import shard_split
+    from pipelines.backends.ffcv.loader import beton_path, storage_settings
+    from pipelines.sources.shards.spec import shard_split
 
     settings = storage_settings(cfg)
     for split in ("train", "val"):

@@ -19,8 +19,8 @@ import numpy as np
 from nvidia.dali import fn, math, types
 from nvidia.dali.auto_aug.core import select, signed_bin
 
-from pipelines.augment_policy import IMAGENET_MEAN_255, sub_policies
-from pipelines.dali_augment_ops import TIMM_ARGUMENT, dali_augmentation
+from pipelines.backends.augment_policy import IMAGENET_MEAN_255, sub_policies
+from pipelines.backends.dali.augment_ops import TIMM_ARGUMENT, dali_augmentation
 from common.errors import UserInputError
 
 LEVEL_STEPS = 100  # magnitude bins per level: noisy magnitudes are rounded to 0.01 of a level

@@ -16,7 +16,7 @@ and ShardSampler below is its one rule, used by every backend:
          per-process counts gives every image counted exactly once.
 
 Bad images (the backends that read the folder: torchvision, DALI): every image is decoded once
-before training (pipelines/image_check.py, cached by the folder's contents); those that fail are
+before training (pipelines/sources/folder/image_check.py, cached by the folder's contents); those that fail are
 left out with one line naming them. One that fails later anyway (changed since its check) is
 replaced by the next image of the folder that decodes (`substitute`), reported and counted, so
 the epoch's order stays a function of (seed, epoch). `loader.left_out` lists both kinds for the
@@ -33,16 +33,16 @@ import torch
 from torch.utils.data import Sampler
 
 from common.errors import DataError, UserInputError
-from pipelines.image_check import check_images, report_path
-from pipelines.image_folder import FolderListing, find_classes, list_image_folder
+from pipelines.sources.folder.image_check import check_images, report_path
+from pipelines.sources.folder.listing import FolderListing, find_classes, list_image_folder
 
 FOLDER_BACKENDS = ("torchvision", "dali")  # decode the folder's files while training
 MAX_SUBSTITUTES = 16  # images failing mid-run at one place before a loader gives up (the folder is gone?)
 
 BACKENDS = {
-    "torchvision": "pipelines.torchvision_loader",
-    "ffcv": "pipelines.ffcv_loader",
-    "dali": "pipelines.dali_loader",
+    "torchvision": "pipelines.backends.torchvision.loader",
+    "ffcv": "pipelines.backends.ffcv.loader",
+    "dali": "pipelines.backends.dali.loader",
 }
 
 INSTALL_HINTS = {
@@ -131,8 +131,8 @@ def build_loader(cfg, split: str, *, rank: int = 0, world_size: int = 1,
     if cfg.loader not in BACKENDS:
         raise ValueError(f"loader={cfg.loader!r} is unknown; choose one of {sorted(BACKENDS)}")
     backend = import_backend(cfg.loader)
-    if cfg.data.dataset == "webdataset":  # tar shards, read by every backend: pipelines/webdataset_source.py
-        from pipelines.webdataset_source import make_loader
+    if cfg.data.dataset == "webdataset":  # tar shards, read by every backend: pipelines/sources/shards/source.py
+        from pipelines.sources.shards.source import make_loader
         return make_loader(cfg, split, rank=rank, world_size=world_size, device=torch.device(device))
     return backend.make_loader(cfg, split, rank=rank, world_size=world_size, device=torch.device(device))
 
@@ -197,10 +197,10 @@ def prepare_dataset(cfg) -> None:
     needs it, e.g. FFCV's .beton files). Call on the main process first (others then reuse it)."""
     if cfg.data.dataset == "webdataset":
         import_backend(cfg.loader)  # a missing backend is one clear error, before any indexing
-        from pipelines.webdataset_source import prepare
+        from pipelines.sources.shards.source import prepare
         return prepare(cfg)
     if cfg.data.dataset == "digits":
-        from pipelines.demo_data import build_digits_imagefolder
+        from pipelines.sources.offline.digits import build_digits_imagefolder
         build_digits_imagefolder(cfg.data.root)
     for split in ("train", "val"):
         find_classes(split_folder(cfg, split))  # a clear error for a missing or empty folder

@@ -11,7 +11,7 @@ Per batch: decode + random-resized-crop (train) or center-crop at the 224/256 ra
 → uint8 NHWC tensor → device → NCHW view with channels-last strides. Normalisation stays on the
 device (in the model): an ffcv pipeline going JIT op → torch op → JIT op hangs the Loader constructor.
 
-Sample order is ours, not ffcv's: the shards of every backend (pipelines/loader.py's ShardSampler),
+Sample order is ours, not ffcv's: the shards of every backend (pipelines/loading.py's ShardSampler),
 so each process reads its own shard, train order is a function of (seed, epoch), train drops the
 incomplete batch, val yields every image exactly once over processes, and a mid-epoch resume skips
 the consumed batches without decoding them.
@@ -31,9 +31,9 @@ from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, T
 from ffcv.traversal_order.base import TraversalOrder
 
 from common.errors import UserInputError
-from pipelines.ffcv_writer import StorageSettings, convert_imagefolder, read_metadata
-from pipelines.image_folder import check_no_empty_class, list_image_folder
-from pipelines.loader import ShardSampler, find_classes, split_folder, to_device_batch
+from pipelines.writers.beton import StorageSettings, convert_imagefolder, read_metadata
+from pipelines.sources.folder.listing import check_no_empty_class, list_image_folder
+from pipelines.loading import ShardSampler, find_classes, split_folder, to_device_batch
 
 # ---------------------------------------------------------------------------------------------
 # .beton files

@@ -1,0 +1,1 @@
+"""How a source becomes device batches: one folder per backend (torchvision, dali, ffcv)."""
