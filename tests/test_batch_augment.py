@@ -17,7 +17,8 @@ from timm.loss import SoftTargetCrossEntropy
 from conftest import REPO, digits_val_batch
 from models.dual_norm import AUX, use_norm
 from models.factory import NORMALIZATION, create_model
-from pipelines.loader import ShardSampler, build_loader, prepare_dataset
+from pipelines.loading import build_loader, prepare_dataset
+from pipelines.sampling import ShardSampler
 from train.attacks import pgd
 from train.batch_augment import BatchAugment, random_unmixed_class
 from train.config import ConfigError, load_config

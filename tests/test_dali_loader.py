@@ -1,4 +1,4 @@
-"""The DALI backend (pipelines/dali_loader.py) on real images: the digits demo set and JPEGs cut from
+"""The DALI backend (pipelines/backends/dali/loader.py) on real images: the digits demo set and JPEGs cut from
 scikit-image's photos. CPU pipeline here; the CUDA ("mixed" nvJPEG) path is in the gpu-marked tests.
 
     pytest -q tests/test_dali_loader.py            # ~2 min on 2 cores (one demo training run)
@@ -14,7 +14,7 @@ import torch
 
 from conftest import run_train  # the module pytest loaded (tests/ is on sys.path)
 from common.errors import UserInputError
-from pipelines.loader import build_loader, prepare_dataset
+from pipelines.loading import build_loader, prepare_dataset
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -185,7 +185,7 @@ def test_train_augments_real_photos(dali, demo_cfg, photo_root):
 
 def test_missing_dali_is_one_clear_error(demo_cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` now fails
-    monkeypatch.delitem(sys.modules, "pipelines.dali_loader", raising=False)
+    monkeypatch.delitem(sys.modules, "pipelines.backends.dali.loader", raising=False)
     cfg = demo_cfg("loader=dali")
     for action in (lambda: prepare_dataset(cfg), lambda: build_loader(cfg, "train")):
         with pytest.raises(UserInputError, match="loader=dali is not available.*pip install nvidia-dali-cuda130"):

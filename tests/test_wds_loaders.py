@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from conftest import run_train
-from pipelines.loader import build_loader, prepare_dataset
-from pipelines.wds_spec import ShardSetError
-from pipelines.wds_writer import convert_folder
+from pipelines.loading import build_loader, prepare_dataset
+from pipelines.sources.shards.spec import ShardSetError
+from pipelines.writers.shards import convert_folder
 from wds_sets import numbered_set, reference_samples, write_with_shardwriter
 
 BACKENDS = ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
@@ -133,9 +133,9 @@ def test_order_follows_seed_and_epoch_and_resume_continues_exactly(backend, demo
 
 def test_start_reads_index_files_not_tars(demo_cfg, converted, monkeypatch):
     """With index files beside the shards (convert_wds writes them) a start scans no tar."""
-    import pipelines.wds_index as index
+    import pipelines.sources.shards.index as index
     monkeypatch.setattr(index, "scan_tar", lambda tar: pytest.fail(f"scanned {tar}"))
-    monkeypatch.setattr("pipelines.webdataset_source._TABLES", {})
+    monkeypatch.setattr("pipelines.sources.shards.source._TABLES", {})
     loader = build_loader(shard_cfg(demo_cfg, "torchvision", f"data.root={converted}"), "train")
     loader.set_epoch(0)
     assert len(next(iter(loader))[1]) == 64

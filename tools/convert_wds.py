@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from common.errors import UserInputError
-from pipelines.wds_writer import convert_folder
+from pipelines.writers.shards import convert_folder
 from tools.conversion_report import run_conversion, summary_line
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.loader import build_loader, prepare_dataset
-from pipelines.wds_writer import convert_folder
+from pipelines.loading import build_loader, prepare_dataset
+from pipelines.writers.shards import convert_folder
 from train.config import load_config
 
 
@@ -51,7 +51,7 @@ def synthetic_shards(cache_dir: Path, count: int, per_shard: int = 2) -> Path:
 def first_batch_seconds(root: Path, backend: str, batch_size: int) -> float:
     """Seconds from the config to the first train batch: the info file, every shard's index (read, or
     built when missing), the up-front checks, the loader, its first batch (imports not counted)."""
-    from pipelines import webdataset_source
+    from pipelines.sources.shards import source as webdataset_source
     webdataset_source._TABLES.clear()  # nothing kept from an earlier measurement in this process
     start = time.perf_counter()
     cfg = load_config([f"loader={backend}", *shard_overrides(root), "data.image_size=64", "data.num_classes=10",

@@ -1,5 +1,5 @@
 """The one rule turning an image file into 8-bit RGB on the PIL paths (the torchvision loader, the
-FFCV writer and the up-front check), so they give the pixels DALI's decoder gives:
+FFCV and shard writers and the up-front check), so they give the pixels DALI's decoder gives:
 
   16-bit grey (I;16, I;16B, I;16L, 16-bit PGM read as I)  round(v / 257), not PIL's clip at 255
   32-bit float (F)                                          round(v × 255) clipped to [0, 255]
@@ -10,6 +10,7 @@ Measured against DALI 2.4's CPU decoder on every mode above (tests/test_same_pix
 """
 from __future__ import annotations
 
+import io
 import warnings
 
 import numpy as np
@@ -36,6 +37,14 @@ def open_rgb(path: str) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # palette transparency, large-image warnings
         with Image.open(path) as image:
+            return to_rgb(image)
+
+
+def decode_bytes(data: bytes) -> Image.Image:
+    """An image file's bytes (a folder's file, a shard's sample), decoded to 8-bit RGB."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # palette transparency, large-image warnings
+        with Image.open(io.BytesIO(data)) as image:
             return to_rgb(image)
 
 

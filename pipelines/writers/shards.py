@@ -5,13 +5,14 @@
 
 Three passes:
   1. walk and check: the shared ImageFolder walk (image extensions only; other files and second
-     paths to a file or folder are reported) and the converters' image check (every image decoded
-     by the one decode rule, JPEGs at 1/8 scale: truncated, empty and non-image files are skipped
-     with their reason), in parallel with a progress bar;
+     paths to a file or folder are reported) and the loaders' image check (every image decoded by
+     the one decode rule, JPEGs at 1/8 scale: truncated, empty and non-image files are skipped
+     with their reason), in parallel with a progress bar — cached by the folder's contents, so a
+     folder a run or tools/check_images.py checked is not decoded again;
   2. write: the good images in a seeded random order (readers that stream shards, timm's and
      DALI's, then see mixed classes in every shard), `--shard-size` samples a shard, each sample
-     `<key>.<jpg|jpeg|png|webp>` with the file's bytes unchanged (other formats decoded by the one
-     rule and stored as PNG) and `<key>.cls` (the class index, as text), with webdataset's
+     `<key>.<jpg|jpeg|png|webp>` with the file's bytes unchanged, not decoded (other formats decoded
+     by the one rule and stored as PNG) and `<key>.cls` (the class index, as text), with webdataset's
      TarWriter; each shard's DALI index (train-0000.idx) beside it;
   3. commit: everything is written into OUT/.<split>.tmp-<pid>-<host>/ first (removed on an error,
      Ctrl-C, SIGTERM or SIGHUP; one left by a SIGKILL is removed by the next conversion); only then
@@ -38,21 +39,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines.atomic_files import process_exists, signals_end_the_block, temporary_path, write_whole
-from pipelines.writers.beton import ConversionError, StorageSettings, check_all, list_imagefolder, spread_subset
 from pipelines.sources.image_decode import to_rgb
-from pipelines.sources.folder.listing import check_no_empty_class
 from pipelines.sources.shards.index import dali_index_path, scan_tar, write_index
 from pipelines.sources.shards.spec import IMAGE_EXTENSIONS, INFO_FILES
+from pipelines.writers.conversion import ConversionError, folder_images
 
 INFO = INFO_FILES[0]
-# The converters' one image check (pipelines/writers/beton.py): decodes, not empty; no size limits here
-# (shards keep every image as it is).
-CHECK = StorageSettings(max_resolution=0, min_side=1)
-
-
-def check_images(files: list[tuple[str, int]], workers: int, chunk_size: int = 100) -> list[str]:
-    """The reason each file cannot be stored ('' when it can)."""
-    return check_all(files, CHECK, workers, chunk_size)
 
 
 def read_set_info(out: Path) -> dict:
@@ -126,22 +118,19 @@ def convert_folder(src: str | Path, out: str | Path, *, split: str, shard_size: 
     present = sorted(out.glob(f"{glob.escape(prefix)}{split}-*.tar"))
     if present and not overwrite:
         raise ConversionError(f"{present[0]} exists (not listed in {out / INFO}); pass --overwrite to replace it")
-    listing = list_imagefolder(src)
-    if info.get("classes") and info["classes"] != listing.classes:
+    source = folder_images(src, limit, workers or len(os.sched_getaffinity(0)))
+    if info.get("classes") and info["classes"] != source.classes:
         raise ConversionError(f"{out / INFO} has other classes ({info['classes'][:3]}…) than {src} "
-                              f"({listing.classes[:3]}…): write this split to another OUT")
-    images = [listing.files[i] for i in listing.image_indices()]
-    check_no_empty_class(src, listing.classes, {label for _, label in images})  # the loaders' rule, up front
-    images = spread_subset(images, limit)
-    reasons = check_images(images, workers or len(os.sched_getaffinity(0)))
+                              f"({source.classes[:3]}…): write this split to another OUT")
+    images, reasons = source.images, source.problems
     good = [file for file, reason in zip(images, reasons) if not reason]
-    skipped = listing.unreadable + [(path, reason) for (path, _), reason in zip(images, reasons) if reason]
+    skipped = source.unreadable + [(path, reason) for (path, _), reason in zip(images, reasons) if reason]
     if not good:
         raise ConversionError(f"none of the {len(images)} image files under {src} can be stored "
                               f"(first: {skipped[0][0]}: {skipped[0][1]})")
     good = [good[i] for i in np.random.default_rng(seed).permutation(len(good))]
     names = shard_names(prefix, split, -(-len(good) // shard_size))
-    non_images = [(path, "not an image file (no image extension)") for path in listing.non_images()]
+    non_images = [(path, "not an image file (no image extension)") for path in source.non_images]
 
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out, split)
@@ -152,13 +141,13 @@ def convert_folder(src: str | Path, out: str | Path, *, split: str, shard_size: 
             lengths = write_shards(good, staging, names, shard_size)
             size = sum(f.stat().st_size for f in staging.iterdir())
             raise_if_stopped()
-            commit(out, staging, info, split, names, lengths, listing.classes, name or src.resolve().parent.name)
-            listed = "".join(f"{p}\t{r}\n" for p, r in skipped + non_images + listing.duplicates)
+            commit(out, staging, info, split, names, lengths, source.classes, name or src.resolve().parent.name)
+            listed = "".join(f"{p}\t{r}\n" for p, r in skipped + non_images + source.duplicates)
             write_whole(out / f"{split}.skipped.txt", listed.encode("utf-8", "surrogateescape"))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"found": len(listing.files) + len(listing.unreadable), "written": len(good), "skipped": len(skipped),
-            "non_images": len(non_images), "duplicates": len(listing.duplicates), "shards": len(names),
+    return {"found": source.found, "written": len(good), "skipped": len(skipped),
+            "non_images": len(non_images), "duplicates": len(source.duplicates), "shards": len(names),
             "bytes": size, "seconds": round(time.perf_counter() - start, 2)}
 
 

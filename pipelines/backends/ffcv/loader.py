@@ -1,24 +1,20 @@
 """FFCV backend (`loader=ffcv`): .beton files decoded by ffcv's JIT pipeline on CPU threads.
 
-prepare(cfg) converts data.root's train/ and val/ folders to <root>/ffcv/{train,val}.beton once,
-and again when the storage settings or the folder's contents change (its fingerprint: every
-file's path, size and mtime); data.ffcv.train_beton/val_beton point at betons made with
-tools/convert_ffcv.py instead, used as they are, with a warning when their source folder has
-changed since. The images the converter left out are named at every start and counted in the
-run's report (loader.left_out).
+prepare(cfg) makes the .beton files from the source, once (betons.py). The loader reads only them:
+the classes come from the .beton's metadata (not from the source folder), and the images the
+converter left out are named at every start and counted in the run's report (loader.left_out).
 
 Per batch: decode + random-resized-crop (train) or center-crop at the 224/256 ratio (val), flip,
 → uint8 NHWC tensor → device → NCHW view with channels-last strides. Normalisation stays on the
 device (in the model): an ffcv pipeline going JIT op → torch op → JIT op hangs the Loader constructor.
 
-Sample order is ours, not ffcv's: the shards of every backend (pipelines/loading.py's ShardSampler),
+Sample order is ours, not ffcv's: the shards of every backend (pipelines/sampling.py's ShardSampler),
 so each process reads its own shard, train order is a function of (seed, epoch), train drops the
 incomplete batch, val yields every image exactly once over processes, and a mid-epoch resume skips
 the consumed batches without decoding them.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,94 +27,31 @@ from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, T
 from ffcv.traversal_order.base import TraversalOrder
 
 from common.errors import UserInputError
-from pipelines.writers.beton import StorageSettings, convert_imagefolder, read_metadata
-from pipelines.sources.folder.listing import check_no_empty_class, list_image_folder
-from pipelines.loading import ShardSampler, find_classes, split_folder, to_device_batch
+from pipelines.backends.ffcv.betons import beton_path, prepare  # noqa: F401 (prepare: this backend's, see its record)
+from pipelines.batches import to_device_batch
+from pipelines.sampling import ShardSampler
+from pipelines.sources.folder.listing import check_no_empty_class
+from pipelines.writers.beton import read_metadata
 
 # ---------------------------------------------------------------------------------------------
-# .beton files
+# What the .beton holds
 
-def storage_settings(cfg) -> StorageSettings:
-    f = cfg.data.ffcv
-    return StorageSettings(max_resolution=f.max_resolution, write_mode=f.write_mode,
-                           compress_probability=f.compress_probability, jpeg_quality=f.jpeg_quality)
-
-
-def beton_path(cfg, split: str) -> Path:
-    given = cfg.data.ffcv.train_beton if split == "train" else cfg.data.ffcv.val_beton
-    return Path(given) if given else Path(cfg.data.root) / "ffcv" / f"{split}.beton"
-
-
-def is_current(beton: Path, source: Path, settings: StorageSettings) -> bool:
-    """Made by our writer from this folder, as it is now, with these settings, and complete."""
-    return not staleness(beton, source, settings)
-
-
-def staleness(beton: Path, source: Path, settings: StorageSettings) -> str:
-    """'' when the .beton is current (see is_current), else why it is not."""
-    meta = read_metadata(beton)
-    if not beton.is_file() or meta is None:
-        return "none yet"
-    if meta.get("bytes") != beton.stat().st_size:
-        return "the .beton is incomplete"
-    if meta.get("source") != str(source.resolve()) or meta.get("limit") != 0:
-        subset = f" (--limit {meta.get('limit')})" if meta.get("limit") else ""
-        return f"it was made from {meta.get('source')}{subset}"
-    if meta.get("settings") != asdict(settings):
-        return "the storage settings changed"
-    return folder_change(meta, source)
-
-
-def folder_change(meta: dict, source: Path) -> str:
-    """'' if source holds what it held when the .beton was made, else what changed."""
-    listing = list_image_folder(source)
-    if meta.get("fingerprint") == listing.fingerprint():
-        return ""
-    then, now = meta.get("found", 0) - meta.get("duplicates", 0), len(listing.files) + len(listing.unreadable)
-    return f"{source} changed since it was converted ({then} files then, {now} now)"
-
-
-def prepare(cfg) -> None:
-    """Converts each split's folder to its default .beton unless an up-to-date one exists."""
-    settings = storage_settings(cfg)
-    for split in ("train", "val"):
-        beton, source = beton_path(cfg, split), split_folder(cfg, split)
-        if cfg.data.ffcv.train_beton if split == "train" else cfg.data.ffcv.val_beton:
-            if beton.is_file():
-                warn_if_source_changed(beton, split)
-                continue
-        why = staleness(beton, source, settings)
-        if not why:
-            continue
-        print(f"converting {source} → {beton} ({why}; FFCV reads the .beton)")
-        convert_imagefolder(source, beton, settings, workers=cfg.data.workers)  # what it left out: beton_left_out
-
-
-def warn_if_source_changed(beton: Path, split: str) -> None:
-    """A given .beton whose source folder (known from its metadata, if it still exists) changed."""
-    meta = read_metadata(beton)
-    source = Path(meta["source"]) if meta and meta.get("source") else None
-    if source is None or not source.is_dir() or "fingerprint" not in meta:
-        return
-    change = folder_change(meta, source)
-    if change:
-        print(f"warning: data.ffcv.{split}_beton={beton}: {change}; it is used as it is (reconvert with "
-              f"tools/convert_ffcv.py --overwrite to train on the folder as it is now)", flush=True)
-
-
-def beton_classes(cfg, split: str, beton: Path) -> list[str]:
-    meta = read_metadata(beton)
+def beton_classes(beton: Path, meta: dict | None) -> list[str]:
+    """The classes the converter wrote into the metadata; for a .beton from elsewhere, as many as
+    its labels count, named by their numbers."""
     if meta is None:
-        return find_classes(split_folder(cfg, split))  # a .beton from elsewhere: trust the folder
+        reader = Reader(str(beton))
+        labels = reader.metadata[f"f{reader.field_names.index('label')}"]
+        return [str(i) for i in range(int(labels.max()) + 1)]
     empty = set(meta.get("empty_classes", ()))  # converted before empty class folders were refused
     check_no_empty_class(meta["source"], meta["classes"], {i for i, name in enumerate(meta["classes"])
                                                            if name not in empty})
     return meta["classes"]
 
 
-def beton_left_out(beton: Path, rank: int) -> list[tuple[str, str]]:
+def beton_left_out(beton: Path, meta: dict | None, rank: int) -> list[tuple[str, str]]:
     """The images of the source the converter left out (its metadata's list), said once (rank 0)."""
-    meta = read_metadata(beton) or {}
+    meta = meta or {}
     left_out = [tuple(entry) for entry in meta.get("left_out", ())]
     if (left_out or meta.get("non_images")) and rank == 0:
         examples = "".join(f"; {path}: {reason}" for path, reason in left_out[:2]) + "; …" * (len(left_out) > 2)
@@ -144,7 +77,7 @@ class ShardOrder(TraversalOrder):
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:  # ffcv's own epoch counter is ignored
-        return np.asarray(self.shard.indices(), dtype=np.uint64)
+        return self.shard.index_array().astype(np.uint64)
 
 
 def train_resolution(cfg, epoch: int) -> int:
@@ -185,10 +118,11 @@ class FfcvLoader:
     def __init__(self, cfg, split: str, *, rank: int, world_size: int, device: torch.device):
         beton = beton_path(cfg, split)
         if not beton.is_file():
-            raise UserInputError(f"{beton} does not exist: convert with tools/convert_ffcv.py "
-                                 f"or leave data.ffcv.{split}_beton empty to convert {split_folder(cfg, split)}")
-        self.classes = beton_classes(cfg, split, beton)
-        self.left_out = beton_left_out(beton, rank)
+            raise UserInputError(f"{beton} does not exist: convert with tools/convert_ffcv.py or leave "
+                                 f"data.ffcv.{split}_beton empty to convert the {split} split of {cfg.data.root}")
+        meta = read_metadata(beton)
+        self.classes = beton_classes(beton, meta)
+        self.left_out = beton_left_out(beton, meta, rank)
         self.train, self.batch_size, self.device = split == "train", cfg.batch_size, device
         self.cfg = cfg
         self.sampler = ShardSampler(Reader(str(beton)).num_samples, shuffle=self.train, seed=cfg.seed,
@@ -224,5 +158,6 @@ class FfcvLoader:
             yield to_device_batch(images, labels.reshape(-1), self.device)
 
 
-def make_loader(cfg, split, *, rank, world_size, device):
+def make_loader(cfg, split, source, *, rank, world_size, device):
+    """The backend's loader (its record: reads_sources=False, so source is None: it reads the .beton)."""
     return FfcvLoader(cfg, split, rank=rank, world_size=world_size, device=device)

@@ -1,159 +1,99 @@
-"""Baseline backend: torchvision ImageFolder + DataLoader, PIL decode on CPU workers, uint8 out.
+"""Baseline backend: PIL decoding in DataLoader workers, torchvision's transforms, uint8 out.
 
-Images are decoded by pipelines/sources/image_decode.py's rule (DALI's pixels for 16-bit, float, EXIF-rotated
-files); bad ones are left out or replaced as pipelines/loading.py says.
+Reads any map-style source (a folder, local tar shards: pipelines/sources/): a sample's bytes come
+from the source (a file, or two preads from a shard) and are decoded by the one PIL rule
+(pipelines/sources/image_decode.py: DALI's pixels for 16-bit, float, EXIF-rotated files). A
+sample that fails mid-run is replaced as pipelines/substitution.py says. Remote shards are
+streamed instead (stream.py). The dataset holds the source's arrays, not Python objects per
+sample, so its workers copy nothing while they read (pipelines/sources/samples.py); they persist
+across epochs, each told the epoch with its batches (EpochKeys).
 """
 from __future__ import annotations
 
 import functools
-import random
-import signal
+import itertools
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
-from torchvision import datasets, transforms
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipelines.backends.augment_policy import timm_transform
-from common.errors import DataError
-from pipelines.sources.image_decode import decode_problem, open_rgb
-from pipelines.loading import MAX_SUBSTITUTES, ShardSampler, checked_listing, substitute, to_device_batch
-
-
-def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader worker_init_fn: Ctrl-C is the main process's to handle; a worker that died of it
-    would break the step the main process is finishing."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+from pipelines.backends.torchvision.stream import StreamingLoader
+from pipelines.backends.torchvision.workers import ignore_interrupts, image_transform, seeded_by_sample
+from pipelines.batches import to_device_batch
+from pipelines.sampling import ShardSampler
+from pipelines.sources.image_decode import decode_bytes
+from pipelines.substitution import LeftOut, first_readable
 
 
-def image_transform(cfg, split: str) -> transforms.Compose:
-    data = cfg.data
-    if split == "train":
-        steps = [transforms.RandomResizedCrop(data.image_size, scale=(data.min_scale, 1.0))]
-        if data.hflip:
-            steps.append(transforms.RandomHorizontalFlip())
-        if data.auto_augment:
-            steps.append(timm_transform(data.auto_augment, data.image_size))
-    else:
-        size = data.val_image_size or data.image_size
-        steps = [transforms.Resize(round(size / data.crop_ratio)), transforms.CenterCrop(size)]
-    return transforms.Compose([*steps, transforms.PILToTensor()])
-
-
-class SeededImageFolder(datasets.ImageFolder):
-    """ImageFolder whose random augmentation is a function of (seed, epoch, index).
+class SeededImages(Dataset):
+    """A source's samples, each one's random augmentation a function of (seed, epoch, index).
 
     So an epoch's images are the same whatever the worker count, and a resumed run skipping the
-    consumed batches sees exactly the images the uninterrupted run saw. Under repeated augmentation
-    the key is (index, copy) and copies other than the first get draws of their own. Items are
-    (image, label, failures): an image that fails to decode (changed since its check) is replaced by
-    the loaders' `substitute`, with the same augmentation draws; failures says which (see decode).
+    consumed batches sees exactly the images the uninterrupted run saw. Keys are (epoch, index,
+    copy) (EpochKeys): under repeated augmentation copies other than the first get draws of their
+    own. Items are (image, label, failures): a sample that fails to read or decode (changed since its
+    check) is replaced by its substitute, with the same augmentation draws; failures says which, a
+    "where<TAB>reason" line each ("" when none did).
     """
 
-    seed: int = 0
-    epoch: int = 0
+    def __init__(self, source, transform, seed: int):
+        self.source, self.transform, self.seed = source, transform, seed
+        self.classes, self.left_out = source.classes, source.left_out
 
-    def __init__(self, listing, transform):
-        self.listing = listing  # the walk all backends share (symlinks once), bad images left out
-        super().__init__(listing.root, transform=transform, loader=open_rgb)  # the one decode rule
-
-    def find_classes(self, directory):
-        return self.listing.classes, {name: i for i, name in enumerate(self.listing.classes)}
-
-    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        return self.listing.images()
+    def __len__(self) -> int:
+        return len(self.source)
 
     @property
-    def left_out(self) -> list[tuple[str, str]]:
-        return self.listing.left_out
+    def samples(self):
+        """[(path, label)] of a folder source (for reports and tests)."""
+        return self.source.samples
 
-    def __getitem__(self, key: int | tuple[int, int]):
-        index, copy = sample_key(key)
-        image, label, failures = self.decode(index)
+    def __getitem__(self, key: tuple[int, int, int]):
+        epoch, index, copy = key
+        (image, label), failures = first_readable(index, len(self.source), self.decode)
+        lines = "\n".join(f"{where}\t{reason}".replace("\n", " ") for where, reason in failures)
         load = functools.partial(self.transform, image)
-        return seeded_by_sample(self.seed, self.epoch, index, load, copy), label, failures
+        return seeded_by_sample(self.seed, epoch, index, load, copy), label, lines
 
     def decode(self, index: int):
-        """(RGB image, label, failures) of image index, or of its substitute if it fails to decode;
-        failures: a "path<TAB>reason" line for each file that failed ("" when none did)."""
-        failed, failures = set(), []
-        while True:
-            path, label = self.samples[index]
-            try:
-                return self.loader(path), label, "\n".join(failures)
-            except Exception as error:  # PIL raises many types for a bad file; each means the same here
-                reason = decode_problem(path)[0] or f"{type(error).__name__}: {error}"  # the check's words
-                failures.append(f"{path}\t{reason}".replace("\n", " "))
-                failed.add(index)
-                if len(failed) > MAX_SUBSTITUTES:
-                    raise DataError(f"{self.samples[min(failed)][0]} and the next {MAX_SUBSTITUTES} images do not "
-                                    f"decode: has the folder been moved or deleted?") from error
-                index = substitute(index, len(self.samples), failed)
-
-
-def sample_key(key: int | tuple[int, int]) -> tuple[int, int]:
-    """(index, copy) of a dataset key: an index, or (index, copy) under repeated augmentation."""
-    return key if isinstance(key, tuple) else (key, 0)
-
-
-def seeded_by_sample(seed: int, epoch: int, index: int, load, copy: int = 0):
-    """load() with torch's, python's and numpy's RNG seeded by (seed, epoch, index) — and copy, for
-    repeated augmentation's copies after the first — the caller's RNG states left as they were
-    (workers=0 runs this in the training process)."""
-    sample_seed = (seed * 1_000_003 + epoch) * 10_000_019 + index
-    if copy:
-        sample_seed = int(np.random.SeedSequence([abs(sample_seed), copy]).generate_state(1, np.uint64)[0])
-    # timm's AutoAugment draws from python's random, its RandAugment also from numpy's
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed)
-        random.seed(sample_seed)
-        np.random.seed(sample_seed % 2**32)
+        sample = self.source.read(index)
         try:
-            return load()
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+            return decode_bytes(sample.image), sample.label
+        except Exception as error:  # PIL raises many types for a bad file; each means the same here
+            raise self.source.unreadable(index, error) from None
 
 
-class CopyKeys(Sampler):
-    """A ShardSampler's (index, copy) pairs, under repeated augmentation (SeededImageFolder's keys)."""
+class EpochKeys(Sampler):
+    """A ShardSampler's indices as (epoch, index, copy) keys: the epoch travels with each key, so
+    persistent workers need no word of a new epoch."""
 
     def __init__(self, shard: ShardSampler):
         self.shard = shard
 
     def __iter__(self):
-        return zip(self.shard.indices(), self.shard.copies())
+        epoch = self.shard.epoch
+        return zip(itertools.repeat(epoch), map(int, self.shard.index_array()), map(int, self.shard.copy_array()))
 
     def __len__(self) -> int:
         return len(self.shard)
 
 
 class TorchvisionLoader:
-    def __init__(self, cfg, split: str, *, rank: int, world_size: int, device: torch.device):
-        self.dataset = self.make_dataset(cfg, split, rank)
+    def __init__(self, cfg, split: str, source, *, rank: int, world_size: int, device: torch.device):
+        self.dataset = SeededImages(source, image_transform(cfg, split), cfg.seed)
         self.classes = self.dataset.classes
-        self.left_out = list(self.dataset.left_out)  # + those that fail mid-run, as they do
-        self.dataset.seed = cfg.seed
+        self.left_out = LeftOut(source.left_out, source.failure_line)  # + those that fail mid-run, as they do
         self.train = split == "train"
         self.batch_size, self.device = cfg.batch_size, device
         self.sampler = ShardSampler(len(self.dataset), shuffle=self.train, seed=cfg.seed, rank=rank,
                                     world_size=world_size, batch_size=self.batch_size, repeats=cfg.data.repeated_aug)
         workers = cfg.data.workers
-        keys = self.sampler if self.sampler.repeats == 1 else CopyKeys(self.sampler)
         self.loader = DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=keys,  # train: whole batches only
+            self.dataset, batch_size=self.batch_size, sampler=EpochKeys(self.sampler),  # train: whole batches only
             num_workers=workers, pin_memory=device.type == "cuda",
-            # Workers are re-made each epoch so they see the dataset's new epoch (see SeededImageFolder).
-            persistent_workers=False, worker_init_fn=ignore_interrupts,
+            persistent_workers=workers > 0, worker_init_fn=ignore_interrupts,
             # Its own generator: making an iterator draws a seed, which must not come from the
             # global RNG (a resumed run makes one more iterator mid-epoch than the original did).
             generator=torch.Generator().manual_seed(cfg.seed))
-
-    def make_dataset(self, cfg, split: str, rank: int):
-        """The map-style dataset of the split: (uint8 CHW tensor, label, failures) per index, with
-        seed, epoch, classes and left_out attributes (tar shards: pipelines/backends/torchvision/shards.py)."""
-        return SeededImageFolder(checked_listing(cfg, split, rank), image_transform(cfg, split))
 
     @property
     def num_samples(self) -> int:
@@ -161,7 +101,6 @@ class TorchvisionLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)
-        self.dataset.epoch = epoch
 
     def __len__(self) -> int:
         return self.sampler.num_batches
@@ -169,16 +108,11 @@ class TorchvisionLoader:
     def __iter__(self):
         for images, labels, failures in self.loader:
             for failure in filter(None, "\n".join(failures).splitlines()):
-                self.report_failure(*failure.split("\t", 1))
+                self.left_out.failed_mid_run(*failure.split("\t", 1))
             yield to_device_batch(images, labels, self.device)
 
-    def report_failure(self, path: str, reason: str) -> None:
-        """Once per file and process: a line, and a place in left_out (the run's report)."""
-        if all(path != known for known, _ in self.left_out):
-            self.left_out.append((path, f"failed mid-run: {reason}"))
-            print(f"warning: {path} does not decode ({reason}); the next image of the folder is used "
-                  f"in its place (changed since it was checked?)", flush=True)
 
-
-def make_loader(cfg, split, *, rank, world_size, device):
-    return TorchvisionLoader(cfg, split, rank=rank, world_size=world_size, device=device)
+def make_loader(cfg, split, source, *, rank, world_size, device):
+    if source.kind == "stream":
+        return StreamingLoader(cfg, split, source, rank=rank, world_size=world_size, device=device)
+    return TorchvisionLoader(cfg, split, source, rank=rank, world_size=world_size, device=device)

@@ -25,27 +25,19 @@ import random
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.loading import to_device_batch
-from pipelines.backends.torchvision.loader import ignore_interrupts, image_transform, seeded_by_sample
-from pipelines.sources.shards.read import UnreadableSample, decode_rgb
-from pipelines.sources.shards.spec import IMAGE_EXTENSIONS, LABEL_EXTENSION, ShardSetError, ShardSplit
+from pipelines.backends.torchvision.workers import ignore_interrupts, image_transform, seeded_by_sample
+from pipelines.batches import to_device_batch
+from pipelines.sources.image_decode import decode_bytes
+from pipelines.sources.shards.source import StreamSource
+from pipelines.sources.shards.spec import IMAGE_EXTENSIONS, LABEL_EXTENSION, ShardSetError
+from pipelines.substitution import LeftOut, Unreadable
 
 SHUFFLE_BUFFER = 2_000  # samples; timm's WDS reader uses 8,192 (its initial fill 2,048)
 
 
-def check_streamable(cfg, shards: ShardSplit) -> None:
-    """What streaming needs, checked before any work (the shards themselves are only opened to read)."""
-    if shards.lengths is None:
-        raise ShardSetError(f"{shards.source}: remote shards are streamed, which needs each shard's sample count: "
-                            f"give data.root a folder (or URL) whose _info.json lists these shards")
-    if cfg.loader != "torchvision":
-        raise ShardSetError(f"{shards.source}: remote shards are streamed by loader=torchvision only; DALI and "
-                            f"FFCV read local shards (copy them first)")
-
-
 class ShardStream(IterableDataset):
     """The samples of `urls` (set per epoch), split over DataLoader workers by shard: (uint8 tensor,
-    label) or UnreadableSample, each worker's augmentation seeded by (seed, epoch, rank, worker, n)."""
+    label) or Unreadable, each worker's augmentation seeded by (seed, epoch, rank, worker, n)."""
 
     def __init__(self, transform, num_classes: int, *, train: bool, seed: int, rank: int):
         self.transform, self.num_classes, self.train, self.seed, self.rank = transform, num_classes, train, seed, rank
@@ -62,10 +54,10 @@ class ShardStream(IterableDataset):
             samples = _shuffle(samples, SHUFFLE_BUFFER, SHUFFLE_BUFFER // 4, random.Random(stream_seed))
         stream = (self.rank * 1024 + number) * 2**32  # the n-th sample of this worker: seeded by (seed, epoch, stream + n)
         for count, sample in enumerate(samples):
-            yield sample if isinstance(sample, UnreadableSample) else self.decode(sample, stream + count)
+            yield sample if isinstance(sample, Unreadable) else self.decode(sample, stream + count)
 
     def samples(self, urls: list[str], lengths: list[int]):
-        """Raw samples shard after shard; a shard's failure (open, truncation) as an UnreadableSample."""
+        """Raw samples shard after shard; a shard's failure (open, truncation) as an Unreadable."""
         from webdataset.tariterators import tarfile_samples
 
         for url, length in zip(urls, lengths):
@@ -75,31 +67,30 @@ class ShardStream(IterableDataset):
                 yield sample
             if errors or seen != length:
                 reason = f"{type(errors[0]).__name__}: {errors[0].args[0]}" if errors else "no error"
-                yield UnreadableSample(f"shard {url}", f"read {seen} of its {length} samples ({reason})")
+                yield Unreadable(f"shard {url}", f"read {seen} of its {length} samples ({reason})")
 
     def decode(self, sample: dict, position: int):
         where = f"shard {sample.get('__url__')} key {sample.get('__key__')}"
         image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
         try:
             if image is None or LABEL_EXTENSION not in sample:
-                raise UnreadableSample(where, "no image file" if image is None else "no label file (cls)")
+                raise Unreadable(where, "no image file" if image is None else "no label file (cls)")
             label = int(sample[LABEL_EXTENSION].strip())
             if not 0 <= label < self.num_classes:
-                raise UnreadableSample(where, f"cls {label} is not one of the {self.num_classes} classes")
-            picture = decode_rgb(image)
-        except UnreadableSample as bad:
+                raise Unreadable(where, f"cls {label} is not one of the {self.num_classes} classes")
+            picture = decode_bytes(image)
+        except Unreadable as bad:
             return bad
         except Exception as error:  # a label that is no integer, an image that does not decode
-            return UnreadableSample(where, f"{type(error).__name__}: {error}")
+            return Unreadable(where, f"{type(error).__name__}: {error}")
         return seeded_by_sample(self.seed, self.epoch, position, lambda: self.transform(picture)), label
 
 
 class StreamingLoader:
     """The loader contract over streamed shards (see the module doc)."""
 
-    def __init__(self, cfg, split: str, shards: ShardSplit, classes: list[str], *, rank: int, world_size: int,
-                 device: torch.device):
-        check_streamable(cfg, shards)
+    def __init__(self, cfg, split: str, source: StreamSource, *, rank: int, world_size: int, device: torch.device):
+        shards, classes = source.shards, source.classes
         self.shards, self.classes = shards, classes
         self.train, self.rank, self.world_size, self.seed = split == "train", rank, world_size, cfg.seed
         self.batch_size, self.device = cfg.batch_size, device
@@ -110,7 +101,7 @@ class StreamingLoader:
         smallest = sorted(shards.lengths)[:self.per_process]
         self.steps = sum(smallest) // self.batch_size  # train: what every process's shards fill
         self.epoch, self.start_batch = 0, 0
-        self.left_out: list[tuple[str, str]] = []  # (shard and key, reason) met while streaming
+        self.left_out = LeftOut([], stream_failure_line)  # (shard and key, reason) met while streaming
         self.dataset = ShardStream(image_transform(cfg, split), len(classes), train=self.train, seed=cfg.seed, rank=rank)
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=min(cfg.data.workers, self.per_process),
                                  worker_init_fn=ignore_interrupts, persistent_workers=False)
@@ -144,7 +135,7 @@ class StreamingLoader:
         self.dataset.epoch = self.epoch
         pending, made, last, samples = [], 0, None, iter(self.loader)
         for sample in samples:
-            if isinstance(sample, UnreadableSample):
+            if isinstance(sample, Unreadable):
                 self.report_failure(sample)
                 continue
             pending.append(sample)
@@ -153,7 +144,7 @@ class StreamingLoader:
                 yield last
                 pending, made = [], made + 1
                 if self.train and made == self.steps:
-                    left = sum(not isinstance(s, UnreadableSample) for s in samples)  # to the end: counted
+                    left = sum(not isinstance(s, Unreadable) for s in samples)  # to the end: counted
                     if left and self.rank == 0 and self.start_batch == 0:
                         print(f"streaming: {left} samples of process 0's shards left out this epoch to keep "
                               f"the processes in step")
@@ -170,14 +161,17 @@ class StreamingLoader:
                   f"batch is used again", flush=True)
             yield last
 
-    def report_failure(self, bad: UnreadableSample) -> None:
-        self.left_out.append((bad.where, f"failed mid-run: {bad.reason}"))
-        print(f"warning: {bad}; the stream's next sample is used in its place", flush=True)
+    def report_failure(self, bad: Unreadable) -> None:
+        self.left_out.failed_mid_run(bad.where, bad.reason)
 
     def __iter__(self):
         for position, (images, labels) in enumerate(self.batches()):
             if position >= self.start_batch:
                 yield to_device_batch(images, labels, self.device)
+
+
+def stream_failure_line(where: str, reason: str) -> str:
+    return f"{where}: {reason}; the stream's next sample is used in its place"
 
 
 def collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,11 +11,12 @@ by a hash of the folder's real path:
   <folder>.good.npy               the stamps (path, size, mtime) of the files that decoded
   <folder>.<fingerprint>.txt      the files these contents leave out: path <TAB> reason
 Contents whose fingerprint has a report are not checked again; after a change (a file fixed,
-added, removed) only the files whose stamp is not among the good ones are decoded.
+added, removed) only the files whose stamp is not among the good ones are decoded. A damaged
+cache file is checked anew, after a one-line warning (pipelines/cache_files.py). The folder's
+listing is cached beside these (listing_cache.py).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import multiprocessing
 import os
@@ -24,20 +25,16 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipelines.atomic_files import write_whole
-from pipelines.sources.image_decode import decode_problem
+from pipelines.cache_files import cache_folder as kind_folder, folder_key, warn_damaged, write_bytes
 from pipelines.sources.folder.listing import FolderListing
+from pipelines.sources.image_decode import decode_problem
 
 IN_PROCESS_BELOW = 64  # files: fewer are checked here, without starting worker processes
 REPORT_HEADER = "# images that do not decode, left out by every loader: path <TAB> reason\n"
 
 
 def cache_folder() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "advprop-trainer" / "image-check"
-
-
-def folder_key(root: Path) -> str:
-    return hashlib.blake2b(os.fsencode(Path(root).resolve()), digest_size=8).hexdigest()
+    return kind_folder("image-check")
 
 
 def report_path(listing: FolderListing) -> Path:
@@ -48,16 +45,17 @@ def report_path(listing: FolderListing) -> Path:
 def check_images(listing: FolderListing, workers: int = 0) -> list[tuple[str, str]]:
     """(path, reason) of the listing's image files that do not decode (see the module doc)."""
     report = report_path(listing)
-    if report.is_file():
-        return read_report(report)
+    known = read_report(report)
+    if known is not None:
+        return known
     good_file = report.parent / f"{folder_key(listing.root)}.good.npy"
-    stamps = np.frombuffer(listing.stamps, dtype=np.uint64)
+    stamps = listing.stamps
     images = listing.image_indices()
     decoded_before = np.isin(stamps[images], read_stamps(good_file))
     todo = images[~decoded_before]
-    reasons = decode_all([listing.files[i][0] for i in todo], workers)
+    reasons = decode_all([listing.path(i) for i in todo], workers)
     failed = todo[np.array([bool(reason) for reason in reasons], dtype=bool)]
-    left_out = [(listing.files[i][0], reason) for i, reason in zip(todo, reasons) if reason]
+    left_out = [(listing.path(i), reason) for i, reason in zip(todo, reasons) if reason]
     write_cache(good_file, np.setdiff1d(stamps[images], stamps[failed]), report, left_out)
     return left_out
 
@@ -81,31 +79,40 @@ def parallel_map(function, items: list, workers: int = 0, *, desc: str, chunk_si
 # The cache
 
 def read_stamps(path: Path) -> np.ndarray:
+    """The stamps of the files known to decode; none when there is no file or a damaged one."""
+    if not path.is_file():
+        return np.zeros(0, dtype=np.uint64)
     try:
-        return np.load(path)
-    except (OSError, ValueError, EOFError):  # none yet, or damaged: check everything
+        stamps = np.load(path, allow_pickle=False)
+        if stamps.dtype != np.uint64 or stamps.ndim != 1:
+            raise ValueError(f"{stamps.dtype} array of {stamps.ndim} dimensions, not stamps")
+        return stamps
+    except Exception as error:  # numpy raises many types for a damaged file; each means the same here
+        warn_damaged(path, f"{type(error).__name__}: {error}")
         return np.zeros(0, dtype=np.uint64)
 
 
-def read_report(path: Path) -> list[tuple[str, str]]:
-    lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-    return [tuple(line.split("\t", 1)) for line in lines if line and not line.startswith("#")]
+def read_report(path: Path) -> list[tuple[str, str]] | None:
+    """The report's (path, reason) lines; None when there is none or it is damaged (with a warning)."""
+    try:
+        text = path.read_bytes().decode("utf-8", "surrogateescape")
+    except OSError:
+        return None
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    if not text.startswith(REPORT_HEADER) or not all("\t" in line for line in lines):
+        warn_damaged(path, "not a report of path <TAB> reason lines")
+        return None
+    return [tuple(line.split("\t", 1)) for line in lines]
 
 
 def write_cache(good_file: Path, good: np.ndarray, report: Path, left_out: list[tuple[str, str]]) -> None:
     """Stamps first, then the report that makes the folder count as checked; each replaced whole.
     A cache that cannot be written (no home, a full disk) costs a check next time, nothing more."""
-    try:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        stamps = io.BytesIO()
-        np.save(stamps, good)
-        write_whole(good_file, stamps.getvalue())
-        text = REPORT_HEADER + "".join(f"{path}\t{reason}\n" for path, reason in left_out)
-        write_whole(report, text.encode("utf-8", "surrogateescape"))
+    stamps = io.BytesIO()
+    np.save(stamps, good.astype(np.uint64))
+    text = REPORT_HEADER + "".join(f"{path}\t{reason}".replace("\n", " ") + "\n" for path, reason in left_out)
+    if write_bytes(good_file, stamps.getvalue()) and write_bytes(report, text.encode("utf-8", "surrogateescape")):
         for older in report.parent.glob(f"{good_file.name.split('.')[0]}.*.txt"):
             if older != report:  # reports of this folder's earlier contents
                 older.unlink(missing_ok=True)
-    except OSError as error:
-        print(f"warning: the image check's cache {report.parent} cannot be written ({error.strerror}): "
-              f"the folder will be checked again next time", flush=True)
 

@@ -3,22 +3,27 @@ converter share, so they agree on the classes, the files, their order and their 
 
     listing = list_image_folder("data/imagenet/train")
     listing.classes    sorted class sub-folder names (torchvision's rule)
-    listing.files      [(path, class index)], in torchvision's order: classes sorted, then folders
-                       sorted by path, then file names sorted
+    listing.paths      every file's path under ROOT, in torchvision's order: classes sorted, then
+                       folders sorted by path, then file names sorted (one byte buffer: samples.py)
+    listing.labels     their class indices (int64); listing.path(i) is file i's whole path and
+                       listing.files shows the (path, label) pairs
     listing.skipped    [(path, reason)]: what the walk reached but did not list (duplicates: second
                        paths to a folder or file; unreadable: broken links)
     listing.stamps     one 64-bit key per file: a hash of (path under root, size, mtime), from the
                        stat the walk makes anyway; listing.fingerprint() hashes them with the classes,
                        so any file fixed, added or removed changes it (the image check's cache key,
                        and what makes FFCV reconvert)
-    listing.images()   the files with an image extension (torchvision's IMG_EXTENSIONS) that are not
-                       left_out (set by pipelines/sources/folder/image_check.py), every class holding one at least
+    listing.kept()     the indices of the files with an image extension (torchvision's IMG_EXTENSIONS)
+                       that are not left_out (set by the image check), every class holding one at least
 
 Symbolic links are followed once. A link to a folder already walked (a loop such as `ln -s .
 ROOT/1/self`, a class folder, ROOT itself) and a second path to a file already listed (a link, a
 hard link) are skipped and reported, so each real file counts once and under one class. A broken
 link is reported too. torchvision's own walk follows loops until the path is too long, listing
 each image dozens of times.
+
+The walk also records each file's size and mtime and each folder's mtime: what
+listing_cache.py compares to tell, without walking again, that the folder is as it was.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from common.errors import UserInputError
+from pipelines.sources.samples import PathTable, SampleView
 
 
 class EmptyClasses(UserInputError):
@@ -43,11 +49,32 @@ class EmptyClasses(UserInputError):
 class FolderListing:
     root: Path
     classes: list[str]
-    files: list[tuple[str, int]] = field(default_factory=list)
+    paths: PathTable  # under root
+    labels: np.ndarray  # int64, one per path
+    is_image: np.ndarray  # bool: an image extension
+    stamps: np.ndarray  # uint64, one per path: see file_stamp
+    sizes: np.ndarray  # int64 bytes, one per path
+    mtimes: np.ndarray  # int64 ns, one per path
+    folders: PathTable  # every folder walked, under root ("" is root itself)
+    folder_mtimes: np.ndarray  # int64 ns, one per folder
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): loops, second paths
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): broken links
-    stamps: array = field(default_factory=lambda: array("Q"))  # one per file: see file_stamp
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): images that do not decode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def prefix(self) -> str:
+        return os.path.join(str(self.root), "")
+
+    def path(self, index: int) -> str:
+        return self.prefix + self.paths[index]
+
+    @property
+    def files(self) -> SampleView:
+        """[(path, class index)] of every file, made on demand."""
+        return SampleView(len(self), lambda i: (self.path(i), int(self.labels[i])))
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -56,25 +83,30 @@ class FolderListing:
     def fingerprint(self) -> str:
         """The folder's contents in 16 hex digits: classes and every file's path, size and mtime."""
         digest = hashlib.blake2b("\n".join(self.classes).encode(), digest_size=8)
-        digest.update(np.frombuffer(self.stamps, dtype=np.uint64).tobytes())
+        digest.update(np.ascontiguousarray(self.stamps, dtype=np.uint64).tobytes())
         return digest.hexdigest()
 
     def image_indices(self) -> np.ndarray:
-        """Indices into files of those with an image extension."""
-        return np.array([i for i, (path, _) in enumerate(self.files) if path.lower().endswith(IMG_EXTENSIONS)],
-                        dtype=np.int64)
+        """Indices of the files with an image extension."""
+        return np.flatnonzero(self.is_image).astype(np.int64)
 
     def non_images(self) -> list[str]:
         """Files without an image extension (notes.txt, .DS_Store): no backend reads them."""
-        return [path for path, _ in self.files if not path.lower().endswith(IMG_EXTENSIONS)]
+        return [self.path(i) for i in np.flatnonzero(~self.is_image)]
+
+    def kept(self) -> np.ndarray:
+        """Indices of the image files no check left out, each class needing one at least."""
+        kept = self.image_indices()
+        if self.left_out:
+            left_out = {path for path, _ in self.left_out}
+            kept = kept[np.array([self.path(i) not in left_out for i in kept], dtype=bool)]
+        check_no_empty_class(self.root, self.classes, set(np.unique(self.labels[kept]).tolist()),
+                             bool(self.left_out))
+        return kept
 
     def images(self) -> list[tuple[str, int]]:
-        """The image files no check left out, each class needing one at least."""
-        left_out = {path for path, _ in self.left_out}
-        kept = [(path, label) for path, label in self.files
-                if path.lower().endswith(IMG_EXTENSIONS) and path not in left_out]
-        check_no_empty_class(self.root, self.classes, {label for _, label in kept}, bool(left_out))
-        return kept
+        """[(path, label)] of kept(): for small folders and reports."""
+        return [(self.path(i), int(self.labels[i])) for i in self.kept()]
 
     def skipped_summary(self) -> str:
         """One line for a warning: how many entries were skipped, and the first few."""
@@ -105,9 +137,8 @@ def find_classes(folder: str | Path) -> list[str]:
     return classes
 
 
-def identity(path: str) -> tuple[int, int]:
+def identity(status: os.stat_result) -> tuple[int, int]:
     """What a path really is (device, inode), whatever links led to it."""
-    status = os.stat(path)
     return status.st_dev, status.st_ino
 
 
@@ -118,49 +149,85 @@ def file_stamp(relative_path: str, status: os.stat_result) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
 
+class Walk:
+    """What the walk gathers, kept as arrays while it goes (no Python object per file survives it)."""
+
+    def __init__(self, root: Path):
+        self.root, self.prefix = root, len(str(root)) + 1
+        self.paths, self.offsets = bytearray(), array("q", [0])
+        self.labels, self.stamps, self.sizes, self.mtimes = array("q"), array("Q"), array("q"), array("q")
+        self.is_image = bytearray()
+        self.folders, self.folder_mtimes = [""], array("q", [os.stat(root).st_mtime_ns])
+        self.duplicates, self.unreadable = [], []
+
+    def add_file(self, path: str, label: int, status: os.stat_result) -> None:
+        relative = path[self.prefix:]
+        self.paths += os.fsencode(relative)
+        self.offsets.append(len(self.paths))
+        self.labels.append(label)
+        self.stamps.append(file_stamp(relative, status))
+        self.sizes.append(status.st_size)
+        self.mtimes.append(status.st_mtime_ns)
+        self.is_image.append(relative.lower().endswith(IMG_EXTENSIONS))
+
+    def add_folder(self, path: str, status: os.stat_result) -> None:
+        self.folders.append(path[self.prefix:])
+        self.folder_mtimes.append(status.st_mtime_ns)
+
+    def listing(self, classes: list[str]) -> FolderListing:
+        def arr(values, dtype):
+            return np.frombuffer(values, dtype=dtype).copy() if len(values) else np.zeros(0, dtype)
+        return FolderListing(self.root, classes, PathTable(arr(self.paths, np.uint8), arr(self.offsets, np.int64)),
+                             arr(self.labels, np.int64), arr(self.is_image, np.bool_), arr(self.stamps, np.uint64),
+                             arr(self.sizes, np.int64), arr(self.mtimes, np.int64),
+                             PathTable.from_strings(self.folders), arr(self.folder_mtimes, np.int64),
+                             self.duplicates, self.unreadable)
+
+
 def list_image_folder(root: str | Path) -> FolderListing:
     """Every file under every class folder of root, each real file once (see the module doc)."""
     root = Path(root)
-    listing = FolderListing(root, find_classes(root))
+    classes = find_classes(root)
+    found = Walk(root)
     # Class folders and root count as walked from the start: a link to one of them is a loop or
     # another class's images, never a second copy to label.
-    walked = {identity(root)} | {identity(root / name) for name in listing.classes}
+    walked = {identity(os.stat(root))} | {identity(os.stat(root / name)) for name in classes}
     seen_files: dict[tuple[int, int], str] = {}
-    prefix = len(str(root)) + 1
-    for label, name in enumerate(listing.classes):
-        for folder, names in sorted(walk(str(root / name), walked, listing.duplicates)):
+    for label, name in enumerate(classes):
+        for folder, names in sorted(walk(str(root / name), walked, found)):
             for file_name in sorted(names):
                 path = os.path.join(folder, file_name)
                 try:
                     status = os.stat(path)
                 except OSError as error:  # a broken link, or a file gone since it was listed
-                    listing.unreadable.append((path, f"unreadable entry: {error.strerror}"))
+                    found.unreadable.append((path, f"unreadable entry: {error.strerror}"))
                     continue
-                real = status.st_dev, status.st_ino
+                real = identity(status)
                 if real in seen_files:
-                    listing.duplicates.append((path, f"same file as {seen_files[real]}"))
+                    found.duplicates.append((path, f"same file as {seen_files[real]}"))
                     continue
                 seen_files[real] = path
-                listing.files.append((path, label))
-                listing.stamps.append(file_stamp(path[prefix:], status))
-    return listing
+                found.add_file(path, label, status)
+    return found.listing(classes)
 
 
-def walk(top: str, walked: set, skipped: list) -> list[tuple[str, list[str]]]:
+def walk(top: str, walked: set, found: Walk) -> list[tuple[str, list[str]]]:
     """(folder, names of non-folder entries) for top and every folder below it, links followed
-    once; folders reached a second time are recorded in skipped instead of walked again."""
+    once; folders reached a second time are recorded as duplicates instead of walked again. Each
+    folder's mtime is taken before it is read: a change while it is read shows as a change later."""
     result, pending = [], [top]
     while pending:
         folder = pending.pop()
+        found.add_folder(folder, os.stat(folder))
         names = []
         with os.scandir(folder) as entries:
             for entry in entries:
                 if not entry.is_dir():  # follows links: a link to a file is a file here
                     names.append(entry.name)
                     continue
-                real = identity(entry.path)
+                real = identity(os.stat(entry.path))
                 if real in walked:
-                    skipped.append((entry.path, "link to a folder already listed (a loop or a second path)"))
+                    found.duplicates.append((entry.path, "link to a folder already listed (a loop or a second path)"))
                     continue
                 walked.add(real)
                 pending.append(entry.path)

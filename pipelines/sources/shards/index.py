@@ -1,4 +1,4 @@
-"""Where every sample of a set of local tar shards lies: one index file per shard, one table per split.
+"""Where every sample of a local tar shard lies: its index file.
 
 An index file is DALI's (`wds2idx`, version 1.2): a line `v1.2 <samples>`, then one line per sample
 listing each of its files as `<ext> <byte offset> <size> <name>`. tools/convert_wds.py writes one
@@ -8,13 +8,8 @@ reads GNU and PAX tars alike; DALI 2.4.0 reads both too), and the index is cache
 $XDG_CACHE_HOME/advprop-trainer/wds-index (default ~/.cache), named by the tar's path, size and mtime:
 the shards' folder may be read-only shared storage. An index beside a shard is used when the tar
 headers before its first and last files carry the names it lists (a rewritten tar is indexed again,
-a copied set is not). So a start reads the small index files, never a whole tar again.
-
-SampleTable joins a split's shards into one index space 0..N-1 (shard by shard, samples in tar
-order): ShardSampler's permutation of it is the order every backend reads. Checked here, before
-any training, each one a one-line error: a missing shard, a truncated tar (a file ending inside a
-sample), a sample without an image (jpg, jpeg, png, webp) or without its `cls` label, and shard
-lengths that contradict the info file.
+a copied set is not). So a split's table (table.py) reads the small index files, never a whole tar
+again; a damaged index in the cache is built again after a one-line warning.
 """
 from __future__ import annotations
 
@@ -22,13 +17,12 @@ import hashlib
 import multiprocessing
 import os
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from pipelines.sources.shards.spec import IMAGE_EXTENSIONS, LABEL_EXTENSION, ShardSetError, ShardSplit, local_path
+from pipelines.cache_files import cache_folder, warn_damaged
+from pipelines.sources.shards.spec import ShardSetError
 
 INDEX_VERSION = "v1.2"
 
@@ -39,7 +33,7 @@ def dali_index_path(tar: str) -> str:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "advprop-trainer" / "wds-index"
+    return cache_folder("wds-index")
 
 
 def cached_index_path(tar: str, status: os.stat_result) -> Path:
@@ -139,7 +133,13 @@ def existing_index(tar: str) -> tuple[str, list[Sample]] | None:
         except (ShardSetError, OSError, ValueError):
             pass  # an index from elsewhere that does not fit: build our own
     cached = cached_index_path(tar, os.stat(tar))
-    return (str(cached), read_index(cached)) if cached.is_file() else None
+    if not cached.is_file():
+        return None
+    try:
+        return str(cached), read_index(cached)
+    except (ShardSetError, ValueError, IndexError) as error:  # ours, damaged: index the tar again
+        warn_damaged(cached, str(error))
+        return None
 
 
 def index_for(tar: str) -> tuple[str, list[Sample]]:
@@ -178,86 +178,3 @@ def index_all(tars: list[str], workers: int = 0) -> list[tuple[str, list[Sample]
                 if isinstance(result, ShardSetError):
                     raise result
     return [known or index_for(tar) for tar, known in zip(tars, found)]
-
-
-# ---------------------------------------------------------------------------------------------
-# A split's table
-
-@dataclass
-class SampleTable:
-    """Every sample of a split's local shards, numbered 0..N-1 shard after shard."""
-    source: str
-    shards: list[str]  # paths
-    index_files: list[str]  # one per shard, for a sample's key in reports
-    starts: np.ndarray  # (shards + 1,) first global index of each shard, then N
-    image: np.ndarray  # (N, 2) byte offset, size of the image file
-    label: np.ndarray  # (N, 2) byte offset, size of the cls file
-    image_ext: np.ndarray  # (N,) index into IMAGE_EXTENSIONS
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def locate(self, index: int) -> tuple[int, int]:
-        """(shard number, position in the shard) of a global index."""
-        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
-        return shard, index - int(self.starts[shard])
-
-    def key(self, index: int) -> str:
-        """The sample's key (from its shard's index file: read only when a report needs it)."""
-        shard, position = self.locate(index)
-        name = read_index(self.index_files[shard])[position][0][3]
-        return split_name(name)[0]
-
-    def where(self, index: int) -> str:
-        """'shard <path> key <key>' for reports."""
-        return f"shard {self.shards[self.locate(index)[0]]} key {self.key(index)}"
-
-
-def sample_fields(sample: Sample) -> tuple[int, int, int, int, int] | str:
-    """(image offset, size, extension number, cls offset, size), or what the sample lacks."""
-    by_ext = {ext.lower(): (offset, size) for ext, offset, size, _ in sample}
-    image = next((i for i, ext in enumerate(IMAGE_EXTENSIONS) if ext in by_ext), None)
-    if image is None:
-        return f"no image file ({', '.join(IMAGE_EXTENSIONS)})"
-    if LABEL_EXTENSION not in by_ext:
-        return "no label file (cls)"
-    return (*by_ext[IMAGE_EXTENSIONS[image]], image, *by_ext[LABEL_EXTENSION])
-
-
-def build_table(shards: ShardSplit, workers: int = 0) -> SampleTable:
-    """The split's table, every shard checked (see the module doc); one ShardSetError for all problems."""
-    tars = [local_path(url) for url in shards.urls]
-    missing = [t for t in tars if not os.path.isfile(t)]
-    if missing:
-        raise ShardSetError(f"{shards.source}: {len(missing)} of {len(tars)} shards do not exist "
-                            f"(first: {missing[0]})")
-    indexed = index_all(tars, workers)
-    rows, problems, counts, miscounted = [], [], [], []
-    for number, (tar, (_, samples)) in enumerate(zip(tars, indexed)):
-        size = os.path.getsize(tar)
-        end = max((offset + length for sample in samples for _, offset, length, _ in sample), default=0)
-        if end > size:
-            raise ShardSetError(f"shard {tar} is truncated: its index has data up to byte {end}, the file "
-                                f"has {size} bytes (an interrupted copy? copy it again)")
-        if shards.lengths and shards.lengths[number] != len(samples):
-            miscounted.append(f"shard {tar} holds {len(samples)} samples but {shards.source} says "
-                              f"{shards.lengths[number]}")
-        counts.append(len(samples))
-        for sample in samples:
-            fields = sample_fields(sample)
-            if isinstance(fields, str):
-                problems.append(f"shard {tar} key {split_name(sample[0][3])[0]}: {fields}")
-            else:
-                rows.append(fields)
-    if problems:
-        raise ShardSetError(f"{shards.source}: {len(problems)} samples cannot be trained on ({'; '.join(problems[:3])}"
-                            f"{'; …' if len(problems) > 3 else ''}); every sample needs an image and a cls label")
-    if miscounted:
-        raise ShardSetError(f"{miscounted[0]}{f' (and {len(miscounted) - 1} more shards)' if len(miscounted) > 1 else ''}"
-                            f": an info file from another version of the set?")
-    if not rows:
-        raise ShardSetError(f"{shards.source}: the shards hold no samples")
-    array = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
-    return SampleTable(shards.source, tars, [path for path, _ in indexed],
-                       np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                       array[:, 0:2], array[:, 3:5], array[:, 2].astype(np.int8))
