@@ -228,7 +228,7 @@ def test_an_image_that_does_not_decode_is_replaced_reported_and_counted(backend,
     prepare_dataset(cfg)  # nothing wrong up front: the bytes are there
     val = build_loader(cfg, "val")
     # the broken sample is the set's last (360); the next one that reads, sample 0, stands in for it
-    assert labels_of(val) == [val.reader.read_label(i) for i in [*range(360), 0]]
+    assert labels_of(val) == [val.source.reader.read_label(i) for i in [*range(360), 0]]
     assert val.left_out == [(f"shard {root}/val-0001.tar key broken", val.left_out[0][1])]
     train = [build_loader(cfg, "train", rank=r, world_size=2) for r in (0, 1)]
     for loader in train:
@@ -282,6 +282,6 @@ def test_dali_finds_an_image_that_passes_its_check_and_still_fails(demo_cfg, con
     info["splits"]["val"]["num_samples"] += 1
     (root / "_info.json").write_text(json.dumps(info))
     val = build_loader(shard_cfg(demo_cfg, "dali", f"data.root={root}", "batch_size=64"), "val")
-    assert labels_of(val) == [val.reader.read_label(i) for i in [*range(360), 0]]
+    assert labels_of(val) == [val.source.reader.read_label(i) for i in [*range(360), 0]]
     assert [where for where, _ in val.left_out] == [f"shard {root}/val-0001.tar key sneaky"]
     assert "DALI cannot decode it" in val.left_out[0][1] and val.pipelines_built == 2

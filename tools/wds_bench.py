@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines.backends import BACKENDS
 from pipelines.loading import build_loader, prepare_dataset
 from pipelines.writers.shards import convert_folder
 from train.config import load_config
@@ -76,11 +77,11 @@ def first_batch_report(args) -> list[dict]:
     root = synthetic_shards(args.cache_dir, args.first_batch_shards)
     rows = []
     cache = os.environ.get("XDG_CACHE_HOME")
-    for backend in [b for b in args.backends if b != "ffcv"]:
+    for backend in [b for b in args.backends if BACKENDS[b].reads_sources]:  # FFCV reads its .beton instead
         with tempfile.TemporaryDirectory() as scratch:
-            os.environ["XDG_CACHE_HOME"] = scratch  # a cold index cache for the no-index case
             for name, folder in (("index files", root), ("no index files (built now)",
                                                          without_index_files(root, Path(scratch) / "view"))):
+                os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(dir=scratch)  # cold caches: a first start
                 seconds = first_batch_seconds(folder, backend, args.batch_size)
                 rows.append({"backend": backend, "shards": args.first_batch_shards, "case": name, "seconds": seconds})
                 print(f"{backend:12s} {args.first_batch_shards} shards, {name}: first batch after {seconds:.2f} s",

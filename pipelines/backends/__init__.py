@@ -17,12 +17,12 @@ import importlib
 from types import ModuleType
 
 from common.errors import UserInputError
-from pipelines.backends.dali import record as dali
-from pipelines.backends.ffcv import record as ffcv
+from pipelines.backends.dali.record import BACKEND as DALI
+from pipelines.backends.ffcv.record import BACKEND as FFCV
 from pipelines.backends.record import Backend
-from pipelines.backends.torchvision import record as torchvision
+from pipelines.backends.torchvision.record import BACKEND as TORCHVISION
 
-BUILT_IN = (torchvision.BACKEND, ffcv.BACKEND, dali.BACKEND)
+BUILT_IN = (TORCHVISION, FFCV, DALI)
 BACKENDS: dict[str, Backend] = {}
 
 

@@ -60,10 +60,14 @@ DALI_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "PPM", "JPEG2000")
 
 class EpochSamples:
     """The external source: batches of (encoded path or image, label) over the epoch's sample
-    indices. DALI calls iter() on it at every pipeline reset and stops the epoch at StopIteration."""
+    indices. DALI calls iter() on it at every pipeline reset and stops the epoch at StopIteration.
+    It holds what it reads, not the loader: the loader holds the pipeline, which holds this; a
+    cycle would leave a dead pipeline to the garbage collector of whichever process runs it next
+    (a forked worker, whose copy of DALI's threads is gone: it would wait for them forever)."""
 
-    def __init__(self, loader: "DaliLoader"):
-        self.loader, self.batch_size = loader, loader.batch_size
+    def __init__(self, source, batch_size: int, left_out: LeftOut):
+        self.source, self.batch_size, self.left_out = source, batch_size, left_out
+        self.reads_files = source.kind == "folder"  # paths, read by DALI; else encoded images, read here
         self.indices, self.position = np.zeros(0, dtype=np.int64), 0
 
     def set(self, indices: np.ndarray) -> None:
@@ -78,7 +82,29 @@ class EpochSamples:
             raise StopIteration
         batch = self.indices[self.position:self.position + self.batch_size]
         self.position += self.batch_size
-        return self.loader.encoded_batch(batch)
+        return self.encoded_batch(batch)
+
+    def encoded_batch(self, batch: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(encoded paths or images, labels) of a batch of sample indices."""
+        if self.reads_files:
+            return ([np.frombuffer(self.source.encoded_path(i), dtype=np.uint8) for i in batch.tolist()],
+                    [np.array([label], dtype=np.int64) for label in self.source.labels[batch].tolist()])
+        images, labels = [], []
+        for index in batch.tolist():
+            sample, failures = first_readable(index, len(self.source), self.read_checked)
+            for where, reason in failures:
+                self.left_out.failed_mid_run(where, reason)
+            images.append(np.frombuffer(sample.image, dtype=np.uint8))
+            labels.append(np.array([sample.label], dtype=np.int64))
+        return images, labels
+
+    def read_checked(self, index: int):
+        """Sample index, unless its image will stop DALI's pipeline (as far as can be told cheaply)."""
+        sample = self.source.read(index)
+        problem = decodable_by_dali(sample.image)
+        if problem:
+            raise Unreadable(self.source.where(index), problem)
+        return sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,28 +210,6 @@ class DaliLoader:
         indices[failed] = [substitute(i, len(self.source), self.failed) for i in indices[failed].tolist()]
         return indices
 
-    def encoded_batch(self, batch: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(encoded paths or images, labels) of a batch of sample indices, for the external source."""
-        if self.reads_files:
-            return ([np.frombuffer(self.source.encoded_path(i), dtype=np.uint8) for i in batch.tolist()],
-                    [np.array([label], dtype=np.int64) for label in self.source.labels[batch].tolist()])
-        images, labels = [], []
-        for index in batch.tolist():
-            sample, failures = first_readable(index, len(self.source), self.read_checked)
-            for where, reason in failures:
-                self.left_out.failed_mid_run(where, reason)
-            images.append(np.frombuffer(sample.image, dtype=np.uint8))
-            labels.append(np.array([sample.label], dtype=np.int64))
-        return images, labels
-
-    def read_checked(self, index: int):
-        """Sample index, unless its image will stop DALI's pipeline (as far as can be told cheaply)."""
-        sample = self.source.read(index)
-        problem = decodable_by_dali(sample.image)
-        if problem:
-            raise Unreadable(self.source.where(index), problem)
-        return sample
-
     def replace_failed(self, error: RuntimeError, batch: list[int]) -> None:
         """Find which of the failed batch's images DALI cannot decode; report them, replace them."""
         message = str(error)
@@ -240,7 +244,7 @@ class DaliLoader:
             self.iterator.reset()
             return self.iterator
         self.iterator = None  # free an abandoned pipeline's threads and buffers before building anew
-        self.external = EpochSamples(self)  # its own: nothing of the old pipeline reads it
+        self.external = EpochSamples(self.source, self.batch_size, self.left_out)  # its own: nothing of the old pipeline reads it
         self.external.set(indices)
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
         self.iterator = DALIGenericIterator(self.build_pipeline(start_batch), ["images", "labels"],

@@ -79,6 +79,7 @@ class EpochKeys(Sampler):
 
 class TorchvisionLoader:
     def __init__(self, cfg, split: str, source, *, rank: int, world_size: int, device: torch.device):
+        self.source = source
         self.dataset = SeededImages(source, image_transform(cfg, split), cfg.seed)
         self.classes = self.dataset.classes
         self.left_out = LeftOut(source.left_out, source.failure_line)  # + those that fail mid-run, as they do

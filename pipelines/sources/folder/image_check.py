@@ -17,6 +17,7 @@ listing is cached beside these (listing_cache.py).
 """
 from __future__ import annotations
 
+import gc
 import io
 import multiprocessing
 import os
@@ -70,6 +71,7 @@ def parallel_map(function, items: list, workers: int = 0, *, desc: str, chunk_si
     if len(items) < IN_PROCESS_BELOW:
         return [function(item) for item in items]
     workers = workers or len(os.sched_getaffinity(0))
+    gc.collect()  # garbage holding threads (an old loader's) is ended here, not in a forked copy without them
     with multiprocessing.Pool(workers) as pool:
         results = pool.imap(function, items, chunksize=max(1, min(chunk_size, len(items) // (4 * workers))))
         return list(tqdm(results, total=len(items), desc=desc, unit="img"))

@@ -94,12 +94,26 @@ class FolderListing:
         """Files without an image extension (notes.txt, .DS_Store): no backend reads them."""
         return [self.path(i) for i in np.flatnonzero(~self.is_image)]
 
+    def index_of(self, path: str) -> int | None:
+        """The index of a file given by its whole path (None: not listed). Looked for among its
+        class's files only: the files are listed class after class."""
+        relative = path[len(self.prefix):] if path.startswith(self.prefix) else None
+        name = relative.split("/", 1)[0] if relative else None
+        if name not in self.classes:
+            return None
+        label = self.classes.index(name)
+        first, last = np.searchsorted(self.labels, [label, label + 1])
+        wanted = os.fsencode(relative)
+        return next((i for i in range(first, last) if self.paths.encoded(i) == wanted), None)
+
     def kept(self) -> np.ndarray:
         """Indices of the image files no check left out, each class needing one at least."""
-        kept = self.image_indices()
-        if self.left_out:
-            left_out = {path for path, _ in self.left_out}
-            kept = kept[np.array([self.path(i) not in left_out for i in kept], dtype=bool)]
+        keep = self.is_image.copy()
+        for path, _ in self.left_out:
+            index = self.index_of(path)
+            if index is not None:
+                keep[index] = False
+        kept = np.flatnonzero(keep).astype(np.int64)
         check_no_empty_class(self.root, self.classes, set(np.unique(self.labels[kept]).tolist()),
                              bool(self.left_out))
         return kept

@@ -61,29 +61,35 @@ def fresh_copy(listing: FolderListing) -> FolderListing:
 # ---------------------------------------------------------------------------------------------
 # Is the folder as it was?
 
-def stats(prefix: bytes, paths: PathTable) -> list[os.stat_result | None]:
-    statuses = []
-    for index in range(len(paths)):
-        try:
-            statuses.append(os.stat(prefix + paths.encoded(index)))
-        except OSError:
-            statuses.append(None)
-    return statuses
+CHUNK = 65_536  # paths stat'ed at a time: the comparison's memory stays small at any size
+
+
+def stamps_hold(prefix: bytes, paths: PathTable, mtimes: np.ndarray, sizes: np.ndarray | None = None) -> bool:
+    """Every path (under prefix) still has its mtime (and size): one os.stat each, chunk by chunk."""
+    data = paths.data.tobytes()
+    for start in range(0, len(paths), CHUNK):
+        end = min(start + CHUNK, len(paths))
+        bounds = paths.offsets[start:end + 1].tolist()
+        found_mtimes, found_sizes = np.empty(end - start, np.int64), np.empty(end - start, np.int64)
+        for position in range(end - start):
+            try:
+                status = os.stat(prefix + data[bounds[position]:bounds[position + 1]])
+            except OSError:  # gone
+                return False
+            found_mtimes[position], found_sizes[position] = status.st_mtime_ns, status.st_size
+        if not np.array_equal(found_mtimes, mtimes[start:end]) or (
+                sizes is not None and not np.array_equal(found_sizes, sizes[start:end])):
+            return False
+    return True
 
 
 def folders_unchanged(listing: FolderListing) -> bool:
-    statuses = stats(os.fsencode(listing.prefix), listing.folders)
-    return None not in statuses and np.array_equal([s.st_mtime_ns for s in statuses], listing.folder_mtimes)
+    return stamps_hold(os.fsencode(listing.prefix), listing.folders, listing.folder_mtimes)
 
 
 def files_unchanged(listing: FolderListing) -> bool:
-    statuses = stats(os.fsencode(listing.prefix), listing.paths)
-    if None in statuses:
-        return False
-    if not (np.array_equal([s.st_size for s in statuses], listing.sizes)
-            and np.array_equal([s.st_mtime_ns for s in statuses], listing.mtimes)):
-        return False
-    return not any(os.path.exists(path) for path, _ in listing.unreadable)  # a broken link mended
+    return (stamps_hold(os.fsencode(listing.prefix), listing.paths, listing.mtimes, listing.sizes)
+            and not any(os.path.exists(path) for path, _ in listing.unreadable))  # a broken link mended
 
 
 # ---------------------------------------------------------------------------------------------

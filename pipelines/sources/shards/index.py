@@ -13,6 +13,7 @@ again; a damaged index in the cache is built again after a one-line warning.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import multiprocessing
 import os
@@ -148,8 +149,11 @@ def index_for(tar: str) -> tuple[str, list[Sample]]:
         found = existing_index(tar)
     except OSError as error:
         raise ShardSetError(f"shard {tar} cannot be read: {error.strerror}") from None
-    if found is not None:
-        return found
+    return found if found is not None else build_index(tar)
+
+
+def build_index(tar: str) -> tuple[str, list[Sample]]:
+    """(index file, samples) of a shard read from its tar headers, the index written to the cache."""
     samples = scan_tar(tar)
     path = cached_index_path(tar, os.stat(tar))
     write_index(path, samples)
@@ -158,7 +162,7 @@ def index_for(tar: str) -> tuple[str, list[Sample]]:
 
 def _index_job(tar: str):
     try:
-        return index_for(tar)[0]
+        return build_index(tar)
     except ShardSetError as error:
         return error
 
@@ -171,10 +175,13 @@ def index_all(tars: list[str], workers: int = 0) -> list[tuple[str, list[Sample]
     except OSError as error:
         raise ShardSetError(f"shard {error.filename} cannot be read: {error.strerror}") from None
     missing = [tar for tar, known in zip(tars, found) if known is None]
+    built = {tar: build_index(tar) for tar in missing[:1]} if len(missing) == 1 else {}
     if len(missing) > 1:
+        gc.collect()  # garbage holding threads (an old loader's) is ended here, not in a forked copy without them
         with multiprocessing.Pool(min(workers or os.cpu_count() or 1, len(missing))) as pool:
-            for result in tqdm(pool.imap_unordered(_index_job, missing), total=len(missing), desc="index shards",
-                               unit="shard"):
+            for tar, result in zip(missing, tqdm(pool.imap(_index_job, missing), total=len(missing),
+                                                 desc="index shards", unit="shard")):
                 if isinstance(result, ShardSetError):
                     raise result
-    return [known or index_for(tar) for tar, known in zip(tars, found)]
+                built[tar] = result
+    return [known or built[tar] for tar, known in zip(tars, found)]
