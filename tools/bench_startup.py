@@ -46,6 +46,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=int, default=[12_800, 128_000], help="train images per set")
     parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES))
+    parser.add_argument("--starts", nargs="+", choices=("cold", "warm"), default=["cold", "warm"])
     parser.add_argument("--batches", type=int, default=200, help="batches read after the first, for worker memory")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache-dir", type=Path, default=Path("data/bench/startup"))
@@ -223,13 +224,18 @@ def measure(root: Path, source: str, workers: int, batches: int) -> dict:
     return result
 
 
+def cache_home(root: Path, args) -> Path:
+    """The benchmark's own $XDG_CACHE_HOME for a set (its conversions and its starts share it)."""
+    return (args.cache_dir / f"xdg-{root.name}").resolve()
+
+
 def start(root: Path, source: str, cold: bool, args) -> dict:
     """One start in a fresh process, with the trainer's caches under the benchmark's own folder."""
-    xdg = args.cache_dir / f"xdg-{root.name}"
+    xdg = cache_home(root, args)
     if cold:
         for kind in ("image-check", "shard-tables", "wds-index"):
             shutil.rmtree(xdg / "advprop-trainer" / kind, ignore_errors=True)
-    env = {**os.environ, "XDG_CACHE_HOME": str(xdg.resolve()), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "XDG_CACHE_HOME": str(xdg), "PYTHONPATH": str(REPO)}
     command = [sys.executable, str(Path(__file__).resolve()), "--measure", str(root), source,
                "--workers", str(args.workers), "--batches", str(args.batches)]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -258,13 +264,14 @@ def main(argv) -> int:
     print("|---|---|---|---|---|---|---|")
     for n in args.sizes:
         root = synthetic_set(args.cache_dir, n)
+        os.environ["XDG_CACHE_HOME"] = str(cache_home(root, args))  # the conversions' image check, kept there
         if "shards" in args.sources:
             shards_of(root)
         if "ffcv" in args.sources:
             betons_of(root)
         for source in args.sources:
-            for cold in (True, False):
-                run = {"n": n, **start(root, source, cold, args)}
+            for kind in args.starts:
+                run = {"n": n, **start(root, source, kind == "cold", args)}
                 runs.append(run)
                 print(row(n, run), flush=True)
     if args.json:

@@ -10,8 +10,10 @@ across epochs, each told the epoch with its batches (EpochKeys).
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
+import weakref
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -95,7 +97,8 @@ class TorchvisionLoader:
             # Its own generator: making an iterator draws a seed, which must not come from the
             # global RNG (a resumed run makes one more iterator mid-epoch than the original did).
             generator=torch.Generator().manual_seed(cfg.seed))
-
+        if workers:  # before multiprocessing's own exit handler, which would kill them mid-exit (SIGTERM)
+            atexit.register(close_at_exit, weakref.ref(self))
     @property
     def num_samples(self) -> int:
         return len(self.sampler)
@@ -111,6 +114,19 @@ class TorchvisionLoader:
             for failure in filter(None, "\n".join(failures).splitlines()):
                 self.left_out.failed_mid_run(*failure.split("\t", 1))
             yield to_device_batch(images, labels, self.device)
+
+    def close(self) -> None:
+        """Ends the persistent workers; a closed loader is not iterated again."""
+        self.loader = None  # the DataLoader's iterator, freed with it, shuts its workers down
+
+
+def close_at_exit(loader_ref) -> None:
+    """At interpreter exit (atexit runs it before multiprocessing's handler, registered earlier):
+    a loader still alive (held by a traceback's frames, say) ends its workers in order. Else
+    multiprocessing kills them with SIGTERM and torch's SIGCHLD handler turns that into an error."""
+    loader = loader_ref()
+    if loader is not None:
+        loader.close()
 
 
 def make_loader(cfg, split, source, *, rank, world_size, device):

@@ -27,6 +27,7 @@ listing_cache.py compares to tell, without walking again, that the folder is as 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from array import array
@@ -64,7 +65,7 @@ class FolderListing:
     def __len__(self) -> int:
         return len(self.paths)
 
-    @property
+    @functools.cached_property
     def prefix(self) -> str:
         return os.path.join(str(self.root), "")
 

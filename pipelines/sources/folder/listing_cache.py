@@ -16,6 +16,7 @@ it do not: one listing per start).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -55,7 +56,7 @@ def folder_listing(root: str | Path, *, recheck_files: bool = True) -> FolderLis
 
 def fresh_copy(listing: FolderListing) -> FolderListing:
     """The listing with its own left_out (set by each caller's check); the arrays are shared."""
-    return FolderListing(**{**listing.__dict__, "left_out": []})
+    return dataclasses.replace(listing, left_out=[])
 
 
 # ---------------------------------------------------------------------------------------------
