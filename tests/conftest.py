@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 
-from pipelines.demo_data import build_digits_imagefolder  # noqa: E402
+from pipelines.sources.offline.digits import build_digits_imagefolder  # noqa: E402
 from train.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def one_error_line(result, code: int = 2) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def image_check_cache(tmp_path_factory):
-    """The image check's cache (pipelines/image_check.py) in a fresh folder, not the user's
+    """The image check's cache (pipelines/sources/folder/image_check.py) in a fresh folder, not the user's
     ~/.cache: for this process and the runs it starts."""
     folder = tmp_path_factory.mktemp("xdg_cache")
     previous = os.environ.get("XDG_CACHE_HOME")

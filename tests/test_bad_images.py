@@ -16,11 +16,11 @@ import pytest
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-import pipelines.image_check as image_check
+import pipelines.sources.folder.image_check as image_check
 from conftest import CLASSES, one_error_line, photo_folder, spoil, train_in_process
-from pipelines.image_check import check_images, report_path
-from pipelines.image_folder import EmptyClasses, list_image_folder
-from pipelines.loader import build_loader, prepare_dataset
+from pipelines.sources.folder.image_check import check_images, report_path
+from pipelines.sources.folder.listing import EmptyClasses, list_image_folder
+from pipelines.loading import build_loader, prepare_dataset
 from train.model_loading import load_checkpoint_model
 
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None

@@ -17,7 +17,8 @@ from timm.loss import SoftTargetCrossEntropy
 from conftest import REPO, digits_val_batch
 from models.dual_norm import AUX, use_norm
 from models.factory import NORMALIZATION, create_model
-from pipelines.loader import ShardSampler, build_loader, prepare_dataset
+from pipelines.loading import build_loader, prepare_dataset
+from pipelines.sampling import ShardSampler
 from train.attacks import pgd
 from train.batch_augment import BatchAugment, random_unmixed_class
 from train.config import ConfigError, load_config
@@ -144,8 +145,9 @@ def test_copies_of_an_image_get_their_own_augmentation(demo_cfg):
     assert labels[0] == labels[1] == labels[2]
     assert not torch.equal(images[0], images[1]) and not torch.equal(images[1], images[2])  # other crops
     dataset = loader.dataset
-    assert torch.equal(images[0], dataset[(indices[0], 0)][0]) and torch.equal(images[2], dataset[(indices[0], 2)][0])
-    assert torch.equal(dataset[indices[0]][0], dataset[(indices[0], 0)][0])  # copy 0: a run without repeats
+    assert torch.equal(images[0], dataset[(0, indices[0], 0)][0]) and torch.equal(images[2], dataset[(0, indices[0], 2)][0])
+    plain = build_loader(demo_cfg("data.workers=0", "batch_size=12"), "train").dataset
+    assert torch.equal(plain[(0, indices[0], 0)][0], dataset[(0, indices[0], 0)][0])  # copy 0: a run without repeats
 
 
 @pytest.mark.parametrize("loader_name", ["dali", "ffcv"])

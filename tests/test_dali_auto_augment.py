@@ -21,10 +21,10 @@ from timm.data import auto_augment as timm_aa  # noqa: E402
 
 from conftest import REPO, small_photos, train_in_process  # noqa: E402
 
-from pipelines.augment_policy import IMAGENET_MEAN_255, timm_hparams, timm_transform  # noqa: E402
-from pipelines.dali_augment_ops import (TIMM_ARGUMENT, TabulatedAugmentation, dali_augmentation,  # noqa: E402
+from pipelines.backends.augment_policy import IMAGENET_MEAN_255, timm_hparams, timm_transform  # noqa: E402
+from pipelines.backends.dali.augment_ops import (TIMM_ARGUMENT, TabulatedAugmentation, dali_augmentation,  # noqa: E402
                                         timm_argument)
-from pipelines.dali_auto_augment import LEVEL_STEPS, DaliAutoAugment  # noqa: E402
+from pipelines.backends.dali.auto_augment import LEVEL_STEPS, DaliAutoAugment  # noqa: E402
 
 SIZE = 96
 DRAWS = 4000
@@ -244,7 +244,7 @@ def test_the_draw_comparison_has_power():
 # In the loader: the policy changes the pixels, not the loader contract
 
 def test_the_train_loader_with_auto_augment_keeps_order_seed_and_resume(demo_cfg):
-    from pipelines.loader import build_loader
+    from pipelines.loading import build_loader
 
     def epoch(*overrides, start_batch=0):
         loader = build_loader(demo_cfg("loader=dali", "data.dali.threads=2", *overrides), "train")

@@ -11,9 +11,9 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from conftest import small_photos  # noqa: E402
 
-from pipelines import dali_cpu_kernels  # noqa: E402
-from pipelines.augment_policy import IMAGENET_MEAN_255  # noqa: E402
-from pipelines.dali_augment_ops import (affine_matrix, colour_blend_matrix, dali_ops,  # noqa: E402
+from pipelines.backends.dali import cpu_kernels as dali_cpu_kernels  # noqa: E402
+from pipelines.backends.augment_policy import IMAGENET_MEAN_255  # noqa: E402
+from pipelines.backends.dali.augment_ops import (affine_matrix, colour_blend_matrix, dali_ops,  # noqa: E402
                                         solarize_with_dali, transform_colours_with_dali, warp_with_dali)
 
 SIZE = 96

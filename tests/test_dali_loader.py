@@ -1,4 +1,4 @@
-"""The DALI backend (pipelines/dali_loader.py) on real images: the digits demo set and JPEGs cut from
+"""The DALI backend (pipelines/backends/dali/loader.py) on real images: the digits demo set and JPEGs cut from
 scikit-image's photos. CPU pipeline here; the CUDA ("mixed" nvJPEG) path is in the gpu-marked tests.
 
     pytest -q tests/test_dali_loader.py
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.errors import UserInputError
-from pipelines.loader import build_loader, prepare_dataset
+from pipelines.loading import build_loader, prepare_dataset
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -60,7 +60,7 @@ def collect(loader):
 
 def epoch_labels(loader, dataset_labels):
     """The labels the loader must yield, in order: its own file list of this epoch."""
-    return torch.tensor([dataset_labels[i] for i in loader.epoch_indices()])
+    return torch.tensor([dataset_labels[i] for i in loader.sampler.indices()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def test_two_val_shards_count_every_image_once(dali, demo_cfg, photo_root):
 def test_two_train_shards_are_disjoint_equal_and_ordered(dali, demo_cfg, digits_root):
     cfg = demo_cfg("loader=dali", "data.dali.threads=2")
     loaders = [build_loader(cfg, "train", rank=rank, world_size=2) for rank in (0, 1)]
-    dataset_labels = loaders[0].labels
+    dataset_labels = loaders[0].source.labels
     shard_indices = []
     for loader in loaders:
         loader.set_epoch(1)
@@ -121,7 +121,7 @@ def test_two_train_shards_are_disjoint_equal_and_ordered(dali, demo_cfg, digits_
         assert torch.equal(labels, epoch_labels(loader, dataset_labels))
         assert all(len(x) == cfg.batch_size for x, _ in batches) and len(batches) == len(loader)
         assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.uint8
-        shard_indices.append(loader.epoch_indices())
+        shard_indices.append(loader.sampler.indices())
     n = len(dataset_labels)
     per_process = (n // 2) // cfg.batch_size * cfg.batch_size
     assert [len(s) for s in shard_indices] == [per_process, per_process]
@@ -161,11 +161,11 @@ def test_an_abandoned_epoch_does_not_leak_into_the_next(dali, demo_cfg, digits_r
             break
     loader.set_epoch(1)
     _, labels, _ = collect(loader)
-    assert torch.equal(labels, epoch_labels(loader, loader.labels))
+    assert torch.equal(labels, epoch_labels(loader, loader.source.labels))
     assert loader.pipelines_built == 2
     loader.set_epoch(2)
     _, labels, _ = collect(loader)
-    assert torch.equal(labels, epoch_labels(loader, loader.labels)) and loader.pipelines_built == 2
+    assert torch.equal(labels, epoch_labels(loader, loader.source.labels)) and loader.pipelines_built == 2
 
 
 def test_train_augments_real_photos(dali, demo_cfg, photo_root):
@@ -184,7 +184,7 @@ def test_train_augments_real_photos(dali, demo_cfg, photo_root):
 
 def test_missing_dali_is_one_clear_error(demo_cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` now fails
-    monkeypatch.delitem(sys.modules, "pipelines.dali_loader", raising=False)
+    monkeypatch.delitem(sys.modules, "pipelines.backends.dali.loader", raising=False)
     cfg = demo_cfg("loader=dali")
     for action in (lambda: prepare_dataset(cfg), lambda: build_loader(cfg, "train")):
         with pytest.raises(UserInputError, match="loader=dali is not available.*pip install nvidia-dali-cuda130"):
@@ -224,7 +224,7 @@ def test_mixed_train_follows_the_epoch_list_on_cuda(dali, demo_cfg, photo_root):
     loader.set_epoch(1, start_batch=1)
     images, labels, batches = collect(loader)
     assert images.device.type == "cuda" and images.shape == (12, 3, 64, 64)
-    assert torch.equal(labels.cpu(), epoch_labels(loader, loader.labels))
+    assert torch.equal(labels.cpu(), epoch_labels(loader, loader.source.labels))
 
 
 @pytest.mark.gpu
@@ -241,7 +241,7 @@ def test_mixed_train_pipeline_is_kept_across_epochs_on_cuda(dali, demo_cfg, phot
         images, labels, batches = collect(loader)
         assert images.device.type == "cuda" and images.dtype == torch.uint8 and images.shape == (16, 3, 64, 64)
         assert batches[0][0].is_contiguous(memory_format=torch.channels_last)
-        assert torch.equal(labels.cpu(), epoch_labels(loader, loader.labels))  # this epoch's list, in order
+        assert torch.equal(labels.cpu(), epoch_labels(loader, loader.source.labels))  # this epoch's list, in order
         assert images.float().std() > 20  # real photo content, not a constant fill
         epochs.append(images)
     assert loader.pipelines_built == 1  # one nvJPEG pipeline for every epoch

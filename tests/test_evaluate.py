@@ -95,7 +95,7 @@ def test_synthesized_corruptions_from_digits(trained_demo_run, digits_root, acce
 
 def predictions(model, cfg, files) -> list[tuple[int, float]]:
     """(argmax, top-1 minus top-2 logit) of each image file through the val transform."""
-    from pipelines.torchvision_loader import image_transform
+    from pipelines.backends.torchvision.loader import image_transform
     transform = image_transform(cfg, "val")
     x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files]).float() / 255
     with torch.no_grad():

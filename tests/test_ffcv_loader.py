@@ -19,9 +19,10 @@ pytest.importorskip("ffcv")
 # Freeing an ffcv Loader makes numba's dispatcher finalizer raise a harmless KeyError.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-from pipelines.ffcv_loader import is_current, train_resolution  # noqa: E402
-from pipelines.ffcv_writer import StorageSettings, convert_imagefolder  # noqa: E402
-from pipelines.loader import build_loader  # noqa: E402
+from pipelines.backends.ffcv.betons import is_current  # noqa: E402
+from pipelines.backends.ffcv.loader import train_resolution  # noqa: E402
+from pipelines.writers.beton import StorageSettings, convert_imagefolder  # noqa: E402
+from pipelines.loading import build_loader  # noqa: E402
 from train.config import load_config  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 
@@ -124,7 +125,7 @@ def test_center_crop_matches_torchvision_geometry(tmp_path):
     """Same photo, FFCV val vs torchvision val (224/256-style resize + center crop)."""
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
-    from pipelines.torchvision_loader import image_transform
+    from pipelines.backends.torchvision.loader import image_transform
 
     (tmp_path / "val" / "cat").mkdir(parents=True)
     Image.fromarray(skimage_data.chelsea()).save(tmp_path / "val" / "cat" / "chelsea.png")  # 451×300
@@ -158,7 +159,7 @@ SHARD_SCRIPT = """
 import json, sys
 sys.path.insert(0, {repo!r})
 from accelerate import Accelerator
-from pipelines.loader import build_loader
+from pipelines.loading import build_loader
 from tests.test_ffcv_loader import colors_cfg
 state = Accelerator()  # as train/run.py: reads ACCELERATE_USE_CPU
 assert state.num_processes == 2, state

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 from conftest import REPO, photo_folder, spoil, train_in_process  # noqa: E402
 from pipelines.atomic_files import remove_stale_temporaries, written_whole  # noqa: E402
-from pipelines.ffcv_loader import is_current, staleness, storage_settings  # noqa: E402
-from pipelines.ffcv_writer import StorageSettings, convert_imagefolder  # noqa: E402
-from pipelines.loader import build_loader, prepare_dataset  # noqa: E402
+from pipelines.backends.ffcv.betons import is_current, staleness, storage_settings  # noqa: E402
+from pipelines.writers.beton import StorageSettings, convert_imagefolder  # noqa: E402
+from pipelines.loading import build_loader, prepare_dataset  # noqa: E402
 
 
 def ffcv_cfg(demo_cfg, root: Path, *overrides: str):

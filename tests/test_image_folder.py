@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.image_folder import find_classes, list_image_folder
-from pipelines.loader import build_loader
+from pipelines.sources.folder.listing import find_classes, list_image_folder
+from pipelines.loading import build_loader
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from conftest import REPO
 from models.dual_norm import NORM_TYPES, DualNorm, convert_dual_norm
 from models.factory import create_model, create_net
 from common.errors import UserInputError
-from pipelines.torchvision_loader import image_transform
+from pipelines.backends.torchvision.loader import image_transform
 from train.config import ConfigError, load_config
 from train.optim import create_optimizer, global_batch
 

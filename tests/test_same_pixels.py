@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
-from pipelines.image_decode import open_rgb
-from pipelines.loader import build_loader, prepare_dataset
+from pipelines.sources.image_decode import open_rgb
+from pipelines.loading import build_loader, prepare_dataset
 
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 HAVE_FFCV = importlib.util.find_spec("ffcv") is not None

@@ -1,7 +1,7 @@
 """The loader contract on the reference backend: uint8 channels-last batches, labels, shards."""
 import torch
 
-from pipelines.loader import build_loader
+from pipelines.loading import build_loader
 
 
 def collect(loader):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.photo_data import build_photo_imagefolder
-from pipelines.wds_index import read_index, scan_tar
+from pipelines.sources.offline.photos import build_photo_imagefolder
+from pipelines.sources.shards.index import read_index, scan_tar
 from conftest import tool_in_process
 from wds_sets import convert_wds, digest, folder_samples, reference_samples
 
@@ -141,7 +141,7 @@ def test_refusals_change_nothing(digits_root, tmp_path, capsys):
 
 
 def test_a_failed_conversion_leaves_the_set_as_it_was(digits_root, tmp_path, monkeypatch):
-    import pipelines.wds_writer as writer
+    import pipelines.writers.shards as writer
 
     out = tmp_path / "set"
     writer.convert_folder(digits_root / "val", out, split="val", shard_size=100, workers=1)

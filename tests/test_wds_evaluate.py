@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tool_in_process
-from pipelines.wds_writer import convert_folder
+from pipelines.writers.shards import convert_folder
 from tools.robustness import sets
 from tools.robustness.load import load_any
 from wds_sets import write_with_shardwriter

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from conftest import one_error_line, train_in_process
-from pipelines.loader import build_loader, prepare_dataset
-from pipelines.wds_spec import ShardSetError
-from pipelines.wds_writer import convert_folder
+from pipelines.loading import build_loader, prepare_dataset
+from pipelines.sources.shards.spec import ShardSetError
+from pipelines.writers.shards import convert_folder
 from wds_sets import numbered_set, reference_samples, write_with_shardwriter
 
 BACKENDS = ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
@@ -133,9 +133,9 @@ def test_order_follows_seed_and_epoch_and_resume_continues_exactly(backend, demo
 
 def test_start_reads_index_files_not_tars(demo_cfg, converted, monkeypatch):
     """With index files beside the shards (convert_wds writes them) a start scans no tar."""
-    import pipelines.wds_index as index
+    import pipelines.sources.shards.index as index
     monkeypatch.setattr(index, "scan_tar", lambda tar: pytest.fail(f"scanned {tar}"))
-    monkeypatch.setattr("pipelines.webdataset_source._TABLES", {})
+    monkeypatch.setattr("pipelines.sources.shards.source._TABLES", {})
     loader = build_loader(shard_cfg(demo_cfg, "torchvision", f"data.root={converted}"), "train")
     loader.set_epoch(0)
     assert len(next(iter(loader))[1]) == 64
@@ -227,7 +227,7 @@ def test_an_image_that_does_not_decode_is_replaced_reported_and_counted(backend,
     prepare_dataset(cfg)  # nothing wrong up front: the bytes are there
     val = build_loader(cfg, "val")
     # the broken sample is the set's last (360); the next one that reads, sample 0, stands in for it
-    assert labels_of(val) == [val.reader.read_label(i) for i in [*range(360), 0]]
+    assert labels_of(val) == [val.source.reader.read_label(i) for i in [*range(360), 0]]
     assert val.left_out == [(f"shard {root}/val-0001.tar key broken", val.left_out[0][1])]
     train = [build_loader(cfg, "train", rank=r, world_size=2) for r in (0, 1)]
     for loader in train:
@@ -281,6 +281,6 @@ def test_dali_finds_an_image_that_passes_its_check_and_still_fails(demo_cfg, con
     info["splits"]["val"]["num_samples"] += 1
     (root / "_info.json").write_text(json.dumps(info))
     val = build_loader(shard_cfg(demo_cfg, "dali", f"data.root={root}", "batch_size=64"), "val")
-    assert labels_of(val) == [val.reader.read_label(i) for i in [*range(360), 0]]
+    assert labels_of(val) == [val.source.reader.read_label(i) for i in [*range(360), 0]]
     assert [where for where, _ in val.left_out] == [f"shard {root}/val-0001.tar key sneaky"]
     assert "DALI cannot decode it" in val.left_out[0][1] and val.pipelines_built == 2

@@ -60,7 +60,7 @@ def test_two_machines_read_disjoint_parts_covering_the_set(backend, numbered, tm
 def test_the_trainer_runs_across_two_machines(numbered, digits_root, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     converted = tmp_path / "digits-wds"
-    from pipelines.wds_writer import convert_folder
+    from pipelines.writers.shards import convert_folder
     for split in ("train", "val"):
         convert_folder(digits_root / split, converted, split=split, shard_size=300, workers=1)
     run_dir = tmp_path / "run"

@@ -1,5 +1,5 @@
 """Remote shards (here `pipe:cat ...` URLs, which webdataset opens like http:// ones), streamed by
-loader=torchvision: what holds (pipelines/wds_stream.py) — disjoint whole shards per process, equal
+loader=torchvision: what holds (pipelines/backends/torchvision/stream.py) — disjoint whole shards per process, equal
 steps, val each sample once, order a function of (seed, epoch), resume continuing the stream, bad
 samples and shards reported.
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.loader import build_loader, prepare_dataset
-from pipelines.wds_spec import ShardSetError
+from pipelines.loading import build_loader, prepare_dataset
+from pipelines.sources.shards.spec import ShardSetError
 from wds_sets import numbered_set
 
 

@@ -9,7 +9,7 @@ import sys
 
 from accelerate import Accelerator
 
-from pipelines.loader import build_loader, prepare_dataset
+from pipelines.loading import build_loader, prepare_dataset
 from train.config import load_config
 
 out, *overrides = sys.argv[1:]

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from conftest import tool_in_process
-from pipelines.image_folder import list_image_folder
+from pipelines.sources.folder.listing import list_image_folder
 
 
 def convert_wds(src: Path, out: Path, *args) -> subprocess.CompletedProcess:

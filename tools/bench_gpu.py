@@ -259,7 +259,7 @@ def versions() -> dict:
 
 
 def build_photos(session: Session, cache: Path, counts: tuple[int, ...]) -> None:
-    from pipelines.photo_data import build_photo_imagefolder
+    from pipelines.sources.offline.photos import build_photo_imagefolder
     started = time.time()
     try:
         for count in counts:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Loader throughput, every backend through pipelines.loader.build_loader, in one run.
+"""Loader throughput, every backend through pipelines.loading.build_loader, in one run.
 
     python tools/bench_loaders.py                          # builds data/bench/photos (1,800 real photo JPEGs)
     python tools/bench_loaders.py --data ~/imagenet/train --workers 1 2 --json
@@ -36,8 +36,9 @@ import torch
 
 from common.errors import UserInputError
 from common.exit_status import run_entry_point
-from pipelines.ffcv_writer import WRITE_MODES, StorageSettings
-from pipelines.loader import BACKENDS, build_loader, prepare_dataset
+from pipelines.backends import BACKENDS
+from pipelines.loading import build_loader, prepare_dataset
+from pipelines.writers.beton_storage import WRITE_MODES, StorageSettings
 from tools.output_guard import check_output_folder
 from tools.wds_bench import first_batch_report, shard_copy, shard_overrides
 from train.config import load_config
@@ -79,11 +80,12 @@ def parse_args(argv):
 
 def bench_config(args, folder: Path, backend: str, workers: int, shards: Path | None = None):
     """The demo recipe pointed at `folder` (as the train split), with an ImageNet-style train crop;
-    at its shard copy instead when `shards` is given."""
+    at its shard copy instead when `shards` is given; then what the backend's record adds (its
+    threads, its converted files: pipelines/backends/)."""
     overrides = [
         f"loader={backend}", "data.dataset=imagefolder", f"data.root={folder.parent}",
         f"data.train_dir={folder.name}", f"data.val_dir={folder.name}", f"data.image_size={args.image_size}",
-        "data.min_scale=0.08", "data.hflip=true", f"data.workers={workers}", f"data.dali.threads={workers}",
+        "data.min_scale=0.08", "data.hflip=true", f"data.workers={workers}",
         f"batch_size={args.batch_size}", "tracker=none",
         f"data.ffcv.max_resolution={args.ffcv_max_resolution}", f"data.ffcv.write_mode={args.ffcv_write_mode}",
         f"data.ffcv.compress_probability={args.ffcv_compress_probability}",
@@ -91,27 +93,9 @@ def bench_config(args, folder: Path, backend: str, workers: int, shards: Path | 
     ]
     if shards is not None:
         overrides += shard_overrides(shards)
-    if backend == "ffcv":
-        load_config(overrides)  # refuses what FFCV cannot do (AutoAugment) before converting anything
-        beton = ffcv_beton(args, folder)
-        overrides += [f"data.ffcv.train_beton={beton}", f"data.ffcv.val_beton={beton}"]
-    return load_config(overrides)
-
-
-def ffcv_beton(args, folder: Path) -> Path:
-    """The folder converted with the benchmark's storage settings (reused while current)."""
-    from pipelines.ffcv_loader import is_current
-    from pipelines.ffcv_writer import convert_imagefolder
-
-    settings = StorageSettings(max_resolution=args.ffcv_max_resolution, write_mode=args.ffcv_write_mode,
-                               compress_probability=args.ffcv_compress_probability,
-                               jpeg_quality=args.ffcv_jpeg_quality)
-    name = (f"{folder.name}-r{settings.max_resolution}-{settings.write_mode}"
-            f"-p{settings.compress_probability:g}-q{settings.jpeg_quality}.beton")
-    beton = args.cache_dir / name
-    if not is_current(beton, folder, settings):
-        convert_imagefolder(folder, beton, settings)
-    return beton
+    cfg = load_config(overrides)  # refuses what the backend cannot do (FFCV: AutoAugment) before any work
+    extra = BACKENDS[backend].bench_overrides(cfg, folder, args.cache_dir)
+    return load_config(overrides + extra) if extra else cfg
 
 
 def time_epochs(loader, epochs: int, device: str) -> list[float]:
@@ -139,7 +123,8 @@ def measure(args, folder: Path, backend: str, workers: int, shards: Path | None 
     loader = build_loader(cfg, "train", device=args.device)
     KEEP_ALIVE.append(loader)
     speeds = time_epochs(loader, args.epochs, args.device)
-    return {"backend": backend, "workers": workers, "source": "shards" if shards else "folder",
+    return {"backend": backend, "label": BACKENDS[backend].label(cfg), "workers": workers,
+            "source": "shards" if shards else "folder",
             "img_s": statistics.mean(speeds),
             "std": statistics.stdev(speeds) if len(speeds) > 1 else 0.0, "images_per_epoch": loader.num_samples}
 
@@ -155,7 +140,7 @@ def main(argv) -> int:
             print(json.dumps({"first_batch": rows}))
         return 0
     if args.data is None:
-        from pipelines.photo_data import build_photo_imagefolder
+        from pipelines.sources.offline.photos import build_photo_imagefolder
         name = "photos" if args.photos == 1800 else f"photos-{args.photos}"
         args.data = build_photo_imagefolder(args.cache_dir / name, count=args.photos)
     folder = args.data.resolve()
@@ -166,7 +151,8 @@ def main(argv) -> int:
     runs, skipped = [], {}
     for backend in args.backends:
         for workers in args.workers:
-            for source in [None] + ([shards] if shards and backend != "ffcv" else []):
+            # a backend that reads only its own converted files (FFCV) reads shards at its folder speed
+            for source in [None] + ([shards] if shards and BACKENDS[backend].reads_sources else []):
                 if backend in skipped:
                     continue
                 try:

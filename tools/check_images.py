@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Decode every image of an ImageFolder split now, as a run with loader=torchvision or dali would
-before training (pipelines/image_check.py), and say what it leaves out and what the check cost.
+before training (pipelines/sources/folder/image_check.py), and say what it leaves out and what the check cost.
 
     python tools/check_images.py data/imagenet/train --workers 16     # fills the cache for later runs
     python tools/check_images.py --photos 1800 --again                # time a full check of data/bench/photos
@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from common.exit_status import run_entry_point
-from pipelines.image_check import cache_folder, check_images, folder_key, report_path
-from pipelines.image_folder import list_image_folder
+from pipelines.sources.folder.image_check import cache_folder, check_images, folder_key, report_path
+from pipelines.sources.folder.listing import list_image_folder
 from tools.output_guard import check_output_folder
 
 
@@ -42,7 +42,7 @@ def main(argv) -> int:
     check_output_folder(cache_folder())  # what the check is for: kept for later runs
     if args.photos:
         check_output_folder(Path("data/bench"))
-        from pipelines.photo_data import build_photo_imagefolder
+        from pipelines.sources.offline.photos import build_photo_imagefolder
         name = "photos" if args.photos == 1800 else f"photos-{args.photos}"  # tools/bench_loaders.py's names
         args.folder = build_photo_imagefolder(Path("data/bench") / name, count=args.photos)
     listing = list_image_folder(args.folder)

@@ -25,10 +25,12 @@ import sys
 from pathlib import Path
 
 from common.exit_status import run_entry_point
-from pipelines.ffcv_writer import WRITE_MODES, StorageSettings, convert_imagefolder
-from pipelines.webdataset_source import set_classes
-from pipelines.wds_ffcv import convert_shards
-from pipelines.wds_spec import named_shards
+from pipelines.backends import BACKENDS
+from pipelines.backends.ffcv.betons import convert_shards
+from pipelines.sources.shards.source import set_classes
+from pipelines.sources.shards.spec import named_shards
+from pipelines.writers.beton import convert_imagefolder
+from pipelines.writers.beton_storage import WRITE_MODES, StorageSettings
 from tools.conversion_report import run_conversion, summary_line
 from tools.output_guard import check_output_file
 
@@ -75,14 +77,13 @@ def main(argv) -> int:
                                compress_probability=args.compress_probability, jpeg_quality=args.jpeg_quality,
                                smart_threshold=args.smart_threshold, min_side=args.min_side)
     if importlib.util.find_spec("ffcv") is None:  # checked without importing it (torch, numba: seconds)
-        from pipelines.loader import INSTALL_HINTS
-        print(f"error: FFCV is not installed here. {INSTALL_HINTS['ffcv']}", file=sys.stderr)
+        print(f"error: FFCV is not installed here. {BACKENDS['ffcv'].install_hint}", file=sys.stderr)
         return 2
     def convert() -> dict:
         check_output_file(args.out, inputs=[args.src], overwrite=args.overwrite, example="train.beton",
                           beside=(".json", ".skipped.txt"))
         shards = named_shards(str(args.src), "train", args.split)
-        if shards is not None:  # WebDataset shards (pipelines/wds_ffcv.py)
+        if shards is not None:  # WebDataset shards (pipelines/backends/ffcv/betons.py)
             classes = set_classes([shards], args.num_classes, args.workers)
             return convert_shards(shards, classes, args.out, settings, workers=args.workers, limit=args.limit)
         return convert_imagefolder(args.src, args.out, settings, workers=args.workers,

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from common.exit_status import run_entry_point
-from pipelines.wds_writer import convert_folder
+from pipelines.writers.shards import convert_folder
 from tools.conversion_report import run_conversion, summary_line
 from tools.output_guard import check_output_folder
 

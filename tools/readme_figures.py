@@ -28,7 +28,6 @@ no longer says what they say (`python tools/readme_figures.py summary` rewrites 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -122,13 +121,6 @@ def demo_table_names() -> list[str]:
     return ["result"] + [name for name, _ in table_rows(cfg, report)]
 
 
-def loader_label(backend: str, storage: dict) -> str:
-    if backend == "ffcv":
-        return (f"FFCV, {storage['write_mode']} {storage['compress_probability']:g}, "
-                f"max resolution {storage['max_resolution']}")
-    return {"dali": "DALI (CPU pipeline without CUDA)"}.get(backend, backend)
-
-
 LOADER_HEADER = ["backend", "1 worker", "2 workers", "× torchvision (2)"]
 
 
@@ -141,17 +133,18 @@ def loader_table(stdout: str) -> str:
     for backend in dict.fromkeys(r["backend"] for r in summary["runs"]):
         one, two = speed.get((backend, 1)), speed.get((backend, 2))
         ratio = f"{two['ratio']:.2f}" if two and "ratio" in two else "–"
-        lines.append(f"| {loader_label(backend, summary['ffcv_storage'])} | "
+        lines.append(f"| {next(r['label'] for r in summary['runs'] if r['backend'] == backend)} | "
                      + " | ".join(f"{r['img_s']:,.0f} img/s" if r else "–" for r in (one, two)) + f" | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
 def loader_table_names() -> list[str]:
-    from pipelines.ffcv_writer import StorageSettings
-    from pipelines.loader import BACKENDS
+    """The table's names: each backend's label (its record's) under the benchmark's defaults."""
+    from pipelines.backends import BACKENDS
+    from train.config import load_config
 
-    storage = dataclasses.asdict(StorageSettings())
-    return LOADER_HEADER + [loader_label(backend, storage) for backend in BACKENDS]
+    cfg = load_config(["tracker=none"])
+    return LOADER_HEADER + [backend.label(cfg) for backend in BACKENDS.values()]
 
 
 DUAL_NORMS_SWEEP = REPO_ROOT / "configs" / "sweeps" / "dual_norms.yaml"

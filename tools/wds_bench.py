@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.loader import build_loader, prepare_dataset
-from pipelines.wds_writer import convert_folder
+from pipelines.backends import BACKENDS
+from pipelines.loading import build_loader, prepare_dataset
+from pipelines.writers.shards import convert_folder
 from train.config import load_config
 
 
@@ -51,7 +52,7 @@ def synthetic_shards(cache_dir: Path, count: int, per_shard: int = 2) -> Path:
 def first_batch_seconds(root: Path, backend: str, batch_size: int) -> float:
     """Seconds from the config to the first train batch: the info file, every shard's index (read, or
     built when missing), the up-front checks, the loader, its first batch (imports not counted)."""
-    from pipelines import webdataset_source
+    from pipelines.sources.shards import source as webdataset_source
     webdataset_source._TABLES.clear()  # nothing kept from an earlier measurement in this process
     start = time.perf_counter()
     cfg = load_config([f"loader={backend}", *shard_overrides(root), "data.image_size=64", "data.num_classes=10",
@@ -76,11 +77,11 @@ def first_batch_report(args) -> list[dict]:
     root = synthetic_shards(args.cache_dir, args.first_batch_shards)
     rows = []
     cache = os.environ.get("XDG_CACHE_HOME")
-    for backend in [b for b in args.backends if b != "ffcv"]:
+    for backend in [b for b in args.backends if BACKENDS[b].reads_sources]:  # FFCV reads its .beton instead
         with tempfile.TemporaryDirectory() as scratch:
-            os.environ["XDG_CACHE_HOME"] = scratch  # a cold index cache for the no-index case
             for name, folder in (("index files", root), ("no index files (built now)",
                                                          without_index_files(root, Path(scratch) / "view"))):
+                os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(dir=scratch)  # cold caches: a first start
                 seconds = first_batch_seconds(folder, backend, args.batch_size)
                 rows.append({"backend": backend, "shards": args.first_batch_shards, "case": name, "seconds": seconds})
                 print(f"{backend:12s} {args.first_batch_shards} shards, {name}: first batch after {seconds:.2f} s",

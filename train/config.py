@@ -20,7 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from pipelines.ffcv_writer import StorageSettings
+from pipelines.backends import BACKENDS
 from train.attacks import ATTACK_PRESETS, ATTACKS, kind_of, node_type
 from train.config_checks import ATTACK_NODES, ConfigError, validate
 from train.interpolations import refuse_resolvers, resolve_or_refuse
@@ -28,35 +28,7 @@ from train.methods import METHODS as METHOD_RECORDS
 from train.starting_model import with_starting_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STORAGE = StorageSettings()  # the .beton storage defaults: the FFCV writer's
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "demo.yaml"
-
-@dataclass
-class ProgressiveConfig:
-    """FFCV progressive resizing (ffcv-imagenet): train crops grow from min_res to max_res."""
-    min_res: int = 0  # train resolution up to start_epoch; 0 → off (data.image_size throughout)
-    max_res: int = 0  # from end_epoch on; 0 → data.image_size (linear in between, multiples of 8)
-    start_epoch: int = 0
-    end_epoch: int = 0
-
-
-@dataclass
-class FfcvConfig:
-    train_beton: str = ""  # "" → <data.root>/ffcv/train.beton, converted on first use; a path: used as is
-    val_beton: str = ""
-    # storage of the converted .beton: the converter's own defaults (tools/convert_ffcv.py --help)
-    max_resolution: int = STORAGE.max_resolution  # longer side cap, px
-    write_mode: str = STORAGE.write_mode  # raw | jpg | smart | proportion (the writer's WRITE_MODES)
-    compress_probability: float = STORAGE.compress_probability  # proportion: share stored as JPEG, the rest raw
-    jpeg_quality: int = STORAGE.jpeg_quality
-    os_cache: bool = True  # True: the .beton fits in RAM (page cache); False: ffcv's process cache
-    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
-
-
-@dataclass
-class DaliConfig:
-    threads: int = 4  # CPU threads per process (on CUDA they only read files and feed nvJPEG)
-    prefetch: int = 2  # batches DALI prepares ahead of the one being trained on
 
 
 @dataclass
@@ -65,7 +37,7 @@ class DataConfig:
     root: str = "data/digits"  # holds the train_dir/ and val_dir/ ImageFolders (webdataset: the _info.json)
     train_dir: str = "train"  # webdataset: the info file's split name (val: val_dir, else "validation")
     val_dir: str = "val"
-    # webdataset (pipelines/wds_spec.py): brace patterns of tar shards, e.g. /data/x/train-{0000..0099}.tar,
+    # webdataset (pipelines/sources/shards/spec.py): brace patterns of tar shards, e.g. /data/x/train-{0000..0099}.tar,
     # local or remote (pipe:CMD, http://), "|N" = N samples; "" → the splits of data.root's _info.json
     train_shards: str = ""
     val_shards: str = ""
@@ -78,7 +50,7 @@ class DataConfig:
     auto_augment: str = ""  # timm policy (torchvision, dali loaders): v0 (TF EfficientNet), original, rand-m9-mstd0.5
     workers: int = 2  # decode workers (torchvision, ffcv) per process
     # torchvision, dali: decode every image once before training (cached by the folder's contents,
-    # pipelines/image_check.py) and leave out those that fail; false: find them mid-run (replaced)
+    # pipelines/sources/folder/image_check.py) and leave out those that fail; false: find them mid-run (replaced)
     check_images: bool = True
     # On the training device, every loader (train/batch_augment.py: timm's RandomErasing, then Mixup/CutMix)
     random_erasing: float = 0.0  # probability per image (timm's --reprob; DeiT 0.25); 0 → off
@@ -92,8 +64,7 @@ class DataConfig:
     # DeiT's repeated augmentation (3): each drawn image comes this many times, with its own
     # augmentation each, and an epoch still takes as many images as the data set has; 1 → off
     repeated_aug: int = 1
-    ffcv: FfcvConfig = field(default_factory=FfcvConfig)
-    dali: DaliConfig = field(default_factory=DaliConfig)
+    # and one node per loader backend with options, named after it: dali, ffcv (schema())
 
 
 @dataclass
@@ -143,7 +114,7 @@ class Config:
     bce_sum_classes: bool = False  # bce: per image the sum over classes (scenic's sigmoid CE), not timm's mean
     # and one node per method with options, named after it: advprop, goodfellow_mix, fast_advprop (schema())
     # data
-    loader: str = "torchvision"  # one of config_checks.LOADERS
+    loader: str = "torchvision"  # a name of pipelines/backends/ (BACKENDS)
     data: DataConfig = field(default_factory=DataConfig)
     batch_size: int = 64  # per process
     # optimisation
@@ -219,12 +190,17 @@ def load_yaml_mapping(path: Path) -> DictConfig:
 
 def schema() -> DictConfig:
     """The typed schema: Config, plus one node per registered method with options, named after it
-    (cfg.advprop, cfg.goodfellow_mix, cfg.fast_advprop: train/methods/)."""
+    (cfg.advprop, cfg.goodfellow_mix, cfg.fast_advprop: train/methods/), and one per registered
+    loader backend with options under data (cfg.data.dali, cfg.data.ffcv: pipelines/backends/)."""
     cfg = OmegaConf.structured(Config)
     with open_dict(cfg):
         for record in METHOD_RECORDS.values():
             if record.options is not None:
                 cfg[record.name] = OmegaConf.structured(record.options)
+    with open_dict(cfg.data):
+        for backend in BACKENDS.values():
+            if backend.options is not None:
+                cfg.data[backend.name] = OmegaConf.structured(backend.options)
     return cfg
 
 

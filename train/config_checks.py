@@ -2,8 +2,9 @@
 loader) is checked here, before any work, and refused as one line naming the key and the problem.
 
 Each group below returns (holds, dotted key, problem) triples; the attack kinds
-(train/attacks/, their records' `checks`), the methods (train/methods/, their records' `checks`)
-and the batch augmentations (train/batch_augment.py) add their own.
+(train/attacks/, their records' `checks`), the methods (train/methods/, their records' `checks`), the
+loader backends (pipelines/backends/, their records' `checks`) and the batch augmentations
+(train/batch_augment.py) add their own.
 """
 from __future__ import annotations
 
@@ -15,18 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 from common.errors import UserInputError
 from models.factory import model_name_problem
 from models.hub import hub_name_problem, is_hub_name
-from pipelines.augment_policy import timm_transform
-from pipelines.ffcv_writer import WRITE_MODES
-from pipelines.loader import BACKENDS
+from pipelines.backends import BACKENDS
+from pipelines.backends.augment_policy import timm_transform
 from train.attacks import attack_checks
 from train.batch_augment import checks as batch_augment_checks
 from train.methods import METHODS as METHOD_RECORDS
 from train.methods.common import LOSSES
 from train.tracking import wandb_project_problem
 
-LOADERS = tuple(BACKENDS)  # pipelines/loader.py's backends: torchvision, ffcv, dali
 DATASETS = ("digits", "imagefolder", "webdataset")
-AUTO_AUGMENT_LOADERS = ("torchvision", "dali")  # FFCV's pipelines have no AutoAugment
 ATTACK_NODES = ("attack", "eval_attack")  # config nodes that accept a preset name
 
 Check = tuple[bool, str, str]
@@ -43,6 +41,8 @@ def validate(cfg: DictConfig) -> None:
     checks = [*optimizer_checks(cfg), *run_checks(cfg), *data_checks(cfg), *attack_node_checks(cfg)]
     for record in METHOD_RECORDS.values():  # each method checks its options, and what it needs when chosen
         checks += record.checks(cfg)
+    for backend in BACKENDS.values():  # each backend too
+        checks += backend.checks(cfg)
     checks += batch_augment_checks(cfg, METHOD_RECORDS.get(cfg.method))
     for ok, key, problem in checks:
         if not ok:
@@ -122,9 +122,10 @@ def wandb_checks(cfg: DictConfig) -> list[Check]:
 
 
 def data_checks(cfg: DictConfig) -> list[Check]:
-    data, progressive = cfg.data, cfg.data.ffcv.progressive
+    data, loaders = cfg.data, tuple(BACKENDS)
+    augmenting = [name for name, backend in BACKENDS.items() if backend.auto_augment]
     return [
-        (cfg.loader in LOADERS, "loader", f"must be one of {LOADERS}"),
+        (cfg.loader in loaders, "loader", f"must be one of {loaders}"),
         (data.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}"),
         (data.num_classes >= 0, "data.num_classes", "must be ≥ 0 (0: from the shards)"),
         (data.workers >= 0, "data.workers", "must be ≥ 0 (0: decode in the training process)"),
@@ -132,15 +133,8 @@ def data_checks(cfg: DictConfig) -> list[Check]:
         (data.val_image_size >= 0, "data.val_image_size", "must be ≥ 0 (0: data.image_size)"),
         (0 < data.min_scale <= 1, "data.min_scale", "must be in (0, 1]"),
         (0 < data.crop_ratio <= 1, "data.crop_ratio", "must be in (0, 1]"),
-        (not data.auto_augment or cfg.loader in AUTO_AUGMENT_LOADERS, "data.auto_augment",
-         f"is applied by loader={' or loader='.join(AUTO_AUGMENT_LOADERS)} only"),
-        (data.dali.threads >= 1, "data.dali.threads", "must be ≥ 1"),
-        (data.dali.prefetch >= 1, "data.dali.prefetch", "must be ≥ 1"),
-        (data.ffcv.write_mode in WRITE_MODES, "data.ffcv.write_mode", f"must be one of {WRITE_MODES}"),
-        (progressive.min_res <= (progressive.max_res or data.image_size),
-         "data.ffcv.progressive.min_res", "must be ≤ max_res (or data.image_size)"),
-        (progressive.start_epoch <= progressive.end_epoch, "data.ffcv.progressive.start_epoch",
-         "must be ≤ end_epoch"),
+        (not data.auto_augment or cfg.loader in augmenting, "data.auto_augment",
+         f"is applied by loader={' or loader='.join(augmenting)} only"),
     ]
 
 

@@ -14,8 +14,18 @@ import psutil
 import torch
 from accelerate.utils import get_int_from_env
 
-LIBRARIES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "accelerate": "accelerate",
-             "dali": "nvidia-dali-cuda130", "ffcv": "ffcv", "wandb": "wandb"}
+from pipelines.backends import BACKENDS
+
+LIBRARIES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "accelerate": "accelerate"}
+TRACKING = {"wandb": "wandb"}
+
+
+def libraries() -> dict[str, str]:
+    """Name → distribution of every library a result depends on: ours, then each loader backend's
+    (its record's), then the tracker."""
+    backends = {name: distribution for _, backend in sorted(BACKENDS.items())
+                for name, distribution in backend.libraries.items()}
+    return {**LIBRARIES, **backends, **TRACKING}
 
 
 def version(distribution: str) -> str | None:
@@ -78,11 +88,11 @@ def describe(accelerator, cfg) -> dict:
         "loader": cfg.loader,
         "compile": bool(cfg.compile),
         "python": platform.python_version(),
-        **{name: version(distribution) for name, distribution in LIBRARIES.items()},
+        **{name: version(distribution) for name, distribution in libraries().items()},
     }
 
 
 def summary_line(environment: dict) -> str:
     """One line for the final table: the libraries a result depends on."""
-    return ", ".join(f"{name} {environment[name]}" for name in ("torch", "timm", "accelerate", "dali", "ffcv")
-                     if environment.get(name))
+    names = [name for name in libraries() if name not in ("torchvision", *TRACKING)]
+    return ", ".join(f"{name} {environment[name]}" for name in names if environment.get(name))

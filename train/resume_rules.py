@@ -12,7 +12,8 @@ watched, stored, evaluated or fed, not what it learns:
   keep_checkpoints, checkpoint_every_steps, on_nonfinite, collective_timeout_s
   eval_aux_norm, eval_robust, eval_attack
   compile, channels_last, loader, data.root, data.train_dir, data.val_dir, data.workers,
-  data.dali.*, data.ffcv.*, data.train_shards, data.val_shards
+  data.train_shards, data.val_shards, and what each loader backend's record names
+  (data.dali.*, data.ffcv.*: pipelines/backends/)
                                  (where the data lives and how fast it is read; the classes
                                   must still be the checkpoint's)
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import UserInputError
+from pipelines.backends import BACKENDS
 from train.attacks import ATTACKS
 from train.config import onto_schema, with_current_names
 
@@ -30,7 +32,7 @@ MAY_CHANGE = (
     "keep_checkpoints", "checkpoint_every_steps", "on_nonfinite", "collective_timeout_s",
     "eval_aux_norm", "eval_robust", "eval_attack",
     "compile", "channels_last", "loader", "data.root", "data.train_dir", "data.val_dir", "data.workers",
-    "data.dali", "data.ffcv", "data.train_shards", "data.val_shards",
+    "data.train_shards", "data.val_shards",
 )
 
 
@@ -49,7 +51,8 @@ def flatten(node, prefix: str = "") -> dict[str, object]:
 
 
 def may_change(key: str) -> bool:
-    return any(key == free or key.startswith(free + ".") for free in MAY_CHANGE)
+    free_keys = MAY_CHANGE + tuple(key for backend in BACKENDS.values() for key in backend.may_change)
+    return any(key == free or key.startswith(free + ".") for free in free_keys)
 
 
 def changed_keys(saved: DictConfig | dict, current: DictConfig) -> list[tuple[str, object, object]]:

@@ -45,7 +45,7 @@ from timm.layers import convert_sync_batchnorm
 from models.factory import create_model
 from common.errors import UserInputError
 from common.exit_status import run_entry_point
-from pipelines.loader import build_loader, prepare_dataset
+from pipelines.loading import build_loader, prepare_dataset
 from train.checkpoint_io import mark_validated, save_checkpoint
 from train.compile import compile_model, compiled_graphs
 from train.config import load_config, save_config

@@ -17,9 +17,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from common.errors import UserInputError
-from pipelines.loader import build_loader, find_classes
-from pipelines.webdataset_source import dataset_classes
-from pipelines.wds_spec import shard_data, shard_split
+from pipelines.loading import build_loader
+from pipelines.sources.folder.listing import find_classes
+from pipelines.sources.shards.source import dataset_classes
+from pipelines.sources.shards.spec import shard_data, shard_split
 from tools.robustness.load import imagenet_wnids
 
 
@@ -80,7 +81,7 @@ def imagenet_subset_indices(folder_classes: list[str], model_classes: list[str],
 
 
 class LoaderWrapper:
-    """Another loader (pipelines/loader.py interface) whose batches a subclass's __iter__ changes."""
+    """Another loader (pipelines/loading.py interface) whose batches a subclass's __iter__ changes."""
 
     def __init__(self, loader):
         self.loader, self.classes = loader, loader.classes

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.errors import UserInputError
-from pipelines.loader import find_classes
+from pipelines.sources.folder.listing import find_classes
 
 # The 15 corruptions of the benchmark, in the authors' order (noise, blur, weather, digital).
 CORRUPTIONS = (

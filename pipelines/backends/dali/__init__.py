@@ -1,0 +1,1 @@
+"""loader=dali: NVIDIA DALI decodes and augments (nvJPEG on CUDA, CPU threads otherwise)."""

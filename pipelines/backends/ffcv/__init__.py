@@ -1,0 +1,1 @@
+"""loader=ffcv: .beton files read by ffcv's JIT pipeline."""

@@ -1,0 +1,1 @@
+"""loader=torchvision: PIL decoding in DataLoader workers."""

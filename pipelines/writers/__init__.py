@@ -1,0 +1,1 @@
+"""What converters write: FFCV .beton files (beton.py), WebDataset tar shards (shards.py)."""
