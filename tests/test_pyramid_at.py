@@ -13,7 +13,7 @@ from timm.layers import DropPath
 
 from conftest import REPO, digits_val_batch, train_in_process
 from models.factory import create_model
-from pipelines.torchvision_loader import image_transform
+from pipelines.backends.torchvision.workers import image_transform
 from train.config import load_config
 from train.methods import METHODS, StepContext
 from train.optim import create_optimizer, global_batch
