@@ -5,8 +5,9 @@ What fails: an image changed since the up-front check, a kind one backend cannot
 1-bit TIFFs), a shard cut short or gone. The stand-in is a function of the source alone (the next
 index that has not failed, wrapping around), so batches stay full, every process keeps its step
 count, the epoch's order stays a function of (seed, epoch), and every process and a resumed run
-agree. Each failure is named once per process, in one warning line, and listed in the loader's
-left_out (the run's report), after what the up-front check left out.
+agree. Each failure is named once per process, in one warning line — a shard that cannot be read
+at all once, not once per sample — and each failed sample is listed in the loader's left_out (the
+run's report), after what the up-front check left out.
 
     value, failures = first_readable(index, len(source), read)   # read(i) raises Unreadable
 """
@@ -21,11 +22,12 @@ MAX_SUBSTITUTES = 16  # samples failing mid-run at one place before a loader giv
 
 class Unreadable(Exception):
     """A sample that cannot be used: where it is (a path, or shard and key) and why. `also`: the
-    other indices that fail with it (every sample of a shard that cannot be read at all)."""
+    other indices that fail with it, and `unit` what fails as a whole (a shard that cannot be read
+    at all: every sample of it; by default the sample itself)."""
 
-    def __init__(self, where: str, reason: str, also: range = range(0)):
-        super().__init__(where, reason, also)
-        self.where, self.reason, self.also = where, reason, also
+    def __init__(self, where: str, reason: str, also: range = range(0), unit: str = ""):
+        super().__init__(where, reason, also, unit)
+        self.where, self.reason, self.also, self.unit = where, reason, also, unit or where
 
     def __str__(self) -> str:
         return f"{self.where}: {self.reason}"
@@ -40,15 +42,15 @@ def substitute(index: int, n: int, failed) -> int:
     raise DataError("no sample of the data set reads any more: has it been moved or deleted?")
 
 
-def first_readable(index: int, n: int, read: Callable[[int], object]) -> tuple[object, list[tuple[str, str]]]:
+def first_readable(index: int, n: int, read: Callable[[int], object]) -> tuple[object, list[tuple[str, str, str]]]:
     """(read(i) for i = index or, if it raises Unreadable, for its substitutes in turn; [(where,
-    reason)] of the samples that failed on the way)."""
+    reason, unit)] of the samples that failed on the way)."""
     failures, failed = [], set()
     while True:
         try:
             return read(index), failures
         except Unreadable as bad:
-            failures.append((bad.where, bad.reason))
+            failures.append((bad.where, bad.reason, bad.unit))
             failed.update(bad.also)
         failed.add(index)
         if len(failures) > MAX_SUBSTITUTES:
@@ -59,14 +61,22 @@ def first_readable(index: int, n: int, read: Callable[[int], object]) -> tuple[o
 
 class LeftOut(list):
     """[(where, reason)] of the source's samples a loader does not yield: those left out before
-    training, then each that fails mid-run, named once per process as it fails.
+    training, then each that fails mid-run. A warning line names each failure once per process as
+    it happens: a sample, or the unit it failed with (a whole shard: one line for all its samples).
     line(where, reason): the source's warning about a failed sample."""
 
     def __init__(self, before, line: Callable[[str, str], str]):
         super().__init__(before)
         self.line = line
+        self.known = {where for where, _ in self}
+        self.warned: set[str] = set()
 
-    def failed_mid_run(self, where: str, reason: str) -> None:
-        if all(where != known for known, _ in self):
+    def failed_mid_run(self, where: str, reason: str, unit: str = "") -> None:
+        if where not in self.known:
+            self.known.add(where)
             self.append((where, f"failed mid-run: {reason}"))
-            print(f"warning: {self.line(where, reason)}", flush=True)
+        unit = unit or where
+        if unit not in self.warned:
+            self.warned.add(unit)
+            shared = "; each of its samples is replaced by the next that reads" if unit != where else ""
+            print(f"warning: {self.line(unit, reason)}{shared}", flush=True)

@@ -68,8 +68,8 @@ class PlainLoader:
             images, labels = [], []
             for index in indices[start:start + self.sampler.batch_size]:
                 (image, label), failures = first_readable(index, len(self.source), self.decode)
-                for where, reason in failures:
-                    self.left_out.failed_mid_run(where, reason)
+                for where, reason, unit in failures:
+                    self.left_out.failed_mid_run(where, reason, unit)
                 images.append(image)
                 labels.append(label)
             yield to_device_batch(torch.stack(images), torch.tensor(labels), self.device)

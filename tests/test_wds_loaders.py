@@ -238,6 +238,22 @@ def test_an_image_that_does_not_decode_is_replaced_reported_and_counted(backend,
     assert "val-0001.tar key broken" in out and "the next sample of the set is used in its place" in out
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_shard_gone_mid_run_is_one_warning_and_each_of_its_samples_counted(backend, demo_cfg, converted, tmp_path,
+                                                                              capfd):
+    root = copy_set(converted, tmp_path)
+    cfg = shard_cfg(demo_cfg, backend, f"data.root={root}", "batch_size=64", "data.workers=1")
+    prepare_dataset(cfg)
+    val = build_loader(cfg, "val")
+    lengths = json.loads((root / "_info.json").read_text())["splits"]["val"]["shard_lengths"]
+    (root / "val-0001.tar").unlink()  # after its index was read: gone mid-run
+    assert len(labels_of(val)) == sum(lengths)  # every batch full: the next readable samples stand in
+    assert len(val.left_out) == lengths[1] and all("val-0001.tar key" in where for where, _ in val.left_out)
+    warnings = [line for line in capfd.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"shard {root}/val-0001.tar" in warnings[0], warnings
+    assert "each of its samples is replaced by the next that reads" in warnings[0]
+
+
 def test_a_shard_rewritten_under_its_old_index_is_indexed_again(demo_cfg, converted, tmp_path):
     root = copy_set(converted, tmp_path)
     shutil.copyfile(root / "val-0000.tar", root / "val-0001.tar")  # 300 other samples; the old 60-sample index stays

@@ -92,8 +92,8 @@ class EpochSamples:
         images, labels = [], []
         for index in batch.tolist():
             sample, failures = first_readable(index, len(self.source), self.read_checked)
-            for where, reason in failures:
-                self.left_out.failed_mid_run(where, reason)
+            for where, reason, unit in failures:
+                self.left_out.failed_mid_run(where, reason, unit)
             images.append(np.frombuffer(sample.image, dtype=np.uint8))
             labels.append(np.array([sample.label], dtype=np.int64))
         return images, labels

@@ -52,7 +52,7 @@ class SeededImages(Dataset):
     def __getitem__(self, key: tuple[int, int, int]):
         epoch, index, copy = key
         (image, label), failures = first_readable(index, len(self.source), self.decode)
-        lines = "\n".join(f"{where}\t{reason}".replace("\n", " ") for where, reason in failures)
+        lines = "\n".join("\t".join(failure).replace("\n", " ") for failure in failures)
         load = functools.partial(self.transform, image)
         return seeded_by_sample(self.seed, epoch, index, load, copy), label, lines
 
@@ -112,7 +112,7 @@ class TorchvisionLoader:
     def __iter__(self):
         for images, labels, failures in self.loader:
             for failure in filter(None, "\n".join(failures).splitlines()):
-                self.left_out.failed_mid_run(*failure.split("\t", 1))
+                self.left_out.failed_mid_run(*failure.split("\t", 2))
             yield to_device_batch(images, labels, self.device)
 
     def close(self) -> None:

@@ -162,7 +162,7 @@ class StreamingLoader:
             yield last
 
     def report_failure(self, bad: Unreadable) -> None:
-        self.left_out.failed_mid_run(bad.where, bad.reason)
+        self.left_out.failed_mid_run(bad.where, bad.reason, bad.unit)
 
     def __iter__(self):
         for position, (images, labels) in enumerate(self.batches()):

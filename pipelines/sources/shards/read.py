@@ -59,7 +59,8 @@ class ShardReader:
             fd = self.open_shard(shard)
             parts = [os.pread(fd, size, offset) for offset, size in spans]
         except OSError as error:
-            raise Unreadable(self.table.where(index), f"cannot read the shard: {error.strerror}", whole_shard) from None
+            raise Unreadable(self.table.where(index), f"cannot read the shard: {error.strerror}", whole_shard,
+                             unit=f"shard {self.table.shards[shard]}") from None
         if [len(part) for part in parts] != [size for _, size in spans]:
             raise Unreadable(self.table.where(index), "the shard ends before this sample (truncated since "
                                                       "it was indexed?)", whole_shard)
