@@ -13,11 +13,8 @@ from omegaconf import OmegaConf
 
 from models.export import save_export
 from models.factory import NORMALIZATION
+from pipelines.backends import BACKENDS
 from train.model_card import model_card
-
-# timm's names for how each loader resizes val images (pipelines/): PIL bilinear (antialiased) in
-# torchvision, DALI's antialiased linear resize, and FFCV's OpenCV INTER_AREA, which is PIL's box
-INTERPOLATION = {"torchvision": "bilinear", "dali": "bilinear", "ffcv": "box"}
 
 
 def val_preprocessing(cfg) -> dict:
@@ -25,8 +22,8 @@ def val_preprocessing(cfg) -> dict:
     method, and the mean/std that our models/factory.py `Normalized` applies inside."""
     size, ratio = cfg.data.val_image_size or cfg.data.image_size, cfg.data.crop_ratio
     mean, std = NORMALIZATION[cfg.normalization]
-    return {"input_size": (3, size, size), "interpolation": INTERPOLATION[cfg.loader],
-            "crop_pct": ratio if cfg.loader == "ffcv" else timm_crop_pct(size, ratio),
+    return {"input_size": (3, size, size), "interpolation": BACKENDS[cfg.loader].val_resize,  # its record says how
+            "crop_pct": ratio if BACKENDS[cfg.loader].val_crop == "center fraction" else timm_crop_pct(size, ratio),
             "crop_mode": "center", "mean": mean, "std": std}
 
 

@@ -27,7 +27,7 @@ def no_bench_overrides(cfg, folder: Path, cache_dir: Path) -> list[str]:
 class Backend:
     """Everything the trainer needs to know about a backend; pipelines/loading.py (building and
     preparing), train/config.py (schema), train/config_checks.py (validation), train/resume_rules.py,
-    train/environment.py, tools/bench_loaders.py and tools/readme_figures.py read it.
+    train/environment.py, train/model_export.py, tools/bench_loaders.py and tools/readme_figures.py read it.
 
     name             the config's `loader=` value
     module           the module doing the work, imported on first use (its optional libraries with
@@ -47,6 +47,11 @@ class Backend:
     auto_augment     it applies data.auto_augment
     bench_overrides  (cfg, folder, cache_dir) → what tools/bench_loaders.py adds to its config
     bench_label      cfg → its row's name in the loader table (tools/readme_figures.py)
+    val_resize       timm's name for how it resizes val images (an export's pretrained_cfg
+                     `interpolation`, train/model_export.py, so timm's own transform matches it)
+    val_crop         how it takes the val crop: "shorter side" (resized to round(size / crop_ratio),
+                     then the center size × size) | "center fraction" (the center crop_ratio of the
+                     image, resized to size)
     """
     name: str
     module: str
@@ -61,6 +66,8 @@ class Backend:
     auto_augment: bool = False
     bench_overrides: Callable[[object, Path, Path], list[str]] = no_bench_overrides
     bench_label: Callable[[object], str] | None = None
+    val_resize: str = "bilinear"
+    val_crop: str = "shorter side"
 
     def label(self, cfg) -> str:
         return self.bench_label(cfg) if self.bench_label is not None else self.name

@@ -27,4 +27,5 @@ BACKEND = Backend(
     auto_augment=True,  # inside the pipeline: pipelines/backends/dali/auto_augment.py
     bench_overrides=lambda cfg, folder, cache_dir: [f"data.dali.threads={cfg.data.workers}"],
     bench_label=lambda cfg: "DALI (CPU pipeline without CUDA)",
+    val_resize="bilinear",  # its antialiased linear resize: PIL's bilinear
 )

@@ -66,4 +66,6 @@ BACKEND = Backend(
     reads_sources=False,  # it reads the .beton files its prepare() made from the source
     bench_overrides=bench_betons,
     bench_label=label,
+    val_resize="box",  # OpenCV's INTER_AREA, which is PIL's box
+    val_crop="center fraction",  # ffcv's CenterCropRGBImageDecoder
 )

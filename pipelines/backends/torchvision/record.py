@@ -6,4 +6,5 @@ BACKEND = Backend(
     module="pipelines.backends.torchvision.loader",
     streams=True,  # remote shards: pipelines/backends/torchvision/stream.py
     auto_augment=True,
+    val_resize="bilinear",  # PIL's antialiased bilinear
 )
