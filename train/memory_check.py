@@ -186,7 +186,7 @@ def config_step_context(overrides: list[str], num_classes: int):
 
     from train.config import load_config
     from train.methods import StepContext
-    from train.run import build_model
+    from train.model_setup import build_model
 
     cfg = load_config([*overrides, "tracker=none"])
     model, _ = build_model(cfg, Accelerator(cpu=True), num_classes)

@@ -40,14 +40,12 @@ import torch  # noqa: E402  (and below: after the OpenMP setting)
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
-from timm.layers import convert_sync_batchnorm
 
-from models.factory import create_model
 from common.errors import UserInputError
 from common.exit_status import run_entry_point
 from pipelines.loading import build_loader, prepare_dataset
 from train.checkpoint_io import mark_validated, save_checkpoint
-from train.compile import compile_model, compiled_graphs
+from train.compile import compiled_graphs
 from train.config import load_config, save_config
 from train.distributed import (die_with_launcher, doing, main_process_first_without_timeout, peer_timeout,
                                process_group_kwargs)
@@ -57,9 +55,10 @@ from train.faults import StopInValidation, StoppedAfterTraining, StopRequest
 from train.loop import evaluate, train_one_epoch
 from train.memory_check import check_memory_fits, out_of_memory_explained
 from train.methods import StepContext, method_of
+from train.model_setup import build_model
 from train.model_artifacts import FINAL_EMA_EXPORT, FINAL_EXPORT, OLD_FINAL_EXPORTS, ModelArtifacts
 from train.model_export import export_model, final_results, logged_epoch_results
-from train.optim import create_optimizer, create_schedule, steps_per_epoch
+from train.optim import create_schedule, steps_per_epoch
 from train.resume import check_resume, continued_settings, restore
 from train.resume_rules import class_difference
 from train.output_dir import check_output_dir
@@ -95,21 +94,6 @@ def validate_epoch(ctx, accelerator, val_loader, ema=None, stop=None) -> dict:
         aux = evaluate(ctx.attack_model, val_loader, accelerator, route="aux", desc="val (aux norms)", stop=stop)
         metrics.update({f"val_aux/{k}": v for k, v in aux.items() if k != "images"})
     return metrics
-
-
-def build_model(cfg, accelerator, num_classes: int):
-    """The model (dual norms for methods that need them), its optimizer, both prepared by Accelerate."""
-    model = create_model(cfg, num_classes, dual_norm=method_of(cfg).dual_norm)
-    if cfg.sync_bn and accelerator.num_processes > 1:
-        if accelerator.device.type != "cuda":
-            raise UserInputError("sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
-        model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:  # in place: the attack and the training forward share the compiled graphs
-        compile_model(model, accelerator.device)
-    optimizer = create_optimizer(cfg, model, accelerator.num_processes)
-    return accelerator.prepare(model, optimizer)
 
 
 def main(argv: list[str]) -> None:
