@@ -30,6 +30,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def two_processes() -> list[str]:
+    """`accelerate launch` of two local processes (torchrun without CUDA: real 2-process gloo training)
+    on a port of their own, so that tests running side by side (pytest -n) never share a rendezvous."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
+
+
 def run_train(*args: str, launcher: list[str] | None = None, check: bool = True, timeout: int = 900,
               env: dict | None = None):
     """Run train/run.py in a subprocess; returns the CompletedProcess. Only where the process is the

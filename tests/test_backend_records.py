@@ -152,7 +152,7 @@ def test_a_registered_backend_trains_resumes_and_is_reported(plain, few_digits, 
 
 
 def test_a_backend_whose_module_is_missing_says_how_to_install_it(few_digits):
-    absent = register(Backend(name="absent", module="no_such_loader_module", install_hint="pip install absent-loader"))
+    register(Backend(name="absent", module="no_such_loader_module", install_hint="pip install absent-loader"))
     try:
         cfg = load_config([f"data.root={few_digits}", "loader=absent", "tracker=none"])
         for action in (lambda: prepare_dataset(cfg), lambda: build_loader(cfg, "train")):

@@ -15,14 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, process_state_kept
+from conftest import REPO, process_state_kept, two_processes
 from models.dual_norm import AUX, MAIN, use_norm
 from models.factory import create_model
 from train.config import load_config
 
 SCRIPT = REPO / "tests" / "fast_advprop_step.py"
-TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 ROWS, CLEAN, ATTACKED = 20, 16, 4  # per process (adv_fraction 0.2)
 LOSS_STRATEGY = {"clean": 1.0, "attack": 0.5, "adv": 0.5}
 
@@ -144,7 +142,7 @@ def run_step(digits_root, out, processes, steps):
             finally:
                 sys.argv = saved_argv
     else:
-        result = subprocess.run([*TWO_PROCESSES, *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        result = subprocess.run([*two_processes(), *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out / "grads.pt")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from pipelines.backends.ffcv.loader import train_resolution  # noqa: E402
 from pipelines.writers.beton import StorageSettings, convert_imagefolder  # noqa: E402
 from pipelines.loading import build_loader  # noqa: E402
 from train.config import load_config  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
+from conftest import REPO, two_processes  # noqa: E402
 
 CLASSES = ["zebra", "apple", "mango"]  # sorted: apple 0, mango 1, zebra 2
 SIZES = [(40, 30), (30, 40), (64, 64), (120, 50), (17, 23), (300, 200), (21, 90)]
@@ -179,9 +178,7 @@ def test_two_processes_read_disjoint_shards_covering_val_once(colors, tmp_path):
     script.write_text(SHARD_SCRIPT.format(repo=str(REPO), root=str(root), out_dir=str(tmp_path)))
     # accelerate 1.15: `--cpu --num_processes 2` starts one process, and `--multi_gpu` without CUDA
     # starts two that each believe they are alone; with ACCELERATE_USE_CPU they form a gloo group.
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                             "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
+    result = subprocess.run([*two_processes(), str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     shards = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -11,7 +11,7 @@ import pytest
 
 from safetensors.torch import load_file
 
-from conftest import REPO, run_train, torch_default_threads, train_in_process
+from conftest import REPO, run_train, torch_default_threads, train_in_process, two_processes
 
 SHORT = ["tracker=none", "model=test_resnet", "epochs=3", "attack.steps=1", "eval_robust=false", "log_every=1",
          "ema_decay=0.9"]  # advprop PGD-1 on timm's small test ResNet, 22 steps an epoch
@@ -104,10 +104,8 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(digits_root, straight
     assert_same_run(straight_run, run_dir)
 
 
-# `--cpu --num_processes 2` runs ONE process in accelerate 1.15 (multi-CPU needs mpirun there);
-# torchrun through --multi_gpu on a machine without CUDA is real 2-process gloo training.
-TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+# two_processes(): `--cpu --num_processes 2` runs ONE process in accelerate 1.15 (multi-CPU needs
+# mpirun there); torchrun through --multi_gpu on a machine without CUDA is real 2-process gloo training.
 
 
 def worker_of_rank(launcher: subprocess.Popen, rank: int):
@@ -135,7 +133,7 @@ def two_process_run(digits_root, tmp_path_factory):
     """fast_advprop, 2 epochs, in two CPU processes (gloo): the run the preempted one must equal,
     and the one whose sharding and logging are checked."""
     run_dir = tmp_path_factory.mktemp("two_processes") / "straight"
-    run_train(f"data.root={digits_root}", *TWO_PROCESS_ARGS, f"output_dir={run_dir}", launcher=TWO_PROCESSES)
+    run_train(f"data.root={digits_root}", *TWO_PROCESS_ARGS, f"output_dir={run_dir}", launcher=two_processes())
     return run_dir
 
 
@@ -146,7 +144,7 @@ def test_two_processes_preempted_on_one_rank_resume_exactly(digits_root, two_pro
     args = [f"data.root={digits_root}", *TWO_PROCESS_ARGS]
     run_dir = tmp_path / "preempted"
     env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([*TWO_PROCESSES, str(REPO / "train" / "run.py"), *args, f"output_dir={run_dir}"],
+    process = subprocess.Popen([*two_processes(), str(REPO / "train" / "run.py"), *args, f"output_dir={run_dir}"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     wait_for(lambda: len(train_losses(run_dir)) >= 14 if (run_dir / "metrics.jsonl").exists() else False,
              process, "step 14")  # epoch 2 has begun (11 steps an epoch per process)
@@ -158,7 +156,7 @@ def test_two_processes_preempted_on_one_rank_resume_exactly(digits_root, two_pro
         "random_states_0.pkl", "random_states_1.pkl"}
     state = json.loads((saved[0] / "train_state.json").read_text())
     assert state["epoch"] == 1 and 0 < state["batch"] < 11
-    resumed = run_train(*args, f"output_dir={run_dir}", launcher=TWO_PROCESSES)
+    resumed = run_train(*args, f"output_dir={run_dir}", launcher=two_processes())
     assert f"batch {state['batch']}" in resumed.stdout
     assert_same_run(two_process_run, run_dir)
 
@@ -207,7 +205,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     run_dir = tmp_path / "run"
     args = [f"data.root={few_digits}", f"output_dir={run_dir}", *FEW_STEPS, "epochs=2"]
     env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
-    stopped = subprocess.run([*TWO_PROCESSES, str(wrapper), *args], cwd=REPO, capture_output=True, text=True,
+    stopped = subprocess.run([*two_processes(), str(wrapper), *args], cwd=REPO, capture_output=True, text=True,
                              env=env, timeout=900)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "before the validation of epoch 1 was done; its training is saved" in stopped.stdout
@@ -216,7 +214,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert not [line for line in lines if "val/top1" in line]  # the validation was cut short
 
-    resumed = run_train(*args, launcher=TWO_PROCESSES)
+    resumed = run_train(*args, launcher=two_processes())
     assert "validating it" in resumed.stdout
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines if "val/top1" in line] == [1, 2]
@@ -225,7 +223,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def start_two_processes(args):
     env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
-    return subprocess.Popen([*TWO_PROCESSES, str(REPO / "train" / "run.py"), *args], cwd=REPO, env=env,
+    return subprocess.Popen([*two_processes(), str(REPO / "train" / "run.py"), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -197,7 +197,8 @@ def measure(root: Path, source: str, workers: int, batches: int) -> dict:
     phase("backend's imports")
     prepare_dataset(cfg)
     phase("prepare, rest" if source != "shards" else "prepare (shard tables)")
-    train, val = build_loader(cfg, "train"), build_loader(cfg, "val")
+    train = build_loader(cfg, "train")
+    build_loader(cfg, "val")  # a start builds both
     phase("loaders")
     train.set_epoch(0)
     epoch = iter(train)
