@@ -156,10 +156,10 @@ def test_is_current_notices_other_settings_and_incomplete_files(colors, tmp_path
 
 SHARD_SCRIPT = """
 import json, sys
-sys.path.insert(0, {repo!r})
+sys.path[:0] = [{repo!r}, {tests!r}]
 from accelerate import Accelerator
 from pipelines.loading import build_loader
-from tests.test_ffcv_loader import colors_cfg
+from test_ffcv_loader import colors_cfg
 state = Accelerator()  # as train/run.py: reads ACCELERATE_USE_CPU
 assert state.num_processes == 2, state
 out = {{}}
@@ -175,7 +175,7 @@ json.dump(out, open(f"{out_dir}/rank{{state.process_index}}.json", "w"))
 def test_two_processes_read_disjoint_shards_covering_val_once(colors, tmp_path):
     root, palette, _ = colors
     script = tmp_path / "shard.py"
-    script.write_text(SHARD_SCRIPT.format(repo=str(REPO), root=str(root), out_dir=str(tmp_path)))
+    script.write_text(SHARD_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"), root=str(root), out_dir=str(tmp_path)))
     # accelerate 1.15: `--cpu --num_processes 2` starts one process, and `--multi_gpu` without CUDA
     # starts two that each believe they are alone; with ACCELERATE_USE_CPU they form a gloo group.
     result = subprocess.run([*two_processes(), str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
