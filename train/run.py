@@ -52,6 +52,7 @@ from train.distributed import (die_with_launcher, doing, main_process_first_with
 from train.ema import create_ema
 from train.environment import describe, use_cpu_threads
 from train.faults import StopInValidation, StoppedAfterTraining, StopRequest
+from train.fork_hazard import warn_of_fork_hazard
 from train.loop import evaluate, train_one_epoch
 from train.memory_check import check_memory_fits, out_of_memory_explained
 from train.methods import StepContext, method_of
@@ -117,6 +118,7 @@ def run(cfg) -> None:
     check_output_dir(accelerator, run_dir, cfg.tracker)  # a file, a read-only disk, /proc: refused here
     locked = claim_run_folder(accelerator, run_dir)  # a second run into the same folder stops here
     check_resume(accelerator, cfg, run_dir)  # so do settings that would overwrite or mix runs
+    warn_of_fork_hazard(accelerator, cfg)  # CPython < 3.11.10 with several processes
     set_seed(cfg.seed)  # same initial weights on every process
     train_loader, val_loader = build_loaders(cfg, accelerator)
     use_cpu_threads(accelerator.device)  # on a CPU; after the loaders, which may set torch's threads
