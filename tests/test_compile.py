@@ -15,6 +15,8 @@ def read_jsonl(path):
 
 @pytest.mark.slow
 def test_compiled_demo_trains_like_eager_and_compiles_once(digits_root, tmp_path):
+    """About a minute on 2 cores: inductor compiles every graph a run needs (train main and aux
+    norms, the frozen-weight attack, evaluation) in C++ on the CPU; that compilation is the point."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     train_in_process(f"data.root={digits_root}", f"output_dir={eager}", *TINY)
     result = train_in_process(f"data.root={digits_root}", f"output_dir={compiled}", *TINY, "compile=true")

@@ -251,6 +251,8 @@ def training_began(run_dir):
 
 
 def test_a_frozen_process_stops_the_other_with_a_collective_timeout(few_digits, tmp_path):
+    """About a minute: two real processes start (~15 s), one is frozen, and the other must wait out
+    its 20 s collective timeout (shorter would risk a false one on a loaded machine) and then end."""
     import psutil
 
     run_dir = tmp_path / "run"

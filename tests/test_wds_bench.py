@@ -23,6 +23,8 @@ def test_shards_mode_measures_each_backend_from_the_folder_and_from_shards(digit
 
 
 def test_first_batch_mode_times_a_set_of_many_shards(tmp_path):
+    """About 20 s: it writes 30 shards and reads the first batch twice, with and without index files;
+    a set of many shards is what the mode is for."""
     summary, out = bench("--first-batch-shards", 30, "--backends", "torchvision", "--batch-size", "8", cache=tmp_path)
     rows = summary["first_batch"]
     assert [(r["backend"], r["shards"], r["case"]) for r in rows] == [
