@@ -344,3 +344,17 @@ def spoil(folder: Path) -> dict[str, str]:
     (folder / "astronaut" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     return {str(folder / "cat" / "00.jpg"): "truncated", str(folder / "coffee" / "empty.jpg"): "empty",
             str(folder / "coffee" / "text.jpg"): "identify"}
+
+
+def saved_run_folder(run_dir: Path, saved: dict) -> None:
+    """A run folder as an older version of the trainer left it after one epoch of one process:
+    `saved` (a config as a dict, edited to the old shape) in the folder and in its checkpoint."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    checkpoint = run_dir / "checkpoints" / "epoch_0001"
+    checkpoint.mkdir(parents=True)
+    for folder in (run_dir, checkpoint):
+        (folder / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    (checkpoint / "train_state.json").write_text(json.dumps({"epoch": 1, "step": 22, "processes": 1}))

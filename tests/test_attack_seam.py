@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy
 
-from conftest import digits_val_batch, train_in_process
+from conftest import digits_val_batch, saved_run_folder, train_in_process
 from models.factory import create_model
 from train.attacks import ATTACKS, AttackKind, attack_steps, register_attack
 from train.config import ConfigError, load_config
@@ -198,11 +198,7 @@ def saved_run(run_dir, args, strip_kind: bool = False):
     if strip_kind:
         for key in ("attack", "eval_attack"):
             saved[key].pop("kind")
-    checkpoint = run_dir / "checkpoints" / "epoch_0001"
-    checkpoint.mkdir(parents=True)
-    for folder in (run_dir, checkpoint):
-        (folder / "config.yaml").write_text(OmegaConf.to_yaml(saved))
-    (checkpoint / "train_state.json").write_text(json.dumps({"epoch": 1, "step": 22, "processes": 1}))
+    saved_run_folder(run_dir, saved)
 
 
 def test_a_pgd_era_run_folder_resumes_and_another_kind_is_one_difference(digits_root, tmp_path):

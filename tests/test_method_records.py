@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, saved_run_folder
 from models.dual_norm import AUX, use_norm
 from train.resume import check_resume, continued_settings
 from train.config import ConfigError, load_config
@@ -128,11 +128,7 @@ def write_old_run(run_dir: Path, digits_root) -> None:
     cfg = load_config([f"data.root={digits_root}", f"output_dir={run_dir}", "tracker=none", "attack.bn_mode=train"])
     saved = OmegaConf.to_container(cfg, resolve=True)
     del saved["attack"]["start_rule"], saved["attack"]["reach_eps"]
-    checkpoint = run_dir / "checkpoints" / "epoch_0001"
-    checkpoint.mkdir(parents=True)
-    for folder in (run_dir, checkpoint):
-        (folder / "config.yaml").write_text(OmegaConf.to_yaml(saved))
-    (checkpoint / "train_state.json").write_text(json.dumps({"epoch": 1, "step": 22, "processes": 1}))
+    saved_run_folder(run_dir, saved)
 
 
 def test_a_continued_run_keeps_the_attack_it_was_made_with(digits_root, tmp_path):
