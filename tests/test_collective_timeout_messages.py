@@ -6,12 +6,15 @@ import os
 import time
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import free_port
 from train.distributed import peer_timeout
+
+pytestmark = pytest.mark.processes
 
 
 def wait_for_a_silent_peer(rank: int, port: int, results) -> None:

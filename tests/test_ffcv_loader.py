@@ -172,6 +172,7 @@ json.dump(out, open(f"{out_dir}/rank{{state.process_index}}.json", "w"))
 """
 
 
+@pytest.mark.processes
 def test_two_processes_read_disjoint_shards_covering_val_once(colors, tmp_path):
     root, palette, _ = colors
     script = tmp_path / "shard.py"

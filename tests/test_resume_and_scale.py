@@ -33,10 +33,17 @@ def start_run(args, run_dir):
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def first_failure(stderr: str) -> str:
+    """From a launcher's stderr, the first process's error or traceback (the launcher's own report
+    of which rank failed comes after it)."""
+    starts = [stderr.find(mark) for mark in ("Traceback", "error:") if mark in stderr]
+    return stderr[min(starts):][:4000] if starts else stderr[-4000:]
+
+
 def wait_for(condition, process, what):
     deadline = time.time() + 600
     while not condition():
-        assert process.poll() is None, f"run ended before {what}: {process.stderr.read()[-2000:]}"
+        assert process.poll() is None, f"run ended before {what}: {first_failure(process.stderr.read())}"
         assert time.time() < deadline, f"no {what} in 10 minutes"
         time.sleep(0.05)
 
@@ -138,6 +145,7 @@ def two_process_run(digits_root, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.processes
 def test_two_processes_preempted_on_one_rank_resume_exactly(digits_root, two_process_run, tmp_path):
     """SIGTERM reaches only rank 1 (the one that does not log): both ranks stop after the same step,
     checkpoint together, exit 0; the resumed 2-process run equals an uninterrupted one bit for bit.
@@ -162,6 +170,7 @@ def test_two_processes_preempted_on_one_rank_resume_exactly(digits_root, two_pro
     assert_same_run(two_process_run, run_dir)
 
 
+@pytest.mark.processes
 def test_two_cpu_processes_shard_and_log_once(digits_root, two_process_run):
     lines = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [line["step"] for line in lines if "train/loss/clean" in line]
@@ -189,6 +198,7 @@ def test_two_cpu_processes_shard_and_log_once(digits_root, two_process_run):
 FEW_STEPS = ["model=test_resnet", "method=vanilla", "tracker=none", "eval_robust=false", "batch_size=16", "log_every=1"]
 
 
+@pytest.mark.processes
 def test_two_processes_a_sigterm_in_validation_stops_it_and_the_resumed_run_validates(few_digits, tmp_path):
     """Rank 1 is preempted as its first validation begins (its training is saved): both stop within
     a few validation batches, not after the whole validation; the same command then validates."""
@@ -250,6 +260,7 @@ def training_began(run_dir):
     return lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2
 
 
+@pytest.mark.processes
 def test_a_frozen_process_stops_the_other_with_a_collective_timeout(few_digits, tmp_path):
     """About a minute: two real processes start (~15 s), one is frozen, and the other must wait out
     its 20 s collective timeout (shorter would risk a false one on a loaded machine) and then end."""
@@ -271,6 +282,7 @@ def test_a_frozen_process_stops_the_other_with_a_collective_timeout(few_digits, 
     assert not alive and folder_lock_is_free(run_dir)
 
 
+@pytest.mark.processes
 def test_no_process_outlives_a_killed_launcher(few_digits, tmp_path):
     """Even a frozen worker, which no SIGTERM reaches, ends with its launcher and frees the run's folder."""
     import psutil

@@ -16,6 +16,8 @@ import pytest
 from conftest import REPO, free_port
 from wds_sets import numbered_set
 
+pytestmark = pytest.mark.processes
+
 
 def launch_two_machines(script: Path, *args: str, timeout: int = 900) -> list[subprocess.CompletedProcess]:
     """The same command on 'machine' 0 and 1 (one process each), as a SLURM job step runs it per node."""
