@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,14 +68,29 @@ def signals_end_the_block():
         stop.raise_if_stopped()  # a signal whose SystemExit Python dropped
     except BaseException:
         stop.end()
-        for child in multiprocessing.active_children():  # e.g. ffcv's writers: the exit would wait for them
-            child.terminate()
+        end_children()
         raise
     finally:
         stop.end()
         sys.unraisablehook = previous_hook
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def end_children(grace_s: float = 5.0) -> None:
+    """End this process's children (e.g. ffcv's writers: the exit would wait for them): SIGTERM, then
+    SIGKILL for any still alive after grace_s. A child may never act on SIGTERM: it inherited the
+    block's handler, a Python function that runs only between bytecodes, or it hangs in CPython's
+    fork deadlock before 3.11.10 (gh-112275) before it runs any."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join()
 
 
 class SignalStop:

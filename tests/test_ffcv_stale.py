@@ -110,6 +110,29 @@ def test_a_signal_removes_the_temporary_file_and_writes_nothing(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is the caller's again
 
 
+def wait_ignoring_sigterm(ready) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a child where no handler runs (blocked in C, a fork deadlock)
+    ready.set()
+    time.sleep(600)
+
+
+def test_a_stopped_block_ends_a_child_that_never_acts_on_sigterm(tmp_path):
+    """Else the process's exit waits for that child forever (multiprocessing joins its children)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    with pytest.raises(SystemExit):
+        with written_whole(tmp_path / "x.beton"):
+            child = context.Process(target=wait_ignoring_sigterm, args=(ready,))
+            child.start()
+            assert ready.wait(60)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal arrives first
+    assert not child.is_alive() and child.exitcode == -signal.SIGKILL  # SIGTERM first, then SIGKILL
+    assert list(tmp_path.iterdir()) == []
+
+
 class SignalledWhileCollected:
     """Python drops an exception raised in __del__, as in a fork hook: the handler's SystemExit is lost."""
     def __del__(self):
