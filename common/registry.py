@@ -1,4 +1,5 @@
-"""Records selectable by name (train/methods/'s methods, train/attacks/'s attack kinds)."""
+"""Records selectable by name (train/methods/'s methods, train/attacks/'s attack kinds,
+pipelines/backends/' loader backends)."""
 from __future__ import annotations
 
 from typing import TypeVar

@@ -22,8 +22,9 @@ def val_preprocessing(cfg) -> dict:
     method, and the mean/std that our models/factory.py `Normalized` applies inside."""
     size, ratio = cfg.data.val_image_size or cfg.data.image_size, cfg.data.crop_ratio
     mean, std = NORMALIZATION[cfg.normalization]
-    return {"input_size": (3, size, size), "interpolation": BACKENDS[cfg.loader].val_resize,  # its record says how
-            "crop_pct": ratio if BACKENDS[cfg.loader].val_crop == "center fraction" else timm_crop_pct(size, ratio),
+    backend = BACKENDS[cfg.loader]  # its record says how it resizes and crops
+    return {"input_size": (3, size, size), "interpolation": backend.val_resize,
+            "crop_pct": ratio if backend.val_crop == "center fraction" else timm_crop_pct(size, ratio),
             "crop_mode": "center", "mean": mean, "std": std}
 
 

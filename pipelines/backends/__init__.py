@@ -17,6 +17,7 @@ import importlib
 from types import ModuleType
 
 from common.errors import UserInputError
+from common.registry import add_record
 from pipelines.backends.dali.record import BACKEND as DALI
 from pipelines.backends.ffcv.record import BACKEND as FFCV
 from pipelines.backends.record import Backend
@@ -28,10 +29,7 @@ BACKENDS: dict[str, Backend] = {}
 
 def register(backend: Backend) -> Backend:
     """Make a backend selectable by `loader=<name>` (a name already taken is an error)."""
-    if backend.name in BACKENDS and BACKENDS[backend.name] is not backend:
-        raise ValueError(f"a backend named {backend.name!r} is already registered")
-    BACKENDS[backend.name] = backend
-    return backend
+    return add_record(BACKENDS, backend, "a backend")
 
 
 def backend_of(cfg) -> Backend:
